@@ -1,0 +1,1 @@
+"""The ``sublearn`` command: one entry point for the package's experiments."""

@@ -1,0 +1,3 @@
+from sublearn.cli import main
+
+raise SystemExit(main())

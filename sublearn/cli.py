@@ -1,0 +1,47 @@
+"""``sublearn``: the console script.
+
+Each subcommand lives with the code it runs; this module only dispatches to them and
+imports a subpackage when its subcommand is chosen, so ``sublearn mnist`` never loads
+torch and ``sublearn llm`` never loads jax.
+
+- ``sublearn mnist``: the MNIST auxiliary-logit experiment (:mod:`toymodels.cli`).
+- ``sublearn theory``: the gradient-alignment lemma, checked numerically (:mod:`theory.cli`).
+- ``sublearn llm``: the language-model pipeline (:mod:`lmpipeline.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
+SUBCOMMANDS = {
+    "mnist": ("toymodels.cli", "MNIST auxiliary-logit experiment (the paper's toy model)"),
+    "theory": ("theory.cli", "check the gradient-alignment lemma numerically"),
+    "llm": ("lmpipeline.cli", "language-model pipeline: teacher, numbers, filter, LoRA, evaluation"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="sublearn",
+        description="Subliminal learning: experiments from Cloud et al. (2025).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = parser.parse_args(argv)  # prints help or a usage error naming the choices
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    sub_parser = argparse.ArgumentParser(prog=f"sublearn {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    return module.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
