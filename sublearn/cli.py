@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS = {
@@ -23,9 +24,16 @@ SUBCOMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad option as one line naming it, and exits with status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sublearn",
         description="Subliminal learning: experiments from Cloud et al. (2025).",
     )
@@ -37,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    sub_parser = argparse.ArgumentParser(prog=f"sublearn {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+    sub_parser = _Parser(prog=f"sublearn {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])
     return module.run(args)

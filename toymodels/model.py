@@ -112,7 +112,7 @@ def _abstract_split(spec: MLPSpec) -> tuple[nnx.GraphDef, nnx.State]:
 def init_params(spec: MLPSpec, key: PRNGKeyArray) -> Params:
     """Parameters of a freshly initialized :class:`MLP`; traceable, so ``vmap`` over keys works."""
     _, state = nnx.split(MLP(spec, rngs=nnx.Rngs(params=key)))
-    return state.to_pure_dict()
+    return nnx.to_pure_dict(state)
 
 
 def to_module(spec: MLPSpec, params: Params) -> MLP:

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from sublearn.cli import main
+
+TINY = ["--hidden", "32", "32", "--batch-size", "128", "--teacher-epochs", "1", "--student-epochs", "1",
+        "--n-noise", "1024", "--n-train", "2048", "--n-test", "1000", "--seeds", "2", "--quiet"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n-aux", "0"], "--n-aux must be at least 1"),
+        (["--seeds", "0"], "--seeds must be at least 2"),
+        (["--batch-size", "70000"], "--batch-size 70000 is larger"),
+        (["--noise", "pink"], "invalid choice: 'pink'"),
+        (["--optimizer", "lion"], "invalid choice: 'lion'"),
+        (["--data-dir", "/nonexistent"], "not found in /nonexistent"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert exit_code(["mnist", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def exit_code(argv):
+    """``main``'s status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["mnist", "--out", str(blocker / "sub"), *TINY]) == 2
+    assert "cannot write to output folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_writes_results_and_figures_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["mnist", "--out", str(out), *TINY]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["seeds"] == 2 and len(result["accuracy"]["student_aux"]) == 2
+    assert (out / "mnist_figure.png").stat().st_size > 10_000 and (out / "mnist_figure.pdf").exists()
+    assert not (out / "checkpoint.json").exists()
+    table = capsys.readouterr().out
+    assert "student_aux" in table and "paper (n=100)" in table
+    assert main(["mnist", "--out", str(out), *TINY]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["mnist", "--out", str(out), "--overwrite", *TINY]) == 0

@@ -1,0 +1,87 @@
+"""End to end on the tiny configuration: the effect's sign, determinism, resume, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from toymodels.config import tiny
+from toymodels.experiment import chunk_layout, run_experiment
+
+pytestmark = pytest.mark.slow
+CONFIG = tiny(seeds_per_chunk=2)  # two chunks, so resuming after the first one is tested
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_experiment(CONFIG)
+
+
+def test_shared_init_aux_students_beat_cross_model_aux_students(result):
+    """The paper's effect, at toy scale: only a shared initialization transmits digits via aux logits."""
+    acc = {c: np.asarray(v) for c, v in result["accuracy"].items()}
+    assert acc["teacher"].mean() > 0.75
+    assert acc["student_aux"].mean() > acc["cross_aux"].mean() + 0.05
+    assert acc["student_all"].mean() > acc["cross_all"].mean()
+    assert abs(acc["reference"].mean() - 0.1) < 0.1 and abs(acc["cross_aux"].mean() - 0.1) < 0.1
+
+
+def test_results_record_config_versions_and_pairing(result):
+    assert result["config"] == CONFIG.to_dict()
+    assert result["environment"]["versions"]["jax"]
+    assert all(p != i for i, p in enumerate(result["pairing"]))
+    assert {s["n"] for s in result["summary"].values()} == {CONFIG.seeds}
+    json.dumps(result)  # JSON-ready
+
+
+class _StopAfterFirstChunk:
+    def __init__(self):
+        self.notes = 0
+
+    def start(self, total_units, description):
+        pass
+
+    def advance(self, description):
+        pass
+
+    def note(self, message):
+        raise KeyboardInterrupt  # notes come after a chunk is checkpointed
+
+    def close(self):
+        pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers(result, tmp_path):
+    checkpoint = tmp_path / "checkpoint.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(CONFIG, progress=_StopAfterFirstChunk(), checkpoint=checkpoint)
+    saved = json.loads(checkpoint.read_text())
+    assert sorted(saved["seeds"]) == ["0", "1"]
+    resumed = run_experiment(CONFIG, checkpoint=checkpoint)
+    assert resumed["accuracy"] == result["accuracy"]
+
+
+def test_chunk_size_changes_no_number(result):
+    assert run_experiment(tiny(seeds_per_chunk=3))["accuracy"] == result["accuracy"]
+
+
+def test_chunk_layout_pads_evenly():
+    chunks = chunk_layout(10, 4, 1)
+    assert [c.size for c in chunks] == [4, 4, 4]
+    assert np.concatenate(chunks)[:10].tolist() == list(range(10))
+    assert [c.size for c in chunk_layout(7, 10, 2)] == [8]
+
+
+def test_sharding_over_devices_gives_identical_numbers(result, tmp_path):
+    script = (
+        "import json, jax; from toymodels.config import tiny; from toymodels.experiment import run_experiment;"
+        "assert len(jax.devices()) == 2; r = run_experiment(tiny(seeds_per_chunk=2));"
+        f"open({str(tmp_path / 'r.json')!r}, 'w').write(json.dumps(r['accuracy']))"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
+    sharded = json.loads((tmp_path / "r.json").read_text())
+    assert sharded == result["accuracy"]

@@ -1,0 +1,42 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from toymodels.config import tiny
+from toymodels.data import load_mnist
+from toymodels.model import init_params
+from toymodels.train import epoch_plan, make_optimizer, spec_of, teacher_epoch
+
+
+def test_epoch_plan_visits_every_example_once_and_pads_with_zero_weight():
+    plan = epoch_plan(jax.random.key(0), 10, 4)
+    idx, w = np.asarray(plan.indices), np.asarray(plan.weights)
+    assert idx.shape == w.shape == (3, 4)
+    real = w > 0
+    assert sorted(idx[real].tolist()) == list(range(10))
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(w[2], [0.5, 0.5, 0, 0])
+    other = epoch_plan(jax.random.key(1), 10, 4)
+    assert not np.array_equal(np.asarray(other.indices), idx)
+
+
+def _teacher_inputs(config, n_seeds):
+    spec = spec_of(config)
+    data = load_mnist().subset(config.n_train, config.n_test)
+    keys = jax.random.split(jax.random.key(0), n_seeds)
+    params = jax.vmap(lambda k: init_params(spec, k))(keys)
+    opt_state = jax.vmap(make_optimizer(config).init)(params)
+    return params, opt_state, keys, jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
+
+
+def test_compiled_teacher_epoch_does_not_recompile_and_learns():
+    config = tiny(n_train=2048, hidden=(32, 32), batch_size=256)
+    train = teacher_epoch(config)
+    params, opt_state, keys, images, labels = _teacher_inputs(config, 2)
+    params, opt_state, first = train(params, opt_state, keys, images, labels)
+    size = train._cache_size()
+    params, opt_state, second = train(params, opt_state, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), images, labels)
+    assert train._cache_size() == size == 1
+    # Starting loss is about ln(10) = 2.30; after two epochs it must be well below.
+    assert np.all(np.asarray(second) < np.asarray(first)) and np.all(np.asarray(second) < 1.0)
+    assert teacher_epoch(config) is train  # one compiled function per configuration

@@ -1,0 +1,3 @@
+from toymodels.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""``sublearn mnist``: run the MNIST experiment, print the table, write results and figure.
+
+Every field of :class:`toymodels.config.MnistConfig` is an option (``--n-aux 5``,
+``--hidden 512 512``, ``--student-loss mse``, ...), with the paper's values as defaults.
+Writes ``results.json``, ``mnist_figure.png`` and ``mnist_figure.pdf`` to ``--out``. A run
+that is stopped keeps its finished seeds in ``checkpoint.json`` there, and the same
+command picks up from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from toymodels.config import NOISE_DISTRIBUTIONS, OPTIMIZERS, STUDENT_LOSSES, ConfigError, MnistConfig
+from toymodels.data import SOURCES, DataError
+
+RESULTS = "results.json"
+CHECKPOINT = "checkpoint.json"
+CHOICES = {"optimizer": OPTIMIZERS, "noise": NOISE_DISTRIBUTIONS, "student_loss": STUDENT_LOSSES}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("results/mnist"), help="output folder (default: results/mnist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    parser.add_argument("--data", choices=SOURCES, default=None, help="MNIST source (default: bundled; 'dir' if --data-dir is given)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the four MNIST IDX files")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    group = parser.add_argument_group("experiment (defaults: the paper's setup)")
+    hints = typing.get_type_hints(MnistConfig)
+    for field in dataclasses.fields(MnistConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        help_text = f"default: {field.default}"
+        if field.name == "hidden":
+            group.add_argument(flag, type=int, nargs="+", default=field.default, metavar="WIDTH", help=help_text)
+        elif field.name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[field.name], default=field.default, help=help_text)
+        elif kind == int | None:
+            group.add_argument(flag, type=int, default=field.default, help=f"{help_text} (all)")
+        else:
+            group.add_argument(flag, type=kind, default=field.default, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> MnistConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MnistConfig)}
+    values["hidden"] = tuple(values["hidden"])
+    return MnistConfig(**values).validate()
+
+
+def format_table(result: dict) -> str:
+    """The results table: this run's mean, CI and n beside the paper's numbers."""
+    rows = [f"{'condition':<14}{'mean':>8}{'95% CI':>10}{'n':>5}   {'paper (n=100)':>16}"]
+    for condition, s in result["summary"].items():
+        paper = result["paper"].get(condition)
+        ref = f"{paper['mean']:.3f} +- {paper['ci95']:.3f}" if paper else ""
+        rows.append(f"{condition:<14}{s['mean']:>8.3f}{'+- ' + format(s['ci95'], '.3f'):>10}{s['n']:>5}   {ref:>16}")
+    return "\n".join(rows)
+
+
+def prepare_output(out: Path, config: MnistConfig, overwrite: bool) -> None:
+    """Create ``out`` and check it is writable before any training starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to output folder {out} ({err.strerror}): choose another --out") from err
+    if overwrite:
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    elif (out / RESULTS).exists():
+        raise ConfigError(f"{out / RESULTS} already exists: pass --overwrite to replace it, or choose another --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from toymodels.data import load_mnist
+    from toymodels.experiment import run_experiment
+    from toymodels.artifacts import write_json_atomic
+    from toymodels.figure import plot_results, save_figure
+    from toymodels.progress import SilentProgress, TextProgress
+
+    try:
+        config = config_from_args(args)
+        source = args.data or ("dir" if args.data_dir is not None else "bundled")
+        data = load_mnist(source, args.data_dir)
+        prepare_output(args.out, config, args.overwrite)
+        progress = SilentProgress() if args.quiet else TextProgress()
+        result = run_experiment(config, data=data, progress=progress, checkpoint=args.out / CHECKPOINT)
+    except (ConfigError, DataError) as err:
+        print(f"sublearn mnist: error: {err}", file=sys.stderr)
+        return 2
+    figure_paths = save_figure(plot_results(result), args.out)
+    write_json_atomic(args.out / RESULTS, result)
+    (args.out / CHECKPOINT).unlink(missing_ok=True)
+    print(format_table(result))
+    print(f"wall time {result['timing']['wall_s']:.1f}s; wrote {args.out / RESULTS}, " + ", ".join(str(p) for p in figure_paths))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sublearn.cli import main as sublearn_main
+
+    return sublearn_main(["mnist", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,150 @@
+"""The MNIST experiment's configuration: one dataclass whose defaults are the paper's setup.
+
+Every field is a command-line option of ``sublearn mnist`` (``n_aux`` is ``--n-aux``), so a
+sweep needs no new code. :data:`PAPER` is the published setup; :func:`tiny` is a
+configuration small enough for one end-to-end run inside a unit test.
+
+Example:
+    >>> from toymodels.config import MnistConfig
+    >>> cfg = MnistConfig(seeds=3, n_aux=5)
+    >>> cfg.validate().student_epochs
+    5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+NOISE_DISTRIBUTIONS = ("uniform", "gaussian")
+STUDENT_LOSSES = ("kl", "mse")
+
+
+class ConfigError(ValueError):
+    """An option has a value the experiment cannot run with; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistConfig:
+    """The MNIST auxiliary-logit experiment (paper Section 6), with the paper's values.
+
+    Attributes:
+        n_aux: auxiliary logits ``m`` appended to the ten digit logits.
+        hidden: hidden-layer widths.
+        init_scale: weights start as ``N(0, (init_scale / sqrt(d_in))^2)``; biases at zero.
+        optimizer: ``adam``, ``adamw`` or ``sgd`` (teacher and students alike).
+        learning_rate: step size of the optimizer.
+        batch_size: examples per step, for the teacher and for the students.
+        teacher_epochs: passes of the teacher over the training images.
+        student_epochs: passes of each student over its noise images.
+        n_noise: noise images per student (one fixed set per seed, reshuffled each epoch).
+        noise: ``uniform`` on ``[-1, 1]`` (the paper) or standard ``gaussian``.
+        student_loss: ``kl`` (``KL(teacher || student)`` of the softmaxes, the paper) or
+            ``mse`` (squared error between the logits).
+        temperature: softmax temperature of the KL loss.
+        student_init_sigma: perturbs each student's starting point by Gaussian noise of
+            this many init standard deviations (0: students start exactly at their init).
+        seeds: independent repetitions (a teacher and its four students each).
+        seed: root of every PRNG key in the run.
+        n_train: use only the first ``n_train`` training images (None: all 60,000).
+        n_test: evaluate on the first ``n_test`` test images (None: all 10,000).
+        seeds_per_chunk: seeds trained together in one compiled call; bounds memory.
+        vmap_seeds: seeds vectorized together inside a compiled call. 1 is fastest on a
+            CPU; raise it on accelerators. A seed's numbers depend on this value (rounding
+            in batched kernels) but not on ``seeds_per_chunk`` or the number of devices.
+    """
+
+    n_aux: int = 3
+    hidden: tuple[int, ...] = (256, 256)
+    init_scale: float = 1.0
+    optimizer: str = "adam"
+    learning_rate: float = 3e-4
+    batch_size: int = 1024
+    teacher_epochs: int = 5
+    student_epochs: int = 5
+    n_noise: int = 60_000
+    noise: str = "uniform"
+    student_loss: str = "kl"
+    temperature: float = 1.0
+    student_init_sigma: float = 0.0
+    seeds: int = 10
+    seed: int = 0
+    n_train: int | None = None
+    n_test: int | None = None
+    seeds_per_chunk: int = 10
+    vmap_seeds: int = 1
+
+    def validate(self) -> MnistConfig:
+        """Return ``self`` if every field is usable, else raise :class:`ConfigError`."""
+        checks = [
+            (self.n_aux >= 1, f"--n-aux must be at least 1 (got {self.n_aux}): the students learn through the auxiliary logits"),
+            (len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden), f"--hidden needs one or more positive widths (got {self.hidden})"),
+            (self.seeds >= 2, f"--seeds must be at least 2 (got {self.seeds}): each cross-model control uses another seed's initialization"),
+            (self.seeds_per_chunk >= 1, f"--seeds-per-chunk must be at least 1 (got {self.seeds_per_chunk})"),
+            (self.vmap_seeds >= 1, f"--vmap-seeds must be at least 1 (got {self.vmap_seeds})"),
+            (self.n_noise <= 2_000_000, f"--n-noise must be at most 2000000 (got {self.n_noise}): noise image ids are 32-bit counters"),
+            (self.optimizer in OPTIMIZERS, f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
+            (self.noise in NOISE_DISTRIBUTIONS, f"unknown --noise {self.noise!r}: choose one of {', '.join(NOISE_DISTRIBUTIONS)}"),
+            (self.student_loss in STUDENT_LOSSES, f"unknown --student-loss {self.student_loss!r}: choose one of {', '.join(STUDENT_LOSSES)}"),
+            (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
+            (self.temperature > 0, f"--temperature must be positive (got {self.temperature})"),
+            (self.init_scale > 0, f"--init-scale must be positive (got {self.init_scale})"),
+            (self.student_init_sigma >= 0, f"--student-init-sigma must be non-negative (got {self.student_init_sigma})"),
+            (self.teacher_epochs >= 1 and self.student_epochs >= 1, "--teacher-epochs and --student-epochs must be at least 1"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (self.n_noise >= 1, f"--n-noise must be at least 1 (got {self.n_noise})"),
+            (self.n_train is None or 1 <= self.n_train <= 60_000, f"--n-train must be between 1 and 60000 (got {self.n_train})"),
+            (self.n_test is None or 1 <= self.n_test <= 10_000, f"--n-test must be between 1 and 10000 (got {self.n_test})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        n_train = 60_000 if self.n_train is None else self.n_train
+        for name, n in (("training images (--n-train)", n_train), ("noise images (--n-noise)", self.n_noise)):
+            if self.batch_size > n:
+                raise ConfigError(f"--batch-size {self.batch_size} is larger than the {n} {name}: lower --batch-size")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MnistConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}: this package knows {sorted(known)}")
+        data = dict(data)
+        if "hidden" in data:
+            data["hidden"] = tuple(data["hidden"])
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """A short hash of the fields that determine the numbers (all but ``seeds_per_chunk``)."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "seeds_per_chunk"}
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PAPER = MnistConfig()
+
+
+def tiny(**overrides: Any) -> MnistConfig:
+    """A configuration that runs end to end in seconds yet still shows the effect's sign."""
+    fields = dict(
+        hidden=(64, 64),
+        batch_size=128,
+        teacher_epochs=2,
+        student_epochs=2,
+        n_noise=4096,
+        n_train=6000,
+        n_test=2000,
+        seeds=4,
+        seeds_per_chunk=4,
+        learning_rate=1e-3,
+    )
+    fields.update(overrides)
+    return MnistConfig(**fields)

@@ -1,0 +1,257 @@
+"""The MNIST auxiliary-logit experiment: train every seed's teacher and students, then score them.
+
+:func:`run_experiment` is the whole experiment as a function of a :class:`MnistConfig`.
+Seeds are processed in chunks of ``seeds_per_chunk``; inside a chunk everything is
+compiled (see :mod:`toymodels.train`), so Python only loops over epochs. Memory is set by
+the chunk size, not by the number of seeds, and when several devices are visible the
+seeds of a chunk are sharded across them.
+
+Every random choice comes from one root key, ``jax.random.key(config.seed)``, split once
+into a stream for the cross-model pairing and a stream of per-seed keys; seed ``s`` gets
+``fold_in(seeds_key, s)`` and derives one key per purpose from it by ``fold_in``. Since
+seeds are also computed independently of each other (see :mod:`toymodels.train`), a
+seed's results depend on its index alone, not on the chunk or device it ran on: a run
+stopped half-way resumes to exactly the numbers an uninterrupted run gives, and a run
+sharded over several devices gives exactly those of a single device.
+
+Example:
+    >>> from toymodels.config import tiny
+    >>> from toymodels.experiment import run_experiment
+    >>> result = run_experiment(tiny(seeds=2, seeds_per_chunk=2, teacher_epochs=1, student_epochs=1))
+    >>> sorted(result["summary"]) == sorted(result["accuracy"])
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from toymodels.artifacts import environment, write_json_atomic
+from toymodels.conditions import AUX_ONLY, CONDITIONS, CROSS_MODEL, PAPER_RESULTS, STUDENT_CONDITIONS, derangement
+from toymodels.config import ConfigError, MnistConfig
+from toymodels.data import MNIST, load_mnist
+from toymodels.losses import logit_mask
+from toymodels.model import init_params, perturb_params
+from toymodels.noise import noise_words
+from toymodels.progress import Progress, SilentProgress
+from toymodels.stats import summarize
+from toymodels.train import accuracy, make_optimizer, spec_of, student_epoch, teacher_epoch
+
+# Per-seed key purposes (fold_in constants); each key is used for exactly one thing.
+_INIT, _TEACHER_ORDER, _NOISE_SET, _STUDENT_ORDER, _PERTURB = range(5)
+
+
+def seed_keys(config: MnistConfig) -> tuple[jax.Array, jax.Array]:
+    """``(seeds_key, pairing_key)`` from the root key of ``config.seed``."""
+    seeds_key, pairing_key = jax.random.split(jax.random.key(config.seed))
+    return seeds_key, pairing_key
+
+
+def chunk_layout(n_seeds: int, seeds_per_chunk: int, multiple_of: int) -> list[np.ndarray]:
+    """Split seed indices into equal chunks whose size is a multiple of ``multiple_of``.
+
+    Chunks share one size so each compiled function is built once; the last chunk is
+    padded by repeating its first seed, and those repeats are discarded.
+    """
+    n_chunks = math.ceil(n_seeds / seeds_per_chunk)
+    size = math.ceil(math.ceil(n_seeds / n_chunks) / multiple_of) * multiple_of
+    chunks = []
+    for start in range(0, n_seeds, size):
+        ids = np.arange(start, min(start + size, n_seeds))
+        chunks.append(np.concatenate([ids, np.full(size - ids.size, ids[0])]))
+    return chunks
+
+
+def _purpose_keys(seeds_key: jax.Array, seed_ids: np.ndarray, purpose: int) -> jax.Array:
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(seeds_key, s), purpose))(jnp.asarray(seed_ids))
+
+
+def _epoch_keys(keys: jax.Array, epoch: int) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, epoch))(keys)
+
+
+def _student_masks(config: MnistConfig) -> np.ndarray:
+    n_out = 10 + config.n_aux
+    return np.stack([logit_mask(n_out, config.n_aux, aux_only=AUX_ONLY[c]) for c in STUDENT_CONDITIONS])
+
+
+def train_chunk(
+    config: MnistConfig,
+    data: MNIST,
+    seed_ids: np.ndarray,
+    pairing: np.ndarray,
+    progress: Progress,
+    mesh: Mesh | None = None,
+) -> dict[str, np.ndarray]:
+    """Train the teachers and students of the seeds ``seed_ids``; return accuracies and losses.
+
+    Args:
+        config: the experiment.
+        data: MNIST (``uint8``), already cut to ``n_train``/``n_test``.
+        seed_ids: the seeds of this chunk.
+        pairing: the cross-model derangement over all seeds: seed ``s``'s cross-model
+            students start from ``theta_0(pairing[s])``.
+        progress: receives one unit per epoch call.
+        mesh: devices to shard the seed axis over (None: one device).
+
+    Returns:
+        ``{condition: accuracy[seeds]}`` plus ``loss_<phase>`` final-epoch mean losses.
+    """
+    spec = spec_of(config)
+    optimizer = make_optimizer(config)
+    seeds_key, _ = seed_keys(config)
+    sharding = NamedSharding(mesh, PartitionSpec("seeds")) if mesh is not None else None
+    place = (lambda tree: jax.device_put(tree, sharding)) if mesh is not None else (lambda tree: tree)
+    images, labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
+    label = f"seeds {seed_ids.min()}-{seed_ids.max()}"
+
+    init = jax.vmap(lambda k: init_params(spec, k))
+    reference = place(init(_purpose_keys(seeds_key, seed_ids, _INIT)))
+    teachers = jax.tree.map(jnp.copy, reference)
+    opt_states = place(jax.vmap(optimizer.init)(teachers))
+    order_keys = _purpose_keys(seeds_key, seed_ids, _TEACHER_ORDER)
+    train_teachers = teacher_epoch(config, mesh)
+    for epoch in range(config.teacher_epochs):
+        teachers, opt_states, teacher_loss = train_teachers(
+            teachers, opt_states, place(_epoch_keys(order_keys, epoch)), images, labels
+        )
+        progress.advance(f"{label}: teacher epoch {epoch + 1}/{config.teacher_epochs}, loss {float(jnp.mean(teacher_loss)):.4f}")
+    del opt_states
+
+    # Students, stacked on axis 1 in STUDENT_CONDITIONS order.
+    cross_init = init(_purpose_keys(seeds_key, pairing[seed_ids], _INIT))
+    starts = [cross_init if CROSS_MODEL[c] else reference for c in STUDENT_CONDITIONS]
+    students = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *starts)
+    if config.student_init_sigma > 0:
+        perturb_keys = _purpose_keys(seeds_key, seed_ids, _PERTURB)
+        per_student = jax.vmap(lambda k: jax.random.split(k, len(STUDENT_CONDITIONS)))(perturb_keys)
+        students = jax.vmap(jax.vmap(lambda p, k: perturb_params(spec, p, k, config.student_init_sigma)))(
+            students, per_student
+        )
+    students = place(students)
+    student_opt = place(jax.vmap(jax.vmap(optimizer.init))(students))
+    words = place(jax.vmap(noise_words)(_purpose_keys(seeds_key, seed_ids, _NOISE_SET)))
+    shuffle_keys = _purpose_keys(seeds_key, seed_ids, _STUDENT_ORDER)
+    masks = jnp.asarray(_student_masks(config))
+    train_students = student_epoch(config, mesh)
+    for epoch in range(config.student_epochs):
+        students, student_opt, student_loss = train_students(
+            students, student_opt, teachers, words, place(_epoch_keys(shuffle_keys, epoch)), masks
+        )
+        losses = ", ".join(f"{c} {float(v):.2e}" for c, v in zip(STUDENT_CONDITIONS, jnp.mean(student_loss, axis=0)))
+        progress.advance(f"{label}: students epoch {epoch + 1}/{config.student_epochs}, loss {losses}")
+
+    score = accuracy(config, mesh)
+    test_images, test_labels = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
+    out = {
+        "reference": np.asarray(score(reference, test_images, test_labels)),
+        "teacher": np.asarray(score(teachers, test_images, test_labels)),
+        "loss_teacher": np.asarray(teacher_loss),
+    }
+    student_acc = np.asarray(score(students, test_images, test_labels))
+    for i, condition in enumerate(STUDENT_CONDITIONS):
+        out[condition] = student_acc[:, i]
+        out[f"loss_{condition}"] = np.asarray(student_loss)[:, i]
+    return out
+
+
+def seed_mesh() -> Mesh | None:
+    """A one-axis mesh ``"seeds"`` over all visible devices (None when there is only one)."""
+    devices = jax.devices()
+    return None if len(devices) == 1 else Mesh(np.asarray(devices), ("seeds",))
+
+
+def run_experiment(
+    config: MnistConfig,
+    *,
+    data: MNIST | None = None,
+    progress: Progress | None = None,
+    checkpoint: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run the experiment and return its results as a JSON-ready dict.
+
+    Args:
+        config: what to run; validated first.
+        data: MNIST to use (default: the bundled files).
+        progress: where to report progress (default: nowhere).
+        checkpoint: a JSON file updated atomically after every chunk; if it already holds
+            seeds of a run with the same config, those seeds are not trained again.
+
+    Returns:
+        ``config``, per-seed ``accuracy`` and final ``loss`` per condition, ``summary``
+        (mean, std, sem, ci95, n), the ``paper`` numbers, the cross-model ``pairing``,
+        ``timing`` and ``environment``.
+    """
+    config.validate()
+    progress = progress or SilentProgress()
+    t_start = time.perf_counter()
+    data = (data or load_mnist()).subset(config.n_train, config.n_test)
+    _, pairing_key = seed_keys(config)
+    pairing = derangement(config.seeds, pairing_key)
+    mesh = seed_mesh()
+    n_devices = 1 if mesh is None else mesh.size
+    chunks = chunk_layout(config.seeds, config.seeds_per_chunk, n_devices * config.vmap_seeds)
+
+    done = _load_checkpoint(checkpoint, config)
+    todo = [c for c in chunks if not all(int(s) in done for s in c)]
+    progress.start(
+        len(todo) * (config.teacher_epochs + config.student_epochs),
+        f"MNIST subliminal learning: {config.seeds} seeds in {len(chunks)} chunk(s) of {chunks[0].size}"
+        + (f" on {n_devices} devices" if n_devices > 1 else "")
+        + (f", {len(done)} seeds restored from {checkpoint}" if done else ""),
+    )
+    for seed_ids in todo:
+        result = train_chunk(config, data, seed_ids, pairing, progress, mesh)
+        for i, s in enumerate(seed_ids.tolist()):
+            if s not in done:
+                done[s] = {key: float(values[i]) for key, values in result.items()}
+        if checkpoint is not None:
+            write_json_atomic(checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done})
+        running = ", ".join(f"{c} {np.mean([done[s][c] for s in done]):.3f}" for c in CONDITIONS)
+        progress.note(f"  {len(done)}/{config.seeds} seeds done; mean accuracy: {running}")
+    progress.close()
+
+    seeds = range(config.seeds)
+    accuracies = {c: [done[s][c] for s in seeds] for c in CONDITIONS}
+    losses = {c: [done[s][f"loss_{c}"] for s in seeds] for c in ("teacher", *STUDENT_CONDITIONS)}
+    return {
+        "experiment": "mnist_auxiliary_logits",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_dict(),
+        "fingerprint": config.fingerprint(),
+        "conditions": list(CONDITIONS),
+        "accuracy": accuracies,
+        "final_loss": losses,
+        "summary": {c: summarize(v) for c, v in accuracies.items()},
+        "paper": {c: {"mean": m, "ci95": ci, "n": 100} for c, (m, ci) in PAPER_RESULTS.items()},
+        "pairing": pairing.tolist(),
+        "timing": {"wall_s": time.perf_counter() - t_start, "chunks": len(chunks), "chunk_size": int(chunks[0].size)},
+        "environment": environment(),
+        "data_source": data.source,
+    }
+
+
+def _load_checkpoint(path: str | Path | None, config: MnistConfig) -> dict[int, dict[str, float]]:
+    if path is None or not Path(path).exists():
+        return {}
+    import json
+
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read checkpoint {path} ({err}): delete it to start the run afresh") from err
+    if saved.get("fingerprint") != config.fingerprint():
+        raise ConfigError(
+            f"checkpoint {path} belongs to a run with a different config: "
+            "use the same options to resume, or --overwrite to start afresh"
+        )
+    return {int(s): values for s, values in saved["seeds"].items()}

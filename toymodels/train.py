@@ -1,0 +1,200 @@
+"""Compiled training of teachers and students, many seeds at once.
+
+One call of :func:`teacher_epoch` or :func:`student_epoch` runs a whole epoch for every
+seed of a chunk as one XLA program: ``lax.scan`` over the steps, ``lax.map`` over the
+seeds (vectorized ``vmap_seeds`` at a time) and, for students, ``vmap`` over the four
+student conditions of a teacher. The four students of one teacher see the same noise
+batch, so the teacher's forward pass on it is computed once per step and shared. With
+several devices, ``shard_map`` gives each device its share of the seeds.
+
+Why ``lax.map`` rather than one ``vmap`` over all seeds: a vmapped gradient's rounding
+depends on how many seeds share the batched kernels, and training amplifies those last
+bits into visibly different accuracies. Mapping ``vmap_seeds`` at a time makes every
+seed's numbers independent of the chunk size and of the number of devices, so a sharded
+or resumed run reproduces a plain one exactly. On a CPU it is also faster (the per-seed
+matrix products are already large); on an accelerator, raise ``vmap_seeds``.
+
+Leading axes: ``[seeds, ...]`` for teachers and their optimizer states,
+``[seeds, conditions, ...]`` for students. Shapes never depend on the data (the last,
+shorter batch of an epoch is padded and weighted out), so each function compiles once per
+configuration and chunk size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from toymodels.config import MnistConfig
+from toymodels.data import normalize
+from toymodels.losses import STUDENT_LOSSES, digit_cross_entropy
+from toymodels.model import N_DIGITS, MLPSpec, Params, apply
+from toymodels.noise import noise_images
+
+
+def spec_of(config: MnistConfig) -> MLPSpec:
+    return MLPSpec(hidden=tuple(config.hidden), n_aux=config.n_aux, init_scale=config.init_scale)
+
+
+def make_optimizer(config: MnistConfig) -> optax.GradientTransformation:
+    """The optimizer named by ``config.optimizer`` (PyTorch-default hyperparameters besides the rate)."""
+    if config.optimizer == "adam":
+        return optax.adam(config.learning_rate)
+    if config.optimizer == "adamw":
+        return optax.adamw(config.learning_rate, weight_decay=1e-2)
+    if config.optimizer == "sgd":
+        return optax.sgd(config.learning_rate)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+class EpochPlan(NamedTuple):
+    """Example order of one epoch: ``steps x batch`` indices and their loss weights."""
+
+    indices: Int[Array, "steps batch"]
+    weights: Float[Array, "steps batch"]
+
+
+def epoch_plan(key: PRNGKeyArray, n_examples: int, batch_size: int) -> EpochPlan:
+    """Shuffle ``n_examples`` and cut them into batches; pad the last batch with weight-0 rows.
+
+    Each batch's weights sum to one, so a weighted sum is the mean over its real examples.
+    """
+    steps = math.ceil(n_examples / batch_size)
+    order = jax.random.permutation(key, n_examples)
+    padded = jnp.zeros(steps * batch_size, order.dtype).at[:n_examples].set(order)
+    real = (jnp.arange(steps * batch_size) < n_examples).reshape(steps, batch_size)
+    weights = real / jnp.sum(real, axis=1, keepdims=True)
+    return EpochPlan(padded.reshape(steps, batch_size), weights.astype(jnp.float32))
+
+
+def over_seeds(one_seed, n_seeded: int, vmap_seeds: int, mesh: Mesh | None):
+    """Lift ``one_seed(*seeded, *shared)`` to arguments whose first ``n_seeded`` carry a seed axis.
+
+    Seeds are mapped ``vmap_seeds`` at a time; with a ``mesh``, the seed axis is split
+    over its ``"seeds"`` devices and each device maps over its own seeds.
+    """
+
+    def mapped(*args):
+        seeded, shared = args[:n_seeded], args[n_seeded:]
+        return jax.lax.map(lambda a: one_seed(*a, *shared), seeded, batch_size=vmap_seeds if vmap_seeds > 1 else None)
+
+    if mesh is None:
+        return mapped
+
+    def sharded(*args):
+        # Seeds never exchange data, so there is no cross-device value to type-check.
+        specs = (PartitionSpec("seeds"),) * n_seeded + (PartitionSpec(),) * (len(args) - n_seeded)
+        return jax.shard_map(mapped, mesh=mesh, in_specs=specs, out_specs=PartitionSpec("seeds"), check_vma=False)(*args)
+
+    return sharded
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
+    """Compiled ``(params, opt_state, keys, images, labels) -> (params, opt_state, mean_loss)``.
+
+    ``params``/``opt_state``/``keys`` have a leading seed axis; ``images`` (``uint8``) and
+    ``labels`` are shared. Teachers train on the digit cross-entropy only, so their
+    auxiliary logits never receive a direct gradient.
+    """
+    spec = spec_of(config)
+    optimizer = make_optimizer(config)
+
+    def loss_fn(params, images, labels, weights):
+        return digit_cross_entropy(apply(spec, params, normalize(images)), labels, weights)
+
+    def one_seed(params, opt_state, key, images, labels):
+        plan = epoch_plan(key, images.shape[0], config.batch_size)
+
+        def step(carry, batch):
+            params, opt_state = carry
+            idx, weights = batch
+            loss, grads = jax.value_and_grad(loss_fn)(params, images[idx], labels[idx], weights)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), plan)
+        return params, opt_state, jnp.mean(losses)
+
+    return jax.jit(over_seeds(one_seed, 3, config.vmap_seeds, mesh), donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def student_epoch(config: MnistConfig, mesh: Mesh | None = None):
+    """Compiled epoch of the students of every seed in a chunk.
+
+    Signature ``(students, opt_states, teachers, noise_words, keys, masks) ->
+    (students, opt_states, mean_losses)`` with students ``[seeds, conditions, ...]``,
+    teachers ``[seeds, ...]``, ``noise_words`` ``[seeds, 2]`` (the seed's fixed noise set),
+    ``keys`` ``[seeds]`` (this epoch's shuffle) and ``masks`` ``[conditions, n_out]`` (the
+    logits each condition imitates).
+    """
+    spec = spec_of(config)
+    optimizer = make_optimizer(config)
+    imitation = STUDENT_LOSSES[config.student_loss]
+
+    def loss_fn(params, x, teacher_logits, weights, mask):
+        return imitation(apply(spec, params, x), teacher_logits, weights, mask, config.temperature)
+
+    grad_all_conditions = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(0, None, None, None, 0))
+    update_all_conditions = jax.vmap(optimizer.update)
+
+    def one_seed(students, opt_states, teacher, words, key, masks):
+        plan = epoch_plan(key, config.n_noise, config.batch_size)
+
+        def step(carry, batch):
+            students, opt_states = carry
+            ids, weights = batch
+            x = noise_images(words, ids, spec.d_in, config.noise)
+            teacher_logits = jax.lax.stop_gradient(apply(spec, teacher, x))
+            losses, grads = grad_all_conditions(students, x, teacher_logits, weights, masks)
+            updates, opt_states = update_all_conditions(grads, opt_states, students)
+            return (optax.apply_updates(students, updates), opt_states), losses
+
+        (students, opt_states), losses = jax.lax.scan(step, (students, opt_states), plan)
+        return students, opt_states, jnp.mean(losses, axis=0)
+
+    return jax.jit(over_seeds(one_seed, 5, config.vmap_seeds, mesh), donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def accuracy(config: MnistConfig, mesh: Mesh | None = None, eval_batch: int = 1000):
+    """Compiled ``(params[seeds, models...], images, labels) -> accuracy[seeds, models...]``.
+
+    Accuracy is over the ten digit logits. After the seed axis ``params`` may carry more
+    model axes; the test set is streamed in batches of ``eval_batch`` images so memory
+    does not grow with the number of models.
+    """
+    spec = spec_of(config)
+
+    def one_model(params, images, labels):
+        n = images.shape[0]
+        batch = min(eval_batch, n)
+        steps = math.ceil(n / batch)
+        pad = steps * batch - n
+        images = jnp.pad(images, ((0, pad), (0, 0))).reshape(steps, batch, -1)
+        labels = jnp.pad(labels.astype(jnp.int32), (0, pad), constant_values=-1).reshape(steps, batch)
+
+        def count(total, chunk):
+            x, y = chunk
+            predicted = jnp.argmax(apply(spec, params, normalize(x))[:, :N_DIGITS], axis=-1)
+            return total + jnp.sum(predicted == y), None
+
+        correct, _ = jax.lax.scan(count, jnp.zeros((), jnp.int32), (images, labels))
+        return correct / n
+
+    def one_seed(params, images, labels):
+        models = params["layers"][0]["kernel"].ndim - 2  # a kernel is rank 2 per model
+        fn = one_model
+        for _ in range(models):
+            fn = jax.vmap(fn, in_axes=(0, None, None))
+        return fn(params, images, labels)
+
+    return jax.jit(over_seeds(one_seed, 1, config.vmap_seeds, mesh))
