@@ -55,3 +55,26 @@ def test_a_run_writes_results_and_figures_and_refuses_to_overwrite(tmp_path, cap
     assert main(["mnist", "--out", str(out), *TINY]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["mnist", "--out", str(out), "--overwrite", *TINY]) == 0
+
+
+def test_sweep_option_parsing():
+    from toymodels.cli import parse_sweep
+    from toymodels.config import ConfigError
+
+    assert parse_sweep("n_aux=1,3,10") == ("n_aux", [1, 3, 10])
+    assert parse_sweep("student-init-sigma=0,0.5") == ("student_init_sigma", [0.0, 0.5])
+    assert parse_sweep("noise=uniform,gaussian") == ("noise", ["uniform", "gaussian"])
+    for bad in ("depth=1,2", "n_aux", "n_aux=one"):
+        with pytest.raises(ConfigError):
+            parse_sweep(bad)
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_its_json_and_figure(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["mnist", "--out", str(out), *TINY, "--sweep", "n_aux=1,2"]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [p["value"] for p in sweep["points"]] == [1, 2]
+    assert (out / "sweep_figure.png").exists()
+    assert "n_aux=2:" in capsys.readouterr().out
+    assert exit_code(["mnist", "--out", str(out), *TINY, "--sweep", "n_aux=0,2"]) == 2

@@ -44,7 +44,7 @@ class _StopAfterFirstChunk:
     def start(self, total_units, description):
         pass
 
-    def advance(self, description):
+    def advance(self, description, units=1.0):
         pass
 
     def note(self, message):

@@ -5,6 +5,9 @@ Every field of :class:`toymodels.config.MnistConfig` is an option (``--n-aux 5``
 Writes ``results.json``, ``mnist_figure.png`` and ``mnist_figure.pdf`` to ``--out``. A run
 that is stopped keeps its finished seeds in ``checkpoint.json`` there, and the same
 command picks up from them.
+
+``--sweep FIELD=V1,V2,...`` runs the experiment once per value instead and writes
+``sweep.json`` and ``sweep_figure.png``/``.pdf``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=SOURCES, default=None, help="MNIST source (default: bundled; 'dir' if --data-dir is given)")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the four MNIST IDX files")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--sweep", metavar="FIELD=V1,V2,...", default=None, help="run once per value of one option, e.g. n_aux=1,3,10")
     group = parser.add_argument_group("experiment (defaults: the paper's setup)")
     hints = typing.get_type_hints(MnistConfig)
     for field in dataclasses.fields(MnistConfig):
@@ -51,6 +55,23 @@ def config_from_args(args: argparse.Namespace) -> MnistConfig:
     return MnistConfig(**values).validate()
 
 
+def parse_sweep(text: str) -> tuple[str, list]:
+    """``"n_aux=1,3,10"`` -> ``("n_aux", [1, 3, 10])``, values typed like the config field."""
+    field_name, _, raw = text.partition("=")
+    field_name = field_name.strip().replace("-", "_")
+    fields = {f.name: f for f in dataclasses.fields(MnistConfig)}
+    if field_name not in fields or not raw:
+        raise ConfigError(f"--sweep needs FIELD=V1,V2,... with FIELD one of {', '.join(fields)} (got {text!r})")
+    kind = typing.get_type_hints(MnistConfig)[field_name]
+    convert = int if kind in (int, int | None) else float if kind is float else str
+    if field_name == "hidden":
+        raise ConfigError("--sweep over hidden is not supported: sweep one scalar option")
+    try:
+        return field_name, [convert(v) for v in raw.split(",")]
+    except ValueError as err:
+        raise ConfigError(f"--sweep {field_name}: {err}") from err
+
+
 def format_table(result: dict) -> str:
     """The results table: this run's mean, CI and n beside the paper's numbers."""
     rows = [f"{'condition':<14}{'mean':>8}{'95% CI':>10}{'n':>5}   {'paper (n=100)':>16}"]
@@ -61,8 +82,8 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def prepare_output(out: Path, config: MnistConfig, overwrite: bool) -> None:
-    """Create ``out`` and check it is writable before any training starts."""
+def prepare_output(out: Path, result_name: str, overwrite: bool) -> None:
+    """Create ``out``, check it is writable and holds no ``result_name`` yet, before any training."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -72,8 +93,8 @@ def prepare_output(out: Path, config: MnistConfig, overwrite: bool) -> None:
         raise ConfigError(f"cannot write to output folder {out} ({err.strerror}): choose another --out") from err
     if overwrite:
         (out / CHECKPOINT).unlink(missing_ok=True)
-    elif (out / RESULTS).exists():
-        raise ConfigError(f"{out / RESULTS} already exists: pass --overwrite to replace it, or choose another --out")
+    elif (out / result_name).exists():
+        raise ConfigError(f"{out / result_name} already exists: pass --overwrite to replace it, or choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,10 +106,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
+        sweep = parse_sweep(args.sweep) if args.sweep else None
         source = args.data or ("dir" if args.data_dir is not None else "bundled")
         data = load_mnist(source, args.data_dir)
-        prepare_output(args.out, config, args.overwrite)
         progress = SilentProgress() if args.quiet else TextProgress()
+        if sweep is not None:
+            return _run_sweep(args, config, sweep, data, progress)
+        prepare_output(args.out, RESULTS, args.overwrite)
         result = run_experiment(config, data=data, progress=progress, checkpoint=args.out / CHECKPOINT)
     except (ConfigError, DataError) as err:
         print(f"sublearn mnist: error: {err}", file=sys.stderr)
@@ -98,6 +122,26 @@ def run(args: argparse.Namespace) -> int:
     (args.out / CHECKPOINT).unlink(missing_ok=True)
     print(format_table(result))
     print(f"wall time {result['timing']['wall_s']:.1f}s; wrote {args.out / RESULTS}, " + ", ".join(str(p) for p in figure_paths))
+    return 0
+
+
+def _run_sweep(args, config, sweep, data, progress) -> int:
+    from toymodels.artifacts import environment, write_json_atomic
+    from toymodels.figure import save_figure
+    from toymodels.sweep import plot_sweep, run_sweep
+
+    field_name, values = sweep
+    for value in values:  # every point is checked before the first one runs
+        dataclasses.replace(config, **{field_name: value}).validate()
+    prepare_output(args.out, "sweep.json", args.overwrite)
+    result = run_sweep(config, field_name, values, data=data, progress=progress)
+    result["environment"] = environment()
+    write_json_atomic(args.out / "sweep.json", result)
+    paths = save_figure(plot_sweep(result), args.out, stem="sweep_figure")
+    for point in result["points"]:
+        s = point["summary"]
+        print(f"{field_name}={point['value']}: " + ", ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in s))
+    print(f"wrote {args.out / 'sweep.json'}, " + ", ".join(str(p) for p in paths))
     return 0
 
 

@@ -148,7 +148,7 @@ def train_chunk(
             students, student_opt, teachers, words, place(_epoch_keys(shuffle_keys, epoch)), masks
         )
         losses = ", ".join(f"{c} {float(v):.2e}" for c, v in zip(STUDENT_CONDITIONS, jnp.mean(student_loss, axis=0)))
-        progress.advance(f"{label}: students epoch {epoch + 1}/{config.student_epochs}, loss {losses}")
+        progress.advance(f"{label}: students epoch {epoch + 1}/{config.student_epochs}, loss {losses}", student_epoch_cost(config))
 
     score = accuracy(config, mesh)
     test_images, test_labels = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
@@ -162,6 +162,14 @@ def train_chunk(
         out[condition] = student_acc[:, i]
         out[f"loss_{condition}"] = np.asarray(student_loss)[:, i]
     return out
+
+
+def student_epoch_cost(config: MnistConfig) -> float:
+    """Work of one student epoch (four students and the shared teacher pass) per teacher epoch."""
+    spec = spec_of(config)
+    n_train = config.n_train or 60_000
+    per_example = 4 * spec.flops_per_example() + spec.flops_per_example(forward_only=True)
+    return per_example * config.n_noise / (spec.flops_per_example() * n_train)
 
 
 def seed_mesh() -> Mesh | None:
@@ -204,7 +212,7 @@ def run_experiment(
     done = _load_checkpoint(checkpoint, config)
     todo = [c for c in chunks if not all(int(s) in done for s in c)]
     progress.start(
-        len(todo) * (config.teacher_epochs + config.student_epochs),
+        len(todo) * (config.teacher_epochs + config.student_epochs * student_epoch_cost(config)),
         f"MNIST subliminal learning: {config.seeds} seeds in {len(chunks)} chunk(s) of {chunks[0].size}"
         + (f" on {n_devices} devices" if n_devices > 1 else "")
         + (f", {len(done)} seeds restored from {checkpoint}" if done else ""),

@@ -1,0 +1,73 @@
+"""Sweeps: rerun the experiment while one config field takes several values.
+
+Example (a quick sweep over the number of auxiliary logits):
+
+    >>> from toymodels.config import tiny
+    >>> from toymodels.sweep import run_sweep
+    >>> sweep = run_sweep(tiny(seeds=2, seeds_per_chunk=2, teacher_epochs=1, student_epochs=1), "n_aux", [1, 3])
+    >>> [point["value"] for point in sweep["points"]]
+    [1, 3]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from toymodels.conditions import CONDITIONS, LABELS  # noqa: E402
+from toymodels.config import ConfigError, MnistConfig  # noqa: E402
+from toymodels.data import MNIST, load_mnist  # noqa: E402
+from toymodels.experiment import run_experiment  # noqa: E402
+from toymodels.figure import COLORS  # noqa: E402
+from toymodels.progress import Progress  # noqa: E402
+
+
+def run_sweep(
+    base: MnistConfig,
+    field: str,
+    values: Sequence[Any],
+    *,
+    data: MNIST | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run :func:`run_experiment` once per value of ``field``; everything else as in ``base``.
+
+    Returns:
+        ``{"field", "values", "points": [{"value", "summary", "accuracy"}], "base_config"}``.
+    """
+    if field not in {f.name for f in dataclasses.fields(MnistConfig)}:
+        raise ConfigError(f"cannot sweep unknown config field {field!r}")
+    configs = [dataclasses.replace(base, **{field: value}).validate() for value in values]
+    data = data or load_mnist()
+    points = []
+    for value, config in zip(values, configs):
+        if progress is not None:
+            progress.note(f"sweep {field} = {value}")
+        result = run_experiment(config, data=data, progress=progress)
+        points.append({"value": value, "summary": result["summary"], "accuracy": result["accuracy"]})
+    return {"field": field, "values": list(values), "points": points, "base_config": base.to_dict()}
+
+
+def plot_sweep(sweep: dict[str, Any], conditions: Sequence[str] = ("student_aux", "cross_aux"), *, log_x: bool = False) -> plt.Figure:
+    """Mean test accuracy (95% CI band) of ``conditions`` against the swept value."""
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
+    xs = [p["value"] for p in sweep["points"]]
+    for condition in conditions:
+        assert condition in CONDITIONS, condition
+        means = [p["summary"][condition]["mean"] for p in sweep["points"]]
+        cis = [p["summary"][condition]["ci95"] for p in sweep["points"]]
+        ax.errorbar(xs, means, yerr=cis, marker="o", capsize=3, color=COLORS[condition], label=LABELS[condition].replace("\n", " "))
+    ax.axhline(0.1, color="gray", linestyle=":", linewidth=1, label="chance")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(sweep["field"])
+    ax.set_ylabel("MNIST test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
