@@ -22,6 +22,7 @@ configuration and chunk size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -96,8 +97,35 @@ def over_seeds(one_seed, n_seeded: int, vmap_seeds: int, mesh: Mesh | None):
     return sharded
 
 
-@functools.lru_cache(maxsize=None)
+def program_config(config: MnistConfig) -> MnistConfig:
+    """``config`` with every field that does not shape the compiled programs set to a default.
+
+    The compiled-function caches below are keyed on this, so runs that differ only in
+    seeds, epochs, data subsets or the student perturbation reuse one compilation.
+    """
+    return dataclasses.replace(
+        config, seed=0, seeds=2, seeds_per_chunk=1, teacher_epochs=1, student_epochs=1,
+        student_init_sigma=0.0, n_train=None, n_test=None,
+    )
+
+
 def teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
+    """Compiled ``(params, opt_state, keys, images, labels) -> (params, opt_state, mean_loss)``; see :func:`_teacher_epoch`."""
+    return _teacher_epoch(program_config(config), mesh)
+
+
+def student_epoch(config: MnistConfig, mesh: Mesh | None = None):
+    """Compiled epoch of the students of every seed in a chunk; see :func:`_student_epoch`."""
+    return _student_epoch(program_config(config), mesh)
+
+
+def accuracy(config: MnistConfig, mesh: Mesh | None = None):
+    """Compiled ``(params[seeds, models...], images, labels) -> accuracy``; see :func:`_accuracy`."""
+    return _accuracy(program_config(config), mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
     """Compiled ``(params, opt_state, keys, images, labels) -> (params, opt_state, mean_loss)``.
 
     ``params``/``opt_state``/``keys`` have a leading seed axis; ``images`` (``uint8``) and
@@ -127,7 +155,7 @@ def teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def student_epoch(config: MnistConfig, mesh: Mesh | None = None):
+def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     """Compiled epoch of the students of every seed in a chunk.
 
     Signature ``(students, opt_states, teachers, noise_words, keys, masks) ->
@@ -165,7 +193,7 @@ def student_epoch(config: MnistConfig, mesh: Mesh | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def accuracy(config: MnistConfig, mesh: Mesh | None = None, eval_batch: int = 1000):
+def _accuracy(config: MnistConfig, mesh: Mesh | None = None, eval_batch: int = 1000):
     """Compiled ``(params[seeds, models...], images, labels) -> accuracy[seeds, models...]``.
 
     Accuracy is over the ten digit logits. After the seed axis ``params`` may carry more
