@@ -1,0 +1,226 @@
+"""The numerical check against closed forms, finite differences and its own conventions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from theory.cases import MLP, init_mlp
+from theory.numerical import (
+    QuadraticLoss,
+    SubsetSoftmaxCrossEntropy,
+    SupervisedLoss,
+    check_alignment,
+    convergence,
+    label_cross_entropy,
+    softmax_cross_entropy,
+    squared_error,
+    tolerances,
+    tree_vdot,
+)
+from toymodels.model import MLP as ToyMLP
+from toymodels.model import MLPSpec, apply, init_params
+
+
+def _linear(w, x):
+    return x @ w
+
+
+def _random_normal(seed: int, *shape: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+TANH_MLP = MLP((3, 5, 4), "tanh")
+
+
+def _tanh_case(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    params = init_mlp(TANH_MLP, rng, bias_scale=0.5)
+    direction = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), params)
+    return params, rng.standard_normal((6, 3)).astype(np.float32), direction
+
+
+def test_linear_model_squared_error_matches_closed_form_at_every_eps():
+    # f(x) = x W: the student step is 2 eps Sigma V and the alignment 2 eps E|x V|^2 exactly.
+    w0, v, x = _random_normal(0, 3, 2), _random_normal(1, 3, 2), _random_normal(2, 5, 3)
+    expected_a = 2.0 * np.mean(np.sum((x @ v) ** 2, axis=1))
+    for eps in (1e-3, 0.1, 10.0):
+        r = check_alignment(_linear, w0, x, student_loss=squared_error, direction=v, eps=eps)
+        # float64 sums of 15 products: relative rounding far below 1e-12
+        np.testing.assert_allclose(r.A, expected_a, rtol=1e-12)
+        np.testing.assert_allclose(r.alignment, eps * expected_a, rtol=1e-12)
+        np.testing.assert_allclose(r.dtheta_S, 2 * eps * (x.T @ x / len(x)) @ v, rtol=1e-12)
+        assert r.zeroth_order == 0.0  # z - y is exactly zero at shared initialization
+        assert abs(r.second_order) <= 1e-12 * expected_a
+    fit = convergence(_linear, w0, x, student_loss=squared_error, direction=v)
+    assert fit.order == np.inf and fit.n_fitted < 2  # residuals at rounding level only
+
+
+def test_first_order_coefficients_match_finite_differences():
+    params, x, v = _tanh_case()
+    kwargs = dict(student_loss=softmax_cross_entropy, direction=v)
+    r = check_alignment(TANH_MLP, params, x, **kwargs)
+    assert r.A > 0
+
+    def estimates(h):
+        plus, minus = (check_alignment(TANH_MLP, params, x, eps=e, **kwargs).alignment for e in (h, -h))
+        return (plus - minus) / (2 * h), (plus + minus - 2 * r.zeroth_order) / (2 * h * h)
+
+    # Central differences err by O(h^2): a tenth of the step must cut the error ~100-fold.
+    errors = []
+    for h in (r.eps / 10, r.eps / 100):
+        a_fd, c_fd = estimates(h)
+        errors.append((abs(a_fd - r.A) / r.A, abs(c_fd - r.second_order) / abs(r.second_order)))
+    (a_coarse, c_coarse), (a_fine, c_fine) = errors
+    assert a_fine < 1e-5 and c_fine < 1e-3
+    assert a_fine < a_coarse / 50 and c_fine < c_coarse / 50
+
+
+@pytest.mark.parametrize(
+    "loss", [squared_error, softmax_cross_entropy, SubsetSoftmaxCrossEntropy((1, 3))], ids=["se", "ce", "subset"]
+)
+def test_first_order_error_shrinks_like_eps_squared(loss):
+    params, x, v = _tanh_case(seed=1)
+    fit = convergence(TANH_MLP, params, x, student_loss=loss, direction=v)
+    # Fitted at the small end of the grid, eps*/1e5 to eps*/1e6 or above, where the third-
+    # order term is ~1e-5 of the second: the slope is 2 to ~1e-5; 0.05 leaves room for rounding.
+    assert fit.n_fitted == 3
+    assert abs(fit.order - 2.0) < 0.05
+    residual = np.asarray(fit.residual)
+    assert np.all(residual[1:] < residual[:-1] / 5)  # each half decade of eps: ~10x smaller error
+
+
+def test_teacher_loss_change_is_minus_alpha_times_alignment_to_first_order():
+    params, x, _ = _tanh_case(seed=2)
+    labels = jnp.array([0, 3, 1, 2, 2, 0])
+    teacher_loss = SupervisedLoss(TANH_MLP, label_cross_entropy, x[::-1], labels)
+    grad = jax.grad(teacher_loss)(params)
+    for alpha in (0.5, 2.0):
+        r = check_alignment(TANH_MLP, params, x, student_loss=squared_error, teacher_loss=teacher_loss, alpha=alpha)
+        assert r.violations() == []
+        assert r.teacher_loss_change < 0
+        # The teacher's direction is minus the gradient of L_T (checked in float32: 1e-5).
+        for got, want in zip(jax.tree.leaves(r.dtheta_T), jax.tree.leaves(grad)):
+            np.testing.assert_allclose(got, -np.asarray(want), rtol=1e-5, atol=1e-6)
+        small = check_alignment(
+            TANH_MLP, params, x, student_loss=squared_error, teacher_loss=teacher_loss, alpha=alpha, eps=r.eps / 100
+        )
+        # L_T(theta_S) - L_T(theta_S0) = -alpha a + O(eps^2); at eps*/100 the rest is < 1e-2.
+        np.testing.assert_allclose(small.teacher_loss_change, -alpha * small.alignment, rtol=1e-2)
+
+
+def test_single_logit_subset_gives_zero_alignment_for_every_eps():
+    # Softmax over one logit is constant: M = 0, the student never moves (Theorem 1's
+    # "dtheta_S . dtheta_T = 0 for all eps" branch).
+    params, x, v = _tanh_case()
+    for eps in (1e-3, 1.0):
+        r = check_alignment(TANH_MLP, params, x, student_loss=SubsetSoftmaxCrossEntropy((2,)), direction=v, eps=eps)
+        assert r.A == 0.0 and r.alignment == 0.0 and r.cosine == 0.0
+        assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(r.dtheta_S))
+
+
+def test_non_proper_loss_has_negative_first_order_term():
+    # L = (z - y)^T diag(1, -1) (z - y), output moved along the second axis only: A = -2|u|^2.
+    w0, x = np.eye(2), np.array([[1.0, 1.0]])
+    v = np.array([[0.0, 0.0], [0.0, 1.0]])
+    r = check_alignment(_linear, w0, x, student_loss=QuadraticLoss.from_matrix(np.diag([1.0, -1.0])), direction=v)
+    assert r.A == -2.0 and r.zeroth_order == 0.0
+    assert r.alignment < 0 and "A < 0" in r.violations() and "alignment < 0" in r.violations()
+
+
+def test_different_initialization_has_a_zeroth_order_term():
+    params, x, v = _tanh_case()
+    other = init_mlp(TANH_MLP, np.random.default_rng(99), bias_scale=0.5)
+    kwargs = dict(student_loss=squared_error, direction=v)
+    shared = check_alignment(TANH_MLP, params, x, **kwargs)
+    r = check_alignment(TANH_MLP, params, x, student_params=other, eps=shared.eps, **kwargs)
+    # a(0) = -E[2 (z_S - y_T) . J_S v]: the pull of the student toward the teacher's
+    # initial outputs, along v.
+    with jax.enable_x64(True):
+        p64, o64, v64, x64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, other, v, x))
+        z, y = TANH_MLP(o64, x64), TANH_MLP(p64, x64)
+        u = jax.jvp(lambda p: TANH_MLP(p, x64), (o64,), (v64,))[1]
+        expected = float(-jnp.sum(2 * (z - y) * u) / len(x))
+    np.testing.assert_allclose(r.zeroth_order, expected, rtol=1e-12)
+    assert abs(r.zeroth_order) > 1e6 * tolerances(r)["alignment"]  # far from rounding
+    assert shared.zeroth_order == 0.0
+
+
+def test_mnist_mlp_at_paper_initialization():
+    spec = MLPSpec()  # 784-256-256-13
+
+    def model(params, x):
+        return apply(spec, params, x)
+
+    k_params, k_noise, k_images, k_labels = jax.random.split(jax.random.key(0), 4)
+    params = init_params(spec, k_params)
+    noise = jax.random.uniform(k_noise, (8, spec.d_in), minval=-1.0, maxval=1.0)
+    digits = SupervisedLoss(
+        lambda p, x: model(p, x)[:, :10], label_cross_entropy, jax.random.normal(k_images, (8, spec.d_in)),
+        jax.random.randint(k_labels, (8,), 0, 10),
+    )
+    r = check_alignment(model, params, noise, student_loss=SubsetSoftmaxCrossEntropy((10, 11, 12)), teacher_loss=digits)
+    assert r.violations() == []
+    assert r.A > 0 and r.alignment > 0 and r.teacher_loss_change < 0
+    assert jax.tree.structure(r.dtheta_S) == jax.tree.structure(params)
+    assert all(leaf.dtype == np.float64 for leaf in jax.tree.leaves(r.dtheta_S))
+    # The first-order prediction holds at the automatic eps to within its rho = 10%.
+    assert abs(r.alignment - r.first_order) < 0.2 * r.first_order
+
+
+def test_nnx_state_and_plain_dict_give_the_same_result():
+    spec = MLPSpec(hidden=(16,), n_aux=3, d_in=12)
+    module = ToyMLP(spec, rngs=nnx.Rngs(params=jax.random.key(3)))
+    graphdef, state = nnx.split(module)
+    params = nnx.to_pure_dict(state)
+
+    def nnx_model(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    def dict_model(p, x):
+        return apply(spec, p, x)
+
+    x = jax.random.normal(jax.random.key(4), (5, spec.d_in))
+    direction = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=jnp.float32)).reshape(a.shape), params)
+    state_direction = jax.tree.map(lambda a: a, state)
+    nnx.replace_by_pure_dict(state_direction, direction)
+    from_state = check_alignment(nnx_model, state, x, student_loss=softmax_cross_entropy, direction=state_direction)
+    from_dict = check_alignment(dict_model, params, x, student_loss=softmax_cross_entropy, direction=direction)
+    assert from_state.A > 0
+    for name in ("eps", "alignment", "A", "second_order", "cosine"):
+        # the same float64 computation through two pytree containers
+        np.testing.assert_allclose(getattr(from_state, name), getattr(from_dict, name), rtol=1e-12)
+
+
+def test_float64_is_scoped_to_the_call():
+    params, x, v = _tanh_case()
+    r = check_alignment(TANH_MLP, params, x, student_loss=squared_error, direction=v)
+    assert not jax.config.jax_enable_x64
+    assert jnp.ones(1).dtype == jnp.float32
+    assert all(leaf.dtype == np.float64 for leaf in jax.tree.leaves(r.dtheta_S))
+    np.testing.assert_allclose(float(tree_vdot(r.dtheta_S, r.dtheta_T)), r.alignment, rtol=1e-6)
+
+
+def test_tolerances_scale_with_the_quantities():
+    params, x, v = _tanh_case()
+    v = jax.tree.map(lambda a: np.asarray(a, np.float64), v)  # so that 1e3 * v is exact
+    small = check_alignment(TANH_MLP, params, x, student_loss=squared_error, direction=v)
+    scaled = jax.tree.map(lambda a: 1e3 * a, v)
+    big = check_alignment(TANH_MLP, params, x, student_loss=squared_error, direction=scaled, eps=small.eps / 1e3)
+    # The same teacher; the direction 1000x longer: the alignment and A scale by 1e3 and 1e6.
+    np.testing.assert_allclose(big.alignment, 1e3 * small.alignment, rtol=1e-9)
+    np.testing.assert_allclose(big.A, 1e6 * small.A, rtol=1e-9)
+    np.testing.assert_allclose(tolerances(big)["A"], 1e6 * tolerances(small)["A"], rtol=1e-9)
+
+
+def test_rejects_ambiguous_teacher():
+    params, x, v = _tanh_case()
+    loss = SupervisedLoss(TANH_MLP, label_cross_entropy, x, jnp.zeros(6, jnp.int32))
+    with pytest.raises(ValueError, match="exactly one of `direction`"):
+        check_alignment(TANH_MLP, params, x, student_loss=squared_error)
+    with pytest.raises(ValueError, match="exactly one of `direction`"):
+        check_alignment(TANH_MLP, params, x, student_loss=squared_error, direction=v, teacher_loss=loss)
+

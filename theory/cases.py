@@ -1,0 +1,291 @@
+r"""Random test cases for the alignment lemma: small MLPs, initializations, inputs, losses.
+
+A :class:`CaseSpec` is a handful of hashable choices plus an integer seed;
+:func:`build_case` turns it into arrays. The arrays come from numpy generators spawned
+from the seed, one independent stream per purpose, rather than from ``jax.random``: every
+new shape would compile a JAX random kernel, and for cases this small those compilations
+would cost more than the check itself. The hypothesis
+strategies (:mod:`theory.strategies`) and the ``sublearn theory`` command draw the
+choices with the same functions (:func:`choose_spec` and friends), through a
+:class:`Chooser`: hypothesis's ``draw`` there, a seeded numpy generator here.
+
+Example:
+    >>> spec = CaseSpec(MLP((2, 3, 2), "tanh"), "normal", 1.0, 0.0, "normal", 4,
+    ...                 "squared_error", "direction", seed=0)
+    >>> case = build_case(spec)
+    >>> case.model(case.params, case.inputs).shape
+    (4, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from theory.numerical import (
+    QuadraticLoss,
+    StudentLoss,
+    SubsetSoftmaxCrossEntropy,
+    SupervisedLoss,
+    label_cross_entropy,
+    softmax_cross_entropy,
+    squared_error,
+    target_squared_error,
+)
+
+T = TypeVar("T")
+
+ACTIVATIONS = {
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "softplus": jax.nn.softplus,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda h: h,
+}
+INITS = ("normal", "uniform", "truncated_normal")
+INPUT_DISTRIBUTIONS = ("normal", "uniform", "rademacher", "sparse", "shifted")
+STUDENT_LOSSES = ("squared_error", "softmax_cross_entropy", "subset_softmax_cross_entropy")
+# Not proper: (z - y)^T Q (z - y) with Q = diag(1, -1, 1, ...), stationary but not minimal at z = y.
+NON_PROPER_LOSSES = ("indefinite_quadratic",)
+TEACHERS = ("direction", "cross_entropy", "squared_error")
+
+# Few distinct sizes keep the number of distinct shapes, and so of compilations, small.
+INPUT_DIMS = (2, 3)
+HIDDEN_WIDTHS = (3, 5)
+MAX_HIDDEN_LAYERS = 2
+OUTPUT_DIMS = (2, 3, 4)
+SAMPLE_COUNTS = (1, 3, 8)
+
+
+# Standard deviation of a standard normal truncated to [-2, 2], to rescale it to unit variance.
+_TRUNCATED_NORMAL_STD = math.sqrt(
+    1.0 - 4.0 * math.exp(-2.0) / math.sqrt(2.0 * math.pi) / math.erf(2.0 / math.sqrt(2.0))
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLP:
+    r"""A fully connected network ``sizes[0] -> ... -> sizes[-1]`` with one activation.
+
+    :math:`h_{k+1} = \sigma(h_k W_k + b_k)` for hidden layers, a linear last layer.
+    Parameters are a list of ``{"kernel", "bias"}`` dicts. Hashable, so it can be a
+    static argument of the compiled check.
+    """
+
+    sizes: tuple[int, ...]
+    activation: str = "tanh"
+
+    def __call__(self, params: list[dict[str, Array]], x: Float[Array, "N d"]) -> Float[Array, "N n"]:
+        act = ACTIVATIONS[self.activation]
+        for k, layer in enumerate(params):
+            x = x @ layer["kernel"] + layer["bias"][None, :]
+            if k < len(params) - 1:
+                x = act(x)
+        return x
+
+
+def init_mlp(
+    mlp: MLP, rng: np.random.Generator, *, init: str = "normal", init_scale: float = 1.0, bias_scale: float = 0.0
+) -> list[dict[str, np.ndarray]]:
+    r"""Weights with standard deviation ``init_scale / sqrt(d_in)``, drawn from the ``init``
+    distribution (one of :data:`INITS`); biases :math:`\mathcal N(0, \text{bias\_scale}^2)`.
+
+    Returns float32 arrays, as a model's parameters usually are.
+    """
+    draw = {
+        "normal": rng.standard_normal,
+        "uniform": lambda shape: rng.uniform(-math.sqrt(3.0), math.sqrt(3.0), shape),
+        "truncated_normal": lambda shape: _truncated_normal(rng, shape) / _TRUNCATED_NORMAL_STD,
+    }[init]
+    return [
+        {
+            "kernel": (init_scale / math.sqrt(d_in) * draw((d_in, d_out))).astype(np.float32),
+            "bias": (bias_scale * rng.standard_normal(d_out)).astype(np.float32),
+        }
+        for d_in, d_out in zip(mlp.sizes[:-1], mlp.sizes[1:])
+    ]
+
+
+def _truncated_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal draws conditioned on [-2, 2] (redrawn until inside)."""
+    x = rng.standard_normal(shape)
+    while (outside := np.abs(x) > 2.0).any():
+        x[outside] = rng.standard_normal(int(outside.sum()))
+    return x
+
+
+def sample_inputs(rng: np.random.Generator, distribution: str, n: int, d: int) -> np.ndarray:
+    """``n`` float32 inputs of dimension ``d`` from a named distribution."""
+    shape = (n, d)
+    if distribution == "normal":
+        x = rng.standard_normal(shape)
+    elif distribution == "uniform":
+        x = rng.uniform(0.0, 1.0, shape)
+    elif distribution == "rademacher":
+        x = rng.choice([-1.0, 1.0], shape)
+    elif distribution == "sparse":
+        x = rng.standard_normal(shape) * (rng.uniform(size=shape) < 0.3)
+    elif distribution == "shifted":  # far from the origin: large pre-activations, saturated units
+        x = 3.0 + 0.5 * rng.standard_normal(shape)
+    else:
+        raise ValueError(f"unknown input distribution {distribution!r}; choose from {INPUT_DISTRIBUTIONS}")
+    return x.astype(np.float32)
+
+
+def make_student_loss(name: str, n_out: int, subset: tuple[int, ...] = ()) -> StudentLoss:
+    """The student loss called ``name`` for ``n_out`` outputs (``subset`` for the subset loss)."""
+    if name == "squared_error":
+        return squared_error
+    if name == "softmax_cross_entropy":
+        return softmax_cross_entropy
+    if name == "subset_softmax_cross_entropy":
+        if not subset or max(subset) >= n_out:
+            raise ValueError(f"subset {subset} must be non-empty indices below {n_out}")
+        return SubsetSoftmaxCrossEntropy(subset)
+    if name == "indefinite_quadratic":
+        return QuadraticLoss.from_matrix(np.diag([(-1.0) ** k for k in range(n_out)]))
+    raise ValueError(f"unknown student loss {name!r}; choose from {STUDENT_LOSSES + NON_PROPER_LOSSES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseSpec:
+    """The choices that define one random case; arrays come from ``seed``."""
+
+    mlp: MLP
+    init: str
+    init_scale: float
+    bias_scale: float
+    inputs: str
+    n_samples: int
+    student_loss: str
+    teacher: str
+    seed: int
+    subset: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """Arrays and functions for one check: pass to :func:`theory.numerical.check_alignment`."""
+
+    spec: CaseSpec
+    model: MLP
+    params: Any
+    other_params: Any  # an independent initialization of the same scheme
+    inputs: Array
+    student_loss: StudentLoss
+    direction: Any  # None when the teacher follows a loss
+    teacher_loss: SupervisedLoss | None
+
+    def check_kwargs(self, *, shared_init: bool = True) -> dict[str, Any]:
+        """Keyword arguments of ``check_alignment`` for this case (student at the teacher's init or not)."""
+        kwargs = dict(student_loss=self.student_loss, direction=self.direction, teacher_loss=self.teacher_loss)
+        if not shared_init:
+            kwargs["student_params"] = self.other_params
+        return kwargs
+
+
+def build_case(spec: CaseSpec) -> Case:
+    """Draw the arrays of ``spec``, each from its own stream of ``numpy.random.SeedSequence(spec.seed)``."""
+    mlp, d_in, n_out, n = spec.mlp, spec.mlp.sizes[0], spec.mlp.sizes[-1], spec.n_samples
+    teacher, other, inputs, direction_rng, lt_inputs, lt_targets = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(6)
+    )
+    init = dict(init=spec.init, init_scale=spec.init_scale, bias_scale=spec.bias_scale)
+    params = init_mlp(mlp, teacher, **init)
+    direction, teacher_loss = None, None
+    if spec.teacher == "direction":
+        direction = jax.tree.map(lambda x: direction_rng.standard_normal(x.shape).astype(np.float32), params)
+    elif spec.teacher == "cross_entropy":
+        labels = lt_targets.integers(0, n_out, n)
+        teacher_loss = SupervisedLoss(mlp, label_cross_entropy, sample_inputs(lt_inputs, spec.inputs, n, d_in), labels)
+    elif spec.teacher == "squared_error":
+        targets = lt_targets.standard_normal((n, n_out)).astype(np.float32)
+        teacher_loss = SupervisedLoss(mlp, target_squared_error, sample_inputs(lt_inputs, spec.inputs, n, d_in), targets)
+    else:
+        raise ValueError(f"unknown teacher {spec.teacher!r}; choose from {TEACHERS}")
+    return Case(
+        spec=spec,
+        model=mlp,
+        params=params,
+        other_params=init_mlp(mlp, other, **init),
+        inputs=sample_inputs(inputs, spec.inputs, n, d_in),
+        student_loss=make_student_loss(spec.student_loss, n_out, spec.subset),
+        direction=direction,
+        teacher_loss=teacher_loss,
+    )
+
+
+class Chooser(Protocol):
+    """Where the random choices of a case come from: hypothesis's ``draw`` or a numpy generator."""
+
+    def choice(self, options: Sequence[T]) -> T: ...
+
+    def integer(self, low: int, high: int) -> int:  # inclusive bounds
+        ...
+
+    def uniform(self, low: float, high: float) -> float: ...
+
+
+@dataclasses.dataclass
+class NumpyChooser:
+    """Choices from a seeded ``numpy.random.Generator`` (the ``sublearn theory`` command)."""
+
+    rng: np.random.Generator
+
+    def choice(self, options: Sequence[T]) -> T:
+        return options[int(self.rng.integers(len(options)))]
+
+    def integer(self, low: int, high: int) -> int:
+        return int(self.rng.integers(low, high + 1))
+
+    def uniform(self, low: float, high: float) -> float:
+        return float(self.rng.uniform(low, high))
+
+
+def choose_mlp(c: Chooser) -> MLP:
+    """An architecture: input and output sizes, 0 to ``MAX_HIDDEN_LAYERS`` hidden layers, an activation."""
+    depth = c.integer(0, MAX_HIDDEN_LAYERS)
+    sizes = (c.choice(INPUT_DIMS), *(c.choice(HIDDEN_WIDTHS) for _ in range(depth)), c.choice(OUTPUT_DIMS))
+    return MLP(sizes, c.choice(tuple(ACTIVATIONS)))
+
+
+def choose_subset(c: Chooser, n: int) -> tuple[int, ...]:
+    """A non-empty subset of ``range(n)``, sorted."""
+    remaining = list(range(n))
+    chosen = [remaining.pop(c.integer(0, len(remaining) - 1)) for _ in range(c.integer(1, n))]
+    return tuple(sorted(chosen))
+
+
+def choose_init(c: Chooser) -> dict[str, Any]:
+    """Keyword arguments of :func:`init_mlp` (and fields of :class:`CaseSpec`)."""
+    return dict(init=c.choice(INITS), init_scale=c.uniform(0.5, 2.0), bias_scale=c.choice((0.0, 0.5)))
+
+
+def choose_student_loss(c: Chooser, n_out: int, names: Sequence[str] = STUDENT_LOSSES) -> tuple[str, tuple[int, ...]]:
+    """A student loss name and, for the subset loss, its logit indices among ``n_out``."""
+    name = c.choice(tuple(names))
+    return name, choose_subset(c, n_out) if name == "subset_softmax_cross_entropy" else ()
+
+
+def choose_spec(c: Chooser, *, losses: Sequence[str] = STUDENT_LOSSES, teachers: Sequence[str] = TEACHERS) -> CaseSpec:
+    """A whole case: architecture, initialization, inputs, student loss, teacher, seed."""
+    mlp = choose_mlp(c)
+    loss, subset = choose_student_loss(c, mlp.sizes[-1], losses)
+    return CaseSpec(
+        mlp=mlp,
+        **choose_init(c),
+        inputs=c.choice(INPUT_DISTRIBUTIONS),
+        n_samples=c.choice(SAMPLE_COUNTS),
+        student_loss=loss,
+        teacher=c.choice(tuple(teachers)),
+        seed=c.integer(0, 2**31 - 1),
+        subset=subset,
+    )

@@ -1,0 +1,636 @@
+r"""The gradient-alignment lemma, checked numerically on any JAX model.
+
+Conventions (the paper's Lemma 1 and Theorem 1, Appendix C):
+
+- A model is a function ``model(params, X)`` of a parameter pytree :math:`\theta` and a
+  batch of :math:`N` inputs ``X`` (leading axis = examples), returning outputs
+  :math:`Z = f_\theta(X)` of shape ``(N, n)``.
+- The finite sample ``X`` *is* the input distribution :math:`D`: every expectation is the
+  exact mean over its rows, :math:`\mathbb E_x[g(x)] = \frac1N \sum_i g(x_i)`.
+- The teacher starts at :math:`\theta_{T0}` and moves along a direction
+  :math:`\Delta\theta_T` (a pytree shaped like the parameters, or
+  :math:`\Delta\theta_T = -\nabla L_T(\theta_{T0})` for a teacher loss :math:`L_T`):
+
+  .. math:: \theta_T = \theta_{T0} + \varepsilon\, \Delta\theta_T .
+
+- The student starts at :math:`\theta_{S0}` (by default :math:`\theta_{T0}`, the shared
+  initialization) and takes one full-sample gradient step of size :math:`\alpha` on
+  imitating the teacher with a per-example loss :math:`L_S(z, y)` (student output
+  :math:`z`, teacher output :math:`y`):
+
+  .. math::
+
+      \Delta\theta_S = -\nabla_\theta\, \mathbb E_x\big[L_S(f_\theta(x), f_{\theta_T}(x))\big]
+      \big|_{\theta=\theta_{S0}}, \qquad \theta_S = \theta_{S0} + \alpha\, \Delta\theta_S .
+
+- The alignment is the Euclidean inner product over all parameter leaves,
+  :math:`a(\varepsilon) = \Delta\theta_S \cdot \Delta\theta_T`, and its Taylor expansion in
+  :math:`\varepsilon` is :math:`a(\varepsilon) = a_0 + \varepsilon A + \varepsilon^2 C + O(\varepsilon^3)` with
+
+  .. math::
+
+      a_0 = -\mathbb E_x\big[\nabla_z L_S(z_S, y_T)^\top J_S \Delta\theta_T\big],\qquad
+      A = \mathbb E_x\big[(J_S \Delta\theta_T)^\top M\, (J_T \Delta\theta_T)\big],\qquad
+      M = -\frac{\partial^2 L_S}{\partial y\, \partial z}\Big|_{(z_S, y_T)},
+
+  where :math:`z_S = f_{\theta_{S0}}(x)`, :math:`y_T = f_{\theta_{T0}}(x)` and
+  :math:`J_S, J_T` are the Jacobians of :math:`f` at :math:`\theta_{S0}, \theta_{T0}`.
+  Under shared initialization :math:`a_0 = 0` (a proper loss is stationary at
+  :math:`z = y`) and :math:`A` is a quadratic form in :math:`J\Delta\theta_T` with a
+  positive semi-definite :math:`M` (:math:`2I` for squared error,
+  :math:`\mathrm{diag}(p) - pp^\top` for softmax cross-entropy), hence :math:`A \ge 0`.
+
+Everything is computed in float64 inside :func:`jax.enable_x64` (the global setting is
+left alone), and the first- and second-order coefficients use Jacobian-vector products
+only: no Jacobian is ever materialized, so the MNIST MLP (270k parameters) is cheap.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from theory.numerical import check_alignment, squared_error
+    >>> model = lambda w, x: x @ w                       # linear model, w of shape (2, 2)
+    >>> w0 = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> x = jnp.array([[1.0, 2.0], [3.0, -1.0]])
+    >>> r = check_alignment(model, w0, x, student_loss=squared_error,
+    ...                     direction=jnp.array([[0.0, 1.0], [1.0, 0.0]]), eps=1e-3)
+    >>> round(r.alignment / r.eps, 6), round(r.A, 6)    # exact in eps for a linear model
+    (15.0, 15.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+PyTree = Any
+ModelFn = Callable[[PyTree, Array], Array]
+StudentLoss = Callable[[Float[Array, " n"], Float[Array, " n"]], Float[Array, ""]]
+TeacherLoss = Callable[[PyTree], Float[Array, ""]]
+
+# ---------------------------------------------------------------------------------------
+# Student losses L_S(z, y): z the student's outputs for one example, y the teacher's.
+# Parametrized losses are frozen dataclasses so that equal losses hash equally and reuse
+# the compiled check.
+# ---------------------------------------------------------------------------------------
+
+
+def squared_error(z: Float[Array, " n"], y: Float[Array, " n"]) -> Float[Array, ""]:
+    r""":math:`L_S(z, y) = \lVert z - y\rVert^2`, so :math:`M = 2I`."""
+    return jnp.sum(jnp.square(z - y))
+
+
+def softmax_cross_entropy(z: Float[Array, " n"], y: Float[Array, " n"]) -> Float[Array, ""]:
+    r""":math:`L_S(z, y) = -\sum_i \mathrm{softmax}(y)_i \log \mathrm{softmax}(z)_i`, so
+    :math:`M = \mathrm{diag}(p) - pp^\top` with :math:`p = \mathrm{softmax}(y)`."""
+    return -jnp.sum(jax.nn.softmax(y) * jax.nn.log_softmax(z))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetSoftmaxCrossEntropy:
+    r"""Softmax cross-entropy over the logits ``indices`` only (the MNIST "aux only" loss).
+
+    :math:`M = P^\top(\mathrm{diag}(p_S) - p_S p_S^\top)P` with :math:`P` selecting the
+    subset, still positive semi-definite.
+    """
+
+    indices: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.indices or len(set(self.indices)) != len(self.indices):
+            raise ValueError(f"subset indices must be non-empty and distinct, got {self.indices}")
+
+    def __call__(self, z: Float[Array, " n"], y: Float[Array, " n"]) -> Float[Array, ""]:
+        idx = np.asarray(self.indices)
+        return softmax_cross_entropy(z[idx], y[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadraticLoss:
+    r""":math:`L_S(z, y) = (z - y)^\top Q (z - y)`, stationary at :math:`z = y` with :math:`M = Q + Q^\top`.
+
+    Proper (minimized at :math:`z = y`) exactly when :math:`Q + Q^\top` is positive
+    semi-definite; an indefinite ``q`` is the standard non-proper student loss, for which
+    :math:`A` can be negative under shared initialization.
+    """
+
+    q: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def from_matrix(cls, q: Sequence[Sequence[float]] | np.ndarray) -> QuadraticLoss:
+        return cls(tuple(tuple(float(v) for v in row) for row in np.asarray(q)))
+
+    def __call__(self, z: Float[Array, " n"], y: Float[Array, " n"]) -> Float[Array, ""]:
+        d = z - y
+        return d @ jnp.asarray(self.q, d.dtype) @ d
+
+
+# ---------------------------------------------------------------------------------------
+# Teacher losses L_T(theta). Registered as pytrees (data as leaves, model as static
+# metadata) so that new random targets reuse the compiled check instead of retracing it.
+# ---------------------------------------------------------------------------------------
+
+
+def label_cross_entropy(logits: Float[Array, "N n"], labels: Int[Array, " N"]) -> Float[Array, ""]:
+    """Mean softmax cross-entropy of integer ``labels`` under ``logits``."""
+    log_p = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
+
+
+def target_squared_error(outputs: Float[Array, "N n"], targets: Float[Array, "N n"]) -> Float[Array, ""]:
+    """Mean over examples of the squared distance to ``targets``."""
+    return jnp.mean(jnp.sum(jnp.square(outputs - targets), axis=1))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SupervisedLoss:
+    r"""A teacher loss :math:`L_T(\theta) = \ell(f_\theta(X_T), t)` on its own data.
+
+    Example: ``SupervisedLoss(model, label_cross_entropy, X_T, labels)`` is cross-entropy on
+    labels, ``SupervisedLoss(model, target_squared_error, X_T, targets)`` squared error.
+    """
+
+    model: ModelFn = field(metadata=dict(static=True))
+    batch_loss: Callable[[Array, Array], Array] = field(metadata=dict(static=True))
+    inputs: Array
+    targets: Array
+
+    def __call__(self, params: PyTree) -> Float[Array, ""]:
+        return self.batch_loss(self.model(params, self.inputs), self.targets)
+
+
+# ---------------------------------------------------------------------------------------
+# Pytree helpers
+# ---------------------------------------------------------------------------------------
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> Float[Array, ""]:
+    """Euclidean inner product summed over all leaves of two equally shaped pytrees."""
+    return sum((jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), jnp.zeros(()))
+
+
+def tree_norm(a: PyTree) -> Float[Array, ""]:
+    """Euclidean norm over all leaves."""
+    return jnp.sqrt(tree_vdot(a, a))
+
+
+def _axpy(scale, x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: b + scale * a, x, y)
+
+
+def _to_float64(tree: PyTree) -> PyTree:
+    """Floating leaves as float64 (call inside ``jax.enable_x64``); other leaves unchanged."""
+
+    def cast(leaf):
+        if isinstance(leaf, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.asarray(leaf, jnp.float64)
+        return leaf
+
+    return jax.tree.map(cast, tree)
+
+
+def _is_dynamic(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+# One compilation per model structure, of a graph that runs in milliseconds: XLA's
+# backend optimizations and its newer CPU fusion emitters cost more compile time than they
+# save (together they make compiling the check 2-3 times slower on a small MLP).
+_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _filter_jit(fn):
+    """``jax.jit`` that traces array leaves and treats every other leaf as static.
+
+    Models, losses and pytree structure become part of the cache key (hashed by value
+    for frozen dataclasses, by identity for functions), so a check on a new sample, new
+    parameters or new teacher targets of the same shapes reuses the compiled code.
+    """
+
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=_COMPILER_OPTIONS)
+    def traced(static, dynamic):
+        treedef, static_leaves = static
+        leaves = [s if d is None else d for d, s in zip(dynamic, static_leaves)]
+        args, kwargs = jax.tree.unflatten(treedef, leaves)
+        return fn(*args, **kwargs)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        dynamic = [leaf if _is_dynamic(leaf) else None for leaf in leaves]
+        static = tuple(None if _is_dynamic(leaf) else leaf for leaf in leaves)
+        return traced((treedef, static), dynamic)
+
+    return wrapper
+
+
+def _taylor_ratio(lower, higher, rho):
+    r"""Largest :math:`\varepsilon \ge 0` with :math:`|\text{higher}|\,\varepsilon \le \rho\,|\text{lower}|`.
+
+    The point where a Taylor term one order higher, :math:`\text{higher}\,\varepsilon^{k+1}`,
+    reaches ``rho`` times the lower one, :math:`\text{lower}\,\varepsilon^k`; inf if ``higher`` is 0.
+    """
+    nonzero = higher != 0
+    return jnp.where(nonzero, rho * jnp.abs(lower) / jnp.where(nonzero, jnp.abs(higher), 1.0), jnp.inf)
+
+
+# ---------------------------------------------------------------------------------------
+# The check
+# ---------------------------------------------------------------------------------------
+
+
+def _taylor2(fn, zero):
+    """``fn(0)`` and the first two Taylor coefficients of ``fn`` at 0 (forward mode, ``fn`` of a scalar)."""
+
+    def derivative(e):
+        return jax.jvp(fn, (e,), (jnp.ones_like(e),))
+
+    (value, first), (_, second) = jax.jvp(derivative, (zero,), (jnp.ones_like(zero),))
+    return value, first, jax.tree.map(lambda x: 0.5 * x, second)
+
+
+@_filter_jit
+def _analyse(model, student_loss, teacher_loss, params_t0, params_s0, direction, inputs, eps, alpha, rho, eps_max):
+    if teacher_loss is not None:
+        direction = jax.tree.map(jnp.negative, jax.grad(teacher_loss)(params_t0))
+
+    def outputs(params):
+        return model(params, inputs)
+
+    def imitation_grad(z, y):  # gradient in z of E_x L_S(z, y) over the sample
+        return jax.grad(lambda z_: jnp.mean(jax.vmap(student_loss)(z_, y)))(z)
+
+    zero = jnp.zeros((), inputs.dtype)
+    # The teacher's outputs along its path and their first two Taylor coefficients in eps.
+    y_t, u_t, w_t = _taylor2(lambda e: outputs(_axpy(e, direction, params_t0)), zero)
+    shared = params_s0 is None
+    if shared:  # the student's outputs and Jacobian are the teacher's
+        params_s0, z_s, u_s = params_t0, y_t, u_t
+        _, pullback = jax.vjp(outputs, params_s0)
+    else:
+        z_s, pullback = jax.vjp(outputs, params_s0)
+        u_s = jax.jvp(outputs, (params_s0,), (direction,))[1]
+
+    # The student's step is -J_S^T G(y) with G(y) = imitation_grad(z_S, y) and y the
+    # teacher's outputs, so its Taylor coefficients in eps are pullbacks of those of
+    # G(y(eps)) and the alignment's are inner products of those with J_S v. With
+    # y(eps) = y_T + eps u_T + eps^2 w_T + O(eps^3): g0 = G(y_T); g1 = G'(y_T) u_T =
+    # -M u_T / N, the action of M by one JVP; g2 = G''(y_T)[u_T, u_T] / 2 + G'(y_T) w_T.
+    def grad_along_path(e):
+        return imitation_grad(z_s, y_t + e * u_t + e * e * w_t)
+
+    g0, g1, g2 = _taylor2(grad_along_path, zero)
+    per_example = -jnp.sum(g1 * u_s, axis=1)  # (J_S v)^T M (J_T v) / N for each example
+    first = jnp.sum(per_example)
+    second = -jnp.vdot(g2, u_s)
+    # Small eps means the teacher's outputs and the student's loss gradient move linearly,
+    # not only that the alignment's second-order term is small: that term is a sum that
+    # can cancel by accident while the higher-order terms do not.
+    # And the teacher moves by at most rho of its parameters' norm: with an odd activation
+    # near 0 (tanh) every second-order term can vanish while the third-order ones do not.
+    eps_auto = jnp.minimum(eps_max, _taylor_ratio(tree_norm(params_t0), tree_norm(direction), rho))
+    for coefficients in ((first, second), (u_t, w_t), (g1, g2)):
+        eps_auto = jnp.minimum(eps_auto, _taylor_ratio(*(jnp.linalg.norm(c) for c in coefficients), rho))
+
+    change_first = jnp.full((), jnp.nan)
+    if teacher_loss is not None and shared:
+        # q(e) = L_T(theta_S0 + alpha s(e)) - L_T(theta_S0) with the student's step
+        # s(e) = s1 e + s2 e^2 + O(e^3), s_k = -J^T g_k (s0 = 0 at shared initialization):
+        # q1 = alpha g.s1 = -alpha <g1, J g> and q2 = -alpha <g2, J g> + alpha^2/2 s1^T H s1,
+        # with g = -v and H the gradient and Hessian of L_T at theta_0, so J g = -J v.
+        s1 = jax.tree.map(jnp.negative, pullback(g1)[0])
+        curvature = _taylor2(lambda e: teacher_loss(_axpy(e, s1, params_s0)), zero)[2]
+        change_first = alpha * jnp.vdot(g1, u_s)
+        change_second = alpha * jnp.vdot(g2, u_s) + alpha * alpha * curvature
+        eps_auto = jnp.minimum(eps_auto, _taylor_ratio(change_first, change_second, rho))
+    eps_used = jnp.where(jnp.isnan(eps), eps_auto, eps)
+
+    y = outputs(_axpy(eps_used, direction, params_t0))
+    step = jax.tree.map(jnp.negative, pullback(imitation_grad(z_s, y))[0])
+    alignment = tree_vdot(step, direction)
+    norms = tree_norm(step) * tree_norm(direction)
+    out = dict(
+        eps=eps_used,
+        dtheta_S=step,
+        dtheta_T=direction,
+        alignment=alignment,
+        cosine=jnp.where(norms > 0, alignment / jnp.where(norms > 0, norms, 1.0), 0.0),
+        zeroth_order=-jnp.vdot(g0, u_s),
+        A=first,
+        A_scale=jnp.sum(jnp.abs(per_example)),
+        jvp_scale=jnp.mean(jnp.linalg.norm(u_s, axis=1) * jnp.linalg.norm(u_t, axis=1)),
+        # The student's loss gradient is a difference of O(1 + |y|) numbers (outputs for
+        # squared error, probabilities for cross-entropy), each rounded; its error reaches
+        # the alignment through <error, J_S v>, plus the inner product's own.
+        alignment_scale=jnp.mean((1.0 + jnp.linalg.norm(y_t, axis=1)) * jnp.linalg.norm(u_s, axis=1)) + norms,
+        second_order=second,
+        teacher_loss_change=jnp.full((), jnp.nan),
+        teacher_loss=jnp.full((), jnp.nan),
+        teacher_loss_first=change_first,
+    )
+    if teacher_loss is not None:
+        loss_s0 = teacher_loss(params_s0)
+        out["teacher_loss_change"] = teacher_loss(_axpy(alpha, step, params_s0)) - loss_s0
+        out["teacher_loss"] = loss_s0
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentResult:
+    r"""One student step against one teacher, in the conventions of the module docstring.
+
+    Attributes:
+        eps: the teacher step size :math:`\varepsilon` used.
+        alpha: the student learning rate :math:`\alpha`.
+        dtheta_S: the student update :math:`\Delta\theta_S` (pytree of float64 numpy arrays).
+        dtheta_T: the teacher direction :math:`\Delta\theta_T` (same structure).
+        alignment: :math:`\Delta\theta_S\cdot\Delta\theta_T`.
+        cosine: alignment over :math:`\lVert\Delta\theta_S\rVert\,\lVert\Delta\theta_T\rVert` (0 if either is 0).
+        zeroth_order: :math:`a_0`, the alignment at :math:`\varepsilon = 0` (exactly 0 under
+            shared initialization with a proper student loss).
+        A: the first-order coefficient :math:`A = \mathbb E_x[(J_S\Delta\theta_T)^\top M (J_T\Delta\theta_T)]`.
+        A_scale: :math:`\mathbb E_x|(J_S\Delta\theta_T)^\top M (J_T\Delta\theta_T)|`, the scale
+            against which rounding in :math:`A` is judged.
+        jvp_scale: :math:`\mathbb E_x \lVert J_S\Delta\theta_T\rVert\,\lVert J_T\Delta\theta_T\rVert`,
+            what :math:`A` would be for :math:`M = I`: the scale of the alignment's terms
+            independent of the loss's curvature, against which rounding is judged when
+            :math:`A` itself is (near) zero.
+        alignment_scale: :math:`\mathbb E_x[(1 + \lVert f_{\theta_{T0}}(x)\rVert)\lVert J_S\Delta\theta_T\rVert]
+            + \lVert\Delta\theta_S\rVert\lVert\Delta\theta_T\rVert`, the size of the
+            terms whose float64 rounding reaches the alignment.
+        second_order: :math:`C = \tfrac12 a''(0)`, the coefficient of :math:`\varepsilon^2`.
+        teacher_loss_change: :math:`L_T(\theta_S) - L_T(\theta_{S0})`; NaN without a teacher loss.
+        teacher_loss: :math:`L_T(\theta_{S0})`, the scale of that change; NaN without a teacher loss.
+        teacher_loss_first: the coefficient of :math:`\varepsilon` in that change, which
+            Theorem 1 says is :math:`-\alpha A`; NaN without a teacher loss or under
+            different initialization.
+    """
+
+    eps: float
+    alpha: float
+    dtheta_S: PyTree
+    dtheta_T: PyTree
+    alignment: float
+    cosine: float
+    zeroth_order: float
+    A: float
+    A_scale: float
+    jvp_scale: float
+    alignment_scale: float
+    second_order: float
+    teacher_loss_change: float
+    teacher_loss: float
+    teacher_loss_first: float
+
+    @property
+    def first_order(self) -> float:
+        r"""The first-order prediction :math:`\varepsilon A`."""
+        return self.eps * self.A
+
+    @property
+    def prediction(self) -> float:
+        r""":math:`a_0 + \varepsilon A`, the alignment to first order in :math:`\varepsilon`."""
+        return self.zeroth_order + self.eps * self.A
+
+    def first_order_dominates(self, rho: float = 0.1) -> bool:
+        r"""Whether the first-order terms account for the alignment and the teacher-loss change.
+
+        True when :math:`|a - a_0 - \varepsilon A| \le 2\rho\,\varepsilon|A|` and, where it
+        is known, :math:`|\Delta L_T - \varepsilon q_1| \le 2\rho\,\varepsilon|q_1|`, each up
+        to rounding (:func:`tolerances`): ``eps`` is inside the Taylor regime.
+        """
+        tol = tolerances(self)
+        ok = abs(self.alignment - self.prediction) <= 2 * rho * abs(self.first_order) + tol["alignment"]
+        if math.isfinite(self.teacher_loss_first):
+            rest = abs(self.teacher_loss_change - self.eps * self.teacher_loss_first)
+            ok = ok and rest <= 2 * rho * abs(self.eps * self.teacher_loss_first) + tol["teacher_loss"]
+        return ok
+
+    def violations(self) -> list[str]:
+        r"""The claims of Lemma 1 and Theorem 1 that this result contradicts beyond rounding.
+
+        Meaningful for shared initialization with a proper student loss and an ``eps``
+        small enough (the automatic one): :math:`A \ge 0`, :math:`a_0 = 0`,
+        :math:`\Delta\theta_S\cdot\Delta\theta_T \ge 0` and, with a teacher loss,
+        :math:`L_T(\theta_S) \le L_T(\theta_{S0})`, each up to the tolerances of
+        :func:`tolerances`. Empty when all hold.
+        """
+        tol = tolerances(self)
+        failed = {
+            "A < 0": self.A < -tol["A"],
+            "zeroth order != 0": abs(self.zeroth_order) > tol["alignment"],
+            "alignment < 0": self.alignment < -tol["alignment"],
+            "L_T increased": self.teacher_loss_change > tol["teacher_loss"],  # False when NaN
+        }
+        return [claim for claim, bad in failed.items() if bad]
+
+
+# How often the automatic eps may be halved, down to 1e-12 of its Taylor-ratio estimate.
+MAX_HALVINGS = 40
+
+# Relative size of float64 rounding in the quantities checked here. One rounding is 1.1e-16
+# and pairwise sums of P terms add log2(P) of them (< 20 for the MNIST MLP's 270k
+# parameters); a chain of a few such sums stays below 1e-14, so 1e-12 keeps a margin of
+# 100 while any real violation (an indefinite M, a loss not stationary at z = y) shows at
+# the scale of the quantity itself.
+ROUNDING = 1e-12
+
+
+def tolerances(result: AlignmentResult) -> dict[str, float]:
+    r"""Absolute tolerances for the sign checks, each relative to its quantity's scale.
+
+    - ``"A"``: ``ROUNDING`` times :math:`\mathbb E_x|(J_S v)^\top M (J_T v)| + \mathbb E_x\lVert J_S v\rVert\lVert J_T v\rVert`.
+    - ``"alignment"``: ``ROUNDING`` times ``result.alignment_scale`` (also for the
+      zeroth-order term, exactly 0 in exact arithmetic).
+    - ``"teacher_loss"``: ``ROUNDING`` times :math:`|L_T(\theta_{S0})|`, the rounding of a
+      difference of two evaluations of :math:`L_T`.
+    """
+    return {
+        "A": ROUNDING * (result.A_scale + result.jvp_scale),
+        "alignment": ROUNDING * result.alignment_scale,
+        "teacher_loss": ROUNDING * abs(result.teacher_loss),
+    }
+
+
+def check_alignment(
+    model: ModelFn,
+    params: PyTree,
+    inputs: Array,
+    *,
+    student_loss: StudentLoss,
+    direction: PyTree | None = None,
+    teacher_loss: TeacherLoss | None = None,
+    student_params: PyTree | None = None,
+    eps: float | None = None,
+    alpha: float = 1.0,
+    rho: float = 0.1,
+    eps_max: float = 1.0,
+) -> AlignmentResult:
+    r"""One teacher step, one student step, and the alignment with its Taylor coefficients.
+
+    Args:
+        model: ``model(params, X) -> (N, n)`` outputs. Pass the same function object on
+            every call to reuse the compiled check.
+        params: the teacher's initial parameters :math:`\theta_{T0}` (any pytree).
+        inputs: ``(N, ...)`` sample standing for :math:`D` (used as an exact expectation).
+        student_loss: per-example :math:`L_S(z, y)`: :func:`squared_error`,
+            :func:`softmax_cross_entropy`, :class:`SubsetSoftmaxCrossEntropy`, or any callable.
+        direction: the teacher direction :math:`\Delta\theta_T` (same structure as ``params``).
+        teacher_loss: :math:`L_T(\theta)`; then :math:`\Delta\theta_T = -\nabla L_T(\theta_{T0})`
+            and the change of :math:`L_T` under the student step is reported. Give exactly
+            one of ``direction`` and ``teacher_loss``.
+        student_params: :math:`\theta_{S0}`; defaults to ``params`` (shared initialization).
+        eps: teacher step size :math:`\varepsilon`. ``None`` chooses it from the second-order
+            terms, in two stages. First the largest :math:`\varepsilon \le` ``eps_max`` at which every
+            second-order term is at most ``rho`` times its first-order term (in norm):
+            :math:`|C|\varepsilon^2 \le \rho|A|\varepsilon` for the alignment, and the same
+            for the teacher's outputs :math:`f_{\theta_T}(X)`, the student's loss gradient
+            :math:`\nabla_z \mathbb E_x L_S` and, with a teacher loss,
+            :math:`L_T(\theta_S) - L_T(\theta_{S0})`, all as functions of :math:`\varepsilon`;
+            and at most :math:`\rho\lVert\theta_{T0}\rVert / \lVert\Delta\theta_T\rVert`,
+            so that the teacher moves by a small fraction of its parameters. Then, since
+            higher orders and kinks (ReLU) are invisible to the coefficients at
+            :math:`\varepsilon = 0`, it is halved (at most ``MAX_HALVINGS`` times) until
+            the measured second-order rest is small too:
+            :meth:`AlignmentResult.first_order_dominates`.
+        alpha: student learning rate :math:`\alpha`.
+        rho: allowed ratio of second- to first-order term when ``eps`` is ``None``.
+        eps_max: upper bound on the automatic ``eps``.
+
+    Returns:
+        An :class:`AlignmentResult` (floats and float64 numpy pytrees).
+    """
+    if (direction is None) == (teacher_loss is None):
+        raise ValueError("give exactly one of `direction` (a pytree like params) or `teacher_loss` (L_T(params))")
+    with jax.enable_x64(True):
+        run = functools.partial(
+            _analyse,
+            model,
+            student_loss,
+            _to_float64(teacher_loss),
+            _to_float64(params),
+            _to_float64(student_params),
+            _to_float64(direction),
+            _to_float64(jnp.asarray(inputs)),
+            alpha=jnp.asarray(alpha, jnp.float64),
+            rho=jnp.asarray(rho, jnp.float64),
+            eps_max=jnp.asarray(eps_max, jnp.float64),
+        )
+
+        def result(at: float) -> AlignmentResult:
+            out = jax.tree.map(np.asarray, run(eps=jnp.asarray(at, jnp.float64)))
+            trees = {"dtheta_S", "dtheta_T"}
+            return AlignmentResult(alpha=float(alpha), **{k: (v if k in trees else float(v)) for k, v in out.items()})
+
+        checked = result(math.nan if eps is None else eps)
+        for _ in range(MAX_HALVINGS if eps is None else 0):
+            if checked.first_order_dominates(rho):
+                break
+            checked = result(checked.eps / 2)
+    return checked
+
+
+# ---------------------------------------------------------------------------------------
+# Convergence of the first-order prediction
+# ---------------------------------------------------------------------------------------
+
+# Residuals the order fit may use: above 1e-15 times the alignment's scale, ten float64
+# roundings of it. The sign checks' bound (ROUNDING) is far above typical rounding and
+# would throw away clean residuals at small eps, where the asymptotic order shows.
+FIT_FLOOR = 1e-15
+
+
+@dataclasses.dataclass(frozen=True)
+class Convergence:
+    r"""Residual of the first-order prediction over a grid of :math:`\varepsilon`.
+
+    Attributes:
+        eps: the grid, decreasing.
+        alignment: :math:`a(\varepsilon)` at each point.
+        prediction: :math:`a_0 + \varepsilon A` at each point.
+        residual: :math:`|a(\varepsilon) - a_0 - \varepsilon A|`.
+        order: least-squares slope of :math:`\log(\text{residual})` against
+            :math:`\log\varepsilon` over the ``fit_points`` smallest :math:`\varepsilon`
+            whose residual is clear of rounding (above ``FIT_FLOOR`` times ``alignment_scale``):
+            the asymptotic order, 2 for a model with a non-zero second-order term;
+            ``inf`` when fewer than two residuals are clear of rounding, i.e. the
+            first-order prediction is exact (a linear model under squared error).
+        n_fitted: how many grid points entered the fit.
+    """
+
+    eps: tuple[float, ...]
+    alignment: tuple[float, ...]
+    prediction: tuple[float, ...]
+    residual: tuple[float, ...]
+    order: float
+    n_fitted: int
+
+
+def fit_order(
+    eps: Sequence[float], residual: Sequence[float], floor: Sequence[float], points: int = 3
+) -> tuple[float, int]:
+    """Slope of log residual against log eps over the ``points`` smallest eps with residual above ``floor``.
+
+    Returns:
+        The slope (``inf`` if fewer than two residuals clear the floor) and how many points it used.
+    """
+    eps, residual, floor = (np.asarray(v, np.float64) for v in (eps, residual, floor))
+    order = np.argsort(eps)
+    clear = [i for i in order if residual[i] > floor[i]][:points]
+    if len(clear) < 2:
+        return math.inf, len(clear)
+    slope = np.polyfit(np.log(eps[clear]), np.log(residual[clear]), 1)[0]
+    return float(slope), len(clear)
+
+
+def convergence(
+    model: ModelFn,
+    params: PyTree,
+    inputs: Array,
+    *,
+    eps_grid: Sequence[float] | None = None,
+    decades: int = 5,
+    fit_points: int = 3,
+    **kwargs,
+) -> Convergence:
+    r"""How fast :math:`|a(\varepsilon) - a_0 - \varepsilon A|` shrinks with :math:`\varepsilon`.
+
+    The order is fitted at the small-:math:`\varepsilon` end of the grid: a model with
+    kinks (ReLU) follows its Taylor expansion only once no unit switches sign between
+    the teacher's and the student's parameters, which for the MNIST MLP takes
+    :math:`\varepsilon` a few hundred times below :math:`\varepsilon_*`.
+
+    Args:
+        model, params, inputs, kwargs: as for :func:`check_alignment` (without ``eps``).
+        eps_grid: the values of :math:`\varepsilon`; by default the automatic
+            :math:`\varepsilon_*` of :func:`check_alignment` times
+            :math:`10^{-1}, 10^{-1.5}, \dots, 10^{-1-\text{decades}}` (two points per
+            decade, so that the fit's three points span one decade).
+        decades: how many decades below :math:`\varepsilon_*/10` the default grid reaches.
+        fit_points: how many of the smallest clear residuals the fit uses.
+
+    Returns:
+        A :class:`Convergence`, whose ``order`` should be close to 2.
+    """
+    if eps_grid is None:
+        top = check_alignment(model, params, inputs, **kwargs).eps
+        eps_grid = [top * 10.0 ** -(1 + k / 2) for k in range(2 * decades + 1)]
+    results = [check_alignment(model, params, inputs, eps=e, **kwargs) for e in eps_grid]
+    residual = [abs(r.alignment - r.prediction) for r in results]
+    order, n_fitted = fit_order(eps_grid, residual, [FIT_FLOOR * r.alignment_scale for r in results], fit_points)
+    return Convergence(
+        eps=tuple(float(e) for e in eps_grid),
+        alignment=tuple(r.alignment for r in results),
+        prediction=tuple(r.prediction for r in results),
+        residual=tuple(residual),
+        order=order,
+        n_fitted=n_fitted,
+    )
