@@ -98,6 +98,9 @@ def prepare_output(out: Path, result_name: str, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command writes figure files; it never needs a display
     from toymodels.data import load_mnist
     from toymodels.experiment import run_experiment
     from toymodels.artifacts import write_json_atomic

@@ -10,13 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # files only: no display is needed or assumed
-import matplotlib.pyplot as plt  # noqa: E402
-
-from toymodels.artifacts import write_atomic  # noqa: E402
-from toymodels.conditions import CONDITIONS, LABELS  # noqa: E402
+from toymodels.artifacts import write_atomic
+from toymodels.conditions import CONDITIONS, LABELS
 
 COLORS = {
     "reference": "#9e9e9e",

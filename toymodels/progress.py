@@ -53,10 +53,15 @@ class BarProgress:
 
     def __init__(self):
         try:
+            import ipywidgets  # noqa: F401  (tqdm.auto needs it for the notebook widget)
+
             from tqdm.auto import tqdm
         except ImportError:
-            self._fallback: TextProgress | None = TextProgress()
-            return
+            try:
+                from tqdm.std import tqdm
+            except ImportError:
+                self._fallback: TextProgress | None = TextProgress()
+                return
         self._fallback = None
         self._tqdm = tqdm
         self.bar = None
@@ -64,13 +69,13 @@ class BarProgress:
     def start(self, total_units: float, description: str) -> None:
         if self._fallback:
             return self._fallback.start(total_units, description)
-        self.bar = self._tqdm(total=round(total_units, 2), desc=description, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+        self.bar = self._tqdm(total=total_units, desc=description, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
 
     def advance(self, description: str, units: float = 1.0) -> None:
         if self._fallback:
             return self._fallback.advance(description, units)
         self.bar.set_description(description, refresh=False)
-        self.bar.update(units)
+        self.bar.update(min(units, self.bar.total - self.bar.n))  # float sums must not overshoot
 
     def note(self, message: str) -> None:
         if self._fallback:

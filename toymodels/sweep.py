@@ -14,17 +14,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from toymodels.conditions import CONDITIONS, LABELS  # noqa: E402
-from toymodels.config import ConfigError, MnistConfig  # noqa: E402
-from toymodels.data import MNIST, load_mnist  # noqa: E402
-from toymodels.experiment import run_experiment  # noqa: E402
-from toymodels.figure import COLORS  # noqa: E402
-from toymodels.progress import Progress  # noqa: E402
+from toymodels.conditions import CONDITIONS, LABELS
+from toymodels.config import ConfigError, MnistConfig
+from toymodels.data import MNIST, load_mnist
+from toymodels.experiment import run_experiment
+from toymodels.figure import COLORS
+from toymodels.progress import Progress
 
 
 def run_sweep(
