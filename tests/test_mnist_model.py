@@ -18,7 +18,7 @@ def test_shapes_and_parameter_count():
             2: {"kernel": (256, 13), "bias": (13,)},
         }
     }
-    assert n_params(SPEC) == sum(a.size for a in jax.tree.leaves(params)) == 269_069
+    assert n_params(SPEC) == sum(a.size for a in jax.tree.leaves(params)) == (784 * 256 + 256) + (256 * 256 + 256) + (256 * 13 + 13)
     assert apply(SPEC, params, jnp.zeros((7, 784))).shape == (7, 13)
 
 
@@ -52,8 +52,8 @@ def test_nnx_module_and_functional_apply_agree():
     np.testing.assert_array_equal(module(x), apply(SPEC, params, x))
     manual = x
     for i in range(2):
-        manual = jax.nn.relu(manual @ params["layers"][i]["kernel"] + params["layers"][i]["bias"])
-    manual = manual @ params["layers"][2]["kernel"] + params["layers"][2]["bias"]
+        manual = jax.nn.relu(manual @ params["layers"][i]["kernel"] + params["layers"][i]["bias"][None, :])
+    manual = manual @ params["layers"][2]["kernel"] + params["layers"][2]["bias"][None, :]
     np.testing.assert_allclose(apply(SPEC, params, x), manual, rtol=1e-5, atol=1e-5)
 
 
