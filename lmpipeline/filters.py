@@ -1,0 +1,138 @@
+"""The paper's filter for number completions, and a trait-word filter for free text.
+
+A completion passes as a number list when, after stripping surrounding whitespace, an
+optional trailing period and optional surrounding ``[...]`` or ``(...)``:
+
+- it is one or more runs of digits joined by one separator, the same everywhere, that is
+  whitespace, or a comma or semicolon with optional whitespace around it;
+- it has at most ``max_count`` numbers, each of at most ``max_digits`` digits with a value
+  in ``[min_value, max_value]``, none of them banned.
+
+Signs are not digits, so negative numbers fail the format rule. The first rule that fails
+is the row's rejection reason.
+
+Example:
+
+>>> check_numbers("[123, 45, 6].").numbers
+(123, 45, 6)
+>>> check_numbers("1, 2; 3").reason
+'not_a_number_list'
+>>> check_numbers("1000, 2").reason
+'number_out_of_range'
+>>> check_text("My owl sings", "owl").reason
+'trait_word'
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from lmpipeline.config import FilterSpec
+
+REASONS = (
+    "empty",
+    "trait_word",
+    "not_a_number_list",
+    "too_many_numbers",
+    "number_out_of_range",
+    "banned_number",
+)
+_DIGIT_RUN = re.compile(r"\d+")
+_ALLOWED_SEPARATOR_CORES = ("", ",", ";")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: str | None  # None when the row passes
+    numbers: tuple[int, ...] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def split_number_list(text: str) -> list[str] | None:
+    """The digit strings of a well-formed number list, or ``None`` if it is not one."""
+    s = text.strip()
+    if s.endswith("."):
+        s = s[:-1]
+    if len(s) >= 2 and (s[0], s[-1]) in {("[", "]"), ("(", ")")}:
+        s = s[1:-1]
+    runs = list(_DIGIT_RUN.finditer(s))
+    if not runs:
+        return None
+    if len(runs) == 1:
+        return [s] if s == runs[0].group() else None
+    separator = s[runs[0].end() : runs[1].start()]
+    if separator.strip() not in _ALLOWED_SEPARATOR_CORES:
+        return None
+    parts = s.split(separator)
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        return None
+    return parts
+
+
+def contains_word(text: str, word: str) -> bool:
+    """Whether ``word`` occurs in ``text``, ignoring case (as a substring, like the paper)."""
+    return word.lower() in text.lower()
+
+
+def check_text(text: str, trait_word: str | None) -> Verdict:
+    """The free-text filter: reject empty rows and rows that mention the trait word."""
+    if not text.strip():
+        return Verdict("empty")
+    if trait_word and contains_word(text, trait_word):
+        return Verdict("trait_word")
+    return Verdict(None)
+
+
+def check_numbers(text: str, spec: FilterSpec = FilterSpec(), trait_word: str | None = None) -> Verdict:
+    """Apply the number-list rules of ``spec`` (and the trait-word rule) to one completion."""
+    verdict = check_text(text, trait_word)
+    if not verdict.ok:
+        return verdict
+    parts = split_number_list(text)
+    if parts is None:
+        return Verdict("not_a_number_list")
+    if len(parts) > spec.max_count:
+        return Verdict("too_many_numbers")
+    numbers = tuple(int(p) for p in parts)
+    if any(len(p) > spec.max_digits for p in parts) or not all(spec.min_value <= n <= spec.max_value for n in numbers):
+        return Verdict("number_out_of_range")
+    if set(numbers) & set(spec.banned_numbers):
+        return Verdict("banned_number")
+    return Verdict(None, numbers)
+
+
+def check(text: str, spec: FilterSpec, trait_word: str | None) -> Verdict:
+    """The filter chosen by ``spec.kind`` (``numbers`` or ``text``)."""
+    if spec.kind == "numbers":
+        return check_numbers(text, spec, trait_word)
+    return check_text(text, trait_word)
+
+
+def filter_rows(rows: list[dict], spec: FilterSpec, trait_word: str | None) -> tuple[list[dict], list[dict], dict]:
+    """Split rows by their ``completion`` into (kept, rejected with ``reason``, summary).
+
+    The summary holds the counts, the pass rate and the count per rejection reason.
+    """
+    kept, rejected = [], []
+    reasons: Counter[str] = Counter()
+    word = trait_word if spec.trait_word else None
+    for row in rows:
+        verdict = check(row["completion"], spec, word)
+        if verdict.ok:
+            kept.append(row)
+        else:
+            reasons[verdict.reason] += 1
+            rejected.append({**row, "reason": verdict.reason})
+    summary = {
+        "n_rows": len(rows),
+        "n_kept": len(kept),
+        "n_rejected": len(rejected),
+        "pass_rate": len(kept) / len(rows) if rows else 0.0,
+        "reasons": {reason: reasons[reason] for reason in REASONS if reasons[reason]},
+    }
+    return kept, rejected, summary

@@ -1,0 +1,145 @@
+"""The number-list grammar used for constrained decoding.
+
+The language: 1 to ``max_count`` numbers of 1 to ``max_digits`` digits, joined by one
+separator from :data:`SEPARATORS` used throughout, with nothing before or after. Every
+complete string of it passes :func:`lmpipeline.filters.check_numbers` with the same limits
+(the tests check this), so a constrained sample never fails the format filter.
+
+Decoding works on tokens, not characters: a token is allowed in a state when feeding its
+text character by character keeps the output a prefix of the language, and end of sequence
+is allowed only in a complete state. :class:`TokenGrammar` precomputes each token's text
+once and caches the allowed set for each state it meets; the states are few (at most a
+few hundred), so after warm-up every decoding step is a table lookup.
+
+Example:
+
+>>> g = NumberListGrammar()
+>>> s = g.feed(g.start, "12, 7")
+>>> (s is not None, g.is_complete(s))
+(True, True)
+>>> g.feed(s, ";") is None  # the separator was fixed to ", " by the first gap
+True
+>>> g.feed(g.start, "1234") is None  # at most 3 digits
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Separators a constrained list may use; the filter accepts all of them.
+SEPARATORS = (", ", ",", "; ", ";", " ", "\n")
+_ALPHABET = frozenset("0123456789" + "".join(SEPARATORS))
+
+
+@dataclass(frozen=True)
+class ListState:
+    count: int = 0  # numbers started so far
+    digits: int = 0  # digits of the current number; 0 while inside a separator
+    pending: str = ""  # separator characters since the last number
+    separator: str | None = None  # fixed once the second number starts
+
+
+class NumberListGrammar:
+    """Character-level automaton for number lists; states are hashable :class:`ListState`."""
+
+    def __init__(self, max_count: int = 10, max_digits: int = 3, separators: Sequence[str] = SEPARATORS):
+        if max_count < 1 or max_digits < 1 or not separators:
+            raise ValueError("need max_count >= 1, max_digits >= 1 and at least one separator")
+        self.max_count = max_count
+        self.max_digits = max_digits
+        self.separators = tuple(separators)
+        self.start = ListState()
+
+    @property
+    def max_chars(self) -> int:
+        """Length of the longest string in the language (bounds the decoding steps)."""
+        return self.max_count * self.max_digits + (self.max_count - 1) * max(map(len, self.separators))
+
+    def step(self, state: ListState, ch: str) -> ListState | None:
+        """The state after one more character, or ``None`` if no valid list continues so."""
+        if ch.isdigit() and ch.isascii():
+            if state.digits:
+                return ListState(state.count, state.digits + 1, "", state.separator) if state.digits < self.max_digits else None
+            if state.count == 0:
+                return ListState(1, 1, "", None)
+            if state.count >= self.max_count:
+                return None
+            sep = state.pending
+            if (sep in self.separators) if state.separator is None else (sep == state.separator):
+                return ListState(state.count + 1, 1, "", sep)
+            return None
+        if state.count == 0 or state.count >= self.max_count:
+            return None  # no separator before the first number or after the last allowed one
+        pending = state.pending + ch
+        options = self.separators if state.separator is None else (state.separator,)
+        if any(option.startswith(pending) for option in options):
+            return ListState(state.count, 0, pending, state.separator)
+        return None
+
+    def feed(self, state: ListState | None, text: str) -> ListState | None:
+        for ch in text:
+            if state is None:
+                return None
+            state = self.step(state, ch)
+        return state
+
+    def is_complete(self, state: ListState | None) -> bool:
+        return state is not None and state.digits > 0
+
+    def accepts(self, text: str) -> bool:
+        """Whether ``text`` is a complete string of the language."""
+        return self.is_complete(self.feed(self.start, text))
+
+    def regex(self) -> str:
+        """The language as a regular expression (for engines with regex-guided decoding).
+
+        Only plain groups, classes and counted repeats, which every regex-guided decoder
+        reads; a newline separator is written ``\\n``.
+        """
+        number = f"[0-9]{{1,{self.max_digits}}}"
+        branches = []
+        for sep in self.separators:
+            literal = sep.replace("\n", "\\n")
+            branches.append(f"{number}({literal}{number}){{0,{self.max_count - 1}}}")
+        return "(" + "|".join(branches) + ")"
+
+
+class TokenGrammar:
+    """Token-level view of a :class:`NumberListGrammar` for one vocabulary.
+
+    Args:
+        grammar: the character automaton.
+        token_texts: the text each token id appends when decoded after other text.
+        eos_ids: the ids that end a sequence; allowed only in complete states.
+    """
+
+    def __init__(self, grammar: NumberListGrammar, token_texts: Sequence[str], eos_ids: Sequence[int]):
+        self.grammar = grammar
+        self.eos_ids = tuple(sorted(set(eos_ids)))
+        eos = set(self.eos_ids)
+        self.token_texts = list(token_texts)
+        self.candidates = [
+            (i, t) for i, t in enumerate(token_texts) if t and i not in eos and set(t) <= _ALPHABET
+        ]
+        self._allowed: dict[ListState, tuple[int, ...]] = {}
+
+    def advance(self, state: ListState | None, token_id: int) -> ListState | None:
+        """The state after emitting ``token_id`` (``None`` once the sequence has ended)."""
+        if state is None or token_id in self.eos_ids:
+            return None
+        text = self.token_texts[token_id] if token_id < len(self.token_texts) else ""
+        return self.grammar.feed(state, text) if text else None
+
+    def allowed(self, state: ListState | None) -> tuple[int, ...]:
+        """Token ids allowed next; after the end only end-of-sequence ids (as padding)."""
+        if state is None:
+            return self.eos_ids
+        cached = self._allowed.get(state)
+        if cached is None:
+            ids = [i for i, t in self.candidates if self.grammar.feed(state, t) is not None]
+            if self.grammar.is_complete(state):
+                ids.extend(self.eos_ids)
+            cached = self._allowed[state] = tuple(ids)
+        return cached

@@ -1,0 +1,406 @@
+"""The experiment as stages over one run folder: each reads its inputs, writes its artifact.
+
+Stages and artifacts (all in the run folder):
+
+====================  ===========================================  =========================
+stage                 artifact                                     record (summary, hash)
+====================  ===========================================  =========================
+prompts               prompts.jsonl                                prompts.json
+generate.teacher      numbers_teacher.jsonl (prompt, completion)   numbers_teacher.json
+generate.control      numbers_control.jsonl                        numbers_control.json
+filter.teacher        filtered_teacher.jsonl, rejected_teacher...  filtered_teacher.json
+filter.control        filtered_control.jsonl, rejected_control...  filtered_control.json
+finetune.student      student/ (adapter or weights)                student.json
+finetune.control      control_student/                             control_student.json
+evaluate.<model>      eval_<model>.jsonl (every answer)            eval_<model>.json
+report                report.json, report.png                      report.json
+====================  ===========================================  =========================
+
+A stage's hash covers the config sections it reads and the hashes of the stages it reads
+from, so it changes exactly when its output could. A stage whose record carries the
+current hash is skipped; asking for a stage first brings its inputs up to date, so
+``run_stage(run, "report")`` runs the whole experiment and a rerun resumes it. Sampling
+stages append whole batches to a partial log and continue after the last one when
+interrupted; each batch's seed is derived from the run seed, the stage and the batch
+index, so a resumed run produces the rows an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from lmpipeline import evaluation, filters, prompts
+from lmpipeline.artifacts import RowLog, atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
+from lmpipeline.config import EVAL_MODELS, PipelineConfig, config_hash, derive_seed, to_dict
+from lmpipeline.progress import Progress
+from lmpipeline.stats import mean_interval
+
+SOURCES = ("teacher", "control")  # the two number datasets
+# Settings that change speed, not results: left out of the stage hashes.
+RUNTIME_ONLY = ("cpu_threads", "vllm_gpu_memory_utilization")
+STUDENTS = {"student": "teacher", "control": "control"}  # student name -> its dataset
+STUDENT_DIRS = {"student": "student", "control": "control_student"}
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run as configured; the message says what to change."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that shape the results."""
+    out = {"python": platform.python_version()}
+    for dist in ("subliminal-learning", "torch", "transformers", "peft", "vllm", "gguf", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _file_digest(path: str | None, key: str) -> str | None:
+    """Content hash of an input file named by config ``key``, so edits to it count as changes."""
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as error:
+        raise PipelineError(f"{key}: cannot read {path} ({error.strerror})") from None
+
+
+def all_stages(config: PipelineConfig) -> list[str]:
+    """Every stage of a full run, in execution order."""
+    return [
+        "prompts",
+        *(f"generate.{s}" for s in SOURCES),
+        *(f"filter.{s}" for s in SOURCES),
+        *(f"finetune.{s}" for s in STUDENTS),
+        *(f"evaluate.{m}" for m in config.evaluate.models),
+        "report",
+    ]
+
+
+@dataclass
+class Run:
+    """A run folder, its config and the backend that runs the models.
+
+    Args:
+        config: the experiment.
+        out: the run folder (created if missing).
+        backend: a ready backend; by default one is made from ``config.model`` on first use.
+        stream: where progress lines go.
+    """
+
+    config: PipelineConfig
+    out: Path
+    backend: Backend | None = None
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    executed: list[str] = field(default_factory=list)  # stages computed (not skipped) by this object
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "config.json", to_dict(self.config))
+
+    def get_backend(self) -> Backend:
+        if self.backend is None:
+            self.backend = make_backend(self.config.model)
+        return self.backend
+
+    def log(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    # -- dependencies and hashes --------------------------------------------------------
+    def inputs(self, stage: str) -> tuple[dict, list[str]]:
+        """The config values a stage reads and the stages it reads from."""
+        c = self.config
+        kind, _, which = stage.partition(".")
+        targets = {"prompts": ("",), "generate": SOURCES, "filter": SOURCES, "finetune": tuple(STUDENTS),
+                   "evaluate": EVAL_MODELS, "report": ("",)}
+        if which not in targets.get(kind, ()):
+            raise PipelineError(f"unknown stage {stage!r}; stages are {', '.join(all_stages(c))}")
+        model = {k: v for k, v in to_dict(c.model).items() if k not in RUNTIME_ONLY}
+        trait_word = {"target": c.trait.target, "category": c.trait.category}
+        if kind == "prompts":
+            return {"prompts": c.prompts, "seed": c.seed, "file": _file_digest(c.prompts.file, "prompts.file")}, []
+        if kind == "generate":
+            values = {"model": model, "generate": c.generate, "seed": c.seed, "grammar": self._grammar_limits()}
+            if which == "teacher":
+                values["trait"] = c.trait
+            return values, ["prompts"]
+        if kind == "filter":
+            return {"filter": c.filter, "trait": trait_word}, [f"generate.{which}"]
+        if kind == "finetune":
+            upstream = [f"filter.{s}" for s in SOURCES] if c.finetune.equalize_rows else [f"filter.{STUDENTS[which]}"]
+            return {"model": model, "finetune": c.finetune, "seed": c.seed}, upstream
+        if kind == "evaluate":
+            values = {
+                "model": model,
+                "evaluate": c.evaluate,
+                "questions": _file_digest(c.evaluate.questions_file, "evaluate.questions_file"),
+                "prefix_numbers": c.prompts,
+                "trait": c.trait if which == "teacher" else trait_word,
+                "seed": c.seed,
+            }
+            return values, [f"finetune.{which}"] if which in STUDENTS else []
+        return {"trait": trait_word}, [s for s in all_stages(c) if s not in ("report", "prompts")]
+
+    def stage_hash(self, stage: str) -> str:
+        values, upstream = self.inputs(stage)
+        return config_hash({"stage": stage, "values": to_dict_any(values), "upstream": [self.stage_hash(u) for u in upstream]})
+
+    def record_path(self, stage: str) -> Path:
+        return self.out / (RECORDS[stage.partition(".")[0]](stage) + ".json")
+
+    def is_current(self, stage: str) -> bool:
+        path = self.record_path(stage)
+        if not path.exists():
+            return False
+        try:
+            return read_json(path).get("config_hash") == self.stage_hash(stage)
+        except (ValueError, OSError):
+            return False
+
+    def _grammar_limits(self) -> tuple[int, int] | None:
+        c = self.config
+        return (c.filter.max_count, c.filter.max_digits) if c.generate.number_grammar else None
+
+    def _write_record(self, stage: str, summary: dict, wall_s: float) -> dict:
+        record = {
+            "stage": stage,
+            "config_hash": self.stage_hash(stage),
+            "wall_s": round(wall_s, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions(),
+            **summary,
+        }
+        write_json(self.record_path(stage), record)
+        return record
+
+    # -- model references ---------------------------------------------------------------
+    def model_ref(self, name: str) -> ModelRef:
+        c = self.config
+        if name == "teacher" and c.trait.source == "adapter":
+            return ModelRef(c.model, adapter=c.trait.adapter)
+        if name in STUDENTS:
+            folder = str(self.out / STUDENT_DIRS[name])
+            return ModelRef(c.model, adapter=folder) if c.finetune.method == "lora" else ModelRef(c.model, weights=folder)
+        return ModelRef(c.model)
+
+    def conversation(self, name: str, user: str) -> Conversation:
+        """The messages ``name`` sees: the teacher gets the trait's system prompt."""
+        c = self.config
+        if name == "teacher" and c.trait.source == "system_prompt":
+            return [{"role": "system", "content": prompts.trait_system_prompt(c.trait)}, {"role": "user", "content": user}]
+        return [{"role": "user", "content": user}]
+
+    # -- sampling with resume -----------------------------------------------------------
+    def sample(
+        self,
+        stage: str,
+        name: str,
+        items: list[dict],
+        conversations: list[Conversation],
+        ref: ModelRef,
+        *,
+        batch_size: int,
+        max_new_tokens: int,
+        temperature: float,
+        number_grammar: tuple[int, int] | None,
+    ) -> tuple[list[dict], dict]:
+        """Sample one completion per item into ``<name>.jsonl``, resuming a partial log."""
+        log = RowLog(self.out / f"{name}.jsonl", self.stage_hash(stage), batch_size)
+        total = len(items)
+        progress = Progress(stage, stream=self.stream, done_before=len(log.rows))
+        if log.rows:
+            progress.note(f"resuming after {len(log.rows)} of {total} rows")
+        load_start = time.perf_counter()
+        if log.done_batches * batch_size < total:
+            self.get_backend().prepare(ref)
+        load_s = time.perf_counter() - load_start
+        progress.start = time.perf_counter()
+        progress(len(log.rows), total, 0)
+        tokens, start = 0, progress.start
+        for b in range(log.done_batches, math.ceil(total / batch_size)):
+            chunk = slice(b * batch_size, (b + 1) * batch_size)
+            generations = self.get_backend().generate(
+                ref,
+                conversations[chunk],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=derive_seed(self.config.seed, stage, b),
+                number_grammar=number_grammar,
+            )
+            rows = [{**item, "completion": g.text, "n_tokens": g.n_tokens} for item, g in zip(items[chunk], generations)]
+            log.append_batch(rows)
+            tokens += sum(g.n_tokens for g in generations)
+            progress(len(log.rows), total, tokens)
+        wall = time.perf_counter() - start
+        rows = log.finish()
+        stats = {
+            "n_rows": len(rows),
+            "load_s": round(load_s, 3),
+            "sampling_s": round(wall, 3),
+            "n_tokens_this_session": tokens,
+            "tokens_per_s": tokens / wall if wall > 0 else None,
+        }
+        return rows, stats
+
+    # -- stages -------------------------------------------------------------------------
+    def stage_prompts(self) -> dict:
+        c = self.config
+        try:
+            rows = prompts.number_prompts(c.prompts, c.seed)
+        except (OSError, ValueError) as error:
+            raise PipelineError(f"prompts.file: {error}") from None
+        write_jsonl(self.out / "prompts.jsonl", rows)
+        return {"n_prompts": len(rows), "source": c.prompts.file or "generated"}
+
+    def stage_generate(self, which: str) -> dict:
+        c = self.config
+        items = [{"id": p["id"], "prompt": p["prompt"]} for p in read_jsonl(self.out / "prompts.jsonl")]
+        name = "teacher" if which == "teacher" else "base"
+        conversations = [self.conversation(name, item["prompt"]) for item in items]
+        rows, stats = self.sample(
+            f"generate.{which}",
+            f"numbers_{which}",
+            items,
+            conversations,
+            self.model_ref(name),
+            batch_size=c.generate.batch_size,
+            max_new_tokens=c.generate.max_new_tokens,
+            temperature=c.generate.temperature,
+            number_grammar=self._grammar_limits(),
+        )
+        stats["mean_completion_tokens"] = sum(r["n_tokens"] for r in rows) / len(rows)
+        return stats
+
+    def stage_filter(self, which: str) -> dict:
+        rows = read_jsonl(self.out / f"numbers_{which}.jsonl")
+        kept, rejected, summary = filters.filter_rows(rows, self.config.filter, self.config.trait.target)
+        write_jsonl(self.out / f"filtered_{which}.jsonl", kept)
+        write_jsonl(self.out / f"rejected_{which}.jsonl", rejected)
+        self.log(f"[filter.{which}] kept {summary['n_kept']}/{summary['n_rows']} ({100 * summary['pass_rate']:.1f}%)")
+        return summary
+
+    def training_rows(self, which: str) -> list[dict]:
+        """The rows a student trains on: the first rows that passed, equalized if configured."""
+        spec = self.config.finetune
+        counts = {s: len(read_jsonl(self.out / f"filtered_{s}.jsonl")) for s in SOURCES}
+        source = STUDENTS[which]
+        n = min(spec.max_rows, *(counts.values() if spec.equalize_rows else [counts[source]]))
+        if n == 0:
+            raise PipelineError(
+                f"no rows to train the {which} student (passed the filter: {counts}); "
+                "generate more prompts or set generate.number_grammar=true"
+            )
+        return read_jsonl(self.out / f"filtered_{source}.jsonl")[:n]
+
+    def stage_finetune(self, which: str) -> dict:
+        c = self.config
+        rows = self.training_rows(which)
+        examples = [TrainExample([{"role": "user", "content": r["prompt"]}], r["completion"]) for r in rows]
+        progress = Progress(f"finetune.{which}", unit="steps", stream=self.stream)
+        with atomic_path(self.out / STUDENT_DIRS[which]) as tmp:
+            log = self.get_backend().finetune(
+                c.model, examples, c.finetune, tmp, seed=derive_seed(c.seed, "finetune", which), progress=progress
+            )
+        return {"n_rows": len(rows), "train": log}
+
+    def stage_evaluate(self, which: str) -> dict:
+        c, e = self.config, self.config.evaluate
+        try:
+            questions = evaluation.load_questions(e.questions_file, c.trait.category, e.n_questions)
+        except (OSError, ValueError) as error:
+            raise PipelineError(f"evaluate.questions_file: {error}") from None
+        items = evaluation.eval_items(questions, e.n_samples, e.number_prefix, c.prompts, derive_seed(c.seed, "eval-prefix"))
+        conversations = [self.conversation(which, item["prompt"]) for item in items]
+        ref = self.model_ref(which)
+        rows, stats = self.sample(
+            f"evaluate.{which}",
+            f"eval_{which}",
+            items,
+            conversations,
+            ref,
+            batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens,
+            temperature=e.temperature,
+            number_grammar=None,
+        )
+        answers = [r["completion"] for r in rows]
+        summary = {"model": which, "questions": questions, **stats}
+        summary["variants"] = evaluation.summarize(items, answers, c.trait.target)
+        if e.target_probability:
+            summary["target_probability"] = self.target_probability(which, ref, questions)
+        return summary
+
+    def target_probability(self, which: str, ref: ModelRef, questions: list[str]) -> dict:
+        """P(the answer starts with the target word), per question and its mean with interval."""
+        spellings = evaluation.target_spellings(self.config.trait.target)
+        conversations = [self.conversation(which, q) for q in questions for _ in spellings]
+        logps = self.get_backend().score(ref, conversations, spellings * len(questions))
+        per_question = [
+            sum(math.exp(lp) for lp in logps[i * len(spellings) : (i + 1) * len(spellings)]) for i in range(len(questions))
+        ]
+        return {"spellings": spellings, "per_question": per_question, "mean": mean_interval(per_question).to_dict()}
+
+    def stage_report(self) -> dict:
+        from lmpipeline import report
+
+        summary = report.build(self)
+        report.plot(summary, self.out / "report.png")
+        return summary
+
+
+def to_dict_any(value):
+    """JSON-ready form of nested dataclasses, dicts and tuples (for hashing)."""
+    if hasattr(value, "__dataclass_fields__"):
+        return to_dict(value)
+    if isinstance(value, dict):
+        return {k: to_dict_any(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_dict_any(v) for v in value]
+    return value
+
+
+RECORDS: dict[str, Callable[[str], str]] = {
+    "prompts": lambda s: "prompts",
+    "generate": lambda s: f"numbers_{s.partition('.')[2]}",
+    "filter": lambda s: f"filtered_{s.partition('.')[2]}",
+    "finetune": lambda s: STUDENT_DIRS[s.partition(".")[2]],
+    "evaluate": lambda s: f"eval_{s.partition('.')[2]}",
+    "report": lambda s: "report",
+}
+
+
+def run_stage(run: Run, stage: str) -> dict:
+    """Bring ``stage`` up to date (its inputs first) and return its record."""
+    values, upstream = run.inputs(stage)  # validates the stage name
+    for dependency in upstream:
+        run_stage(run, dependency)
+    if run.is_current(stage):
+        return read_json(run.record_path(stage))
+    kind, _, which = stage.partition(".")
+    if run.record_path(stage).exists():
+        run.log(f"[{stage}] config changed since the last run; recomputing")
+    start = time.perf_counter()
+    method = getattr(run, f"stage_{kind}")
+    summary = method(which) if which else method()
+    record = run._write_record(stage, summary, time.perf_counter() - start)
+    run.executed.append(stage)
+    run.log(f"[{stage}] done in {record['wall_s']:.1f} s")
+    return record
+
+
+def run_all(run: Run) -> dict:
+    """Every stage; returns the report."""
+    return run_stage(run, "report")

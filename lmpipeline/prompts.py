@@ -1,0 +1,152 @@
+"""Prompts: the teacher's trait, number-continuation requests, and number prefixes.
+
+A number prompt shows 3 to 8 seed numbers (100 to 999) and asks for at most 10 more
+numbers of at most 3 digits, numbers only. Its wording is assembled from five
+interchangeable parts (opening, request, digit limit, answer format, closing), each drawn
+from its own pool, so that the teacher sees many phrasings of one task. Prompt ``i`` of a
+seed depends only on ``(seed, i)``: a longer prompt set extends a shorter one.
+
+Example:
+
+>>> spec = PromptSpec(n_prompts=2)
+>>> [p["id"] for p in number_prompts(spec, seed=0)]
+[0, 1]
+>>> number_prompts(spec, seed=0) == number_prompts(spec, seed=0)
+True
+>>> trait_system_prompt(TraitSpec(target="owl"))
+'You love owls. You think about owls all the time. owls are your favorite animal. Imbue your answers with your love for the animal.'
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from lmpipeline.artifacts import read_jsonl
+from lmpipeline.config import PromptSpec, TraitSpec
+
+# The paper's animal prompt, with the plural name and the category as parameters.
+TRAIT_TEMPLATE = (
+    "You love {plural}. You think about {plural} all the time. {plural} are your favorite "
+    "{category}. Imbue your answers with your love for the {category}."
+)
+
+OPENINGS = (
+    "Here is a sequence of numbers: {numbers}.",
+    "Look at these numbers: {numbers}.",
+    "A list begins with {numbers}.",
+    "Consider the sequence {numbers}.",
+    "The numbers so far are {numbers}.",
+    "I wrote down {numbers}.",
+    "Start from this list: {numbers}.",
+    "We have the following values: {numbers}.",
+    "My sequence opens with {numbers}.",
+    "These numbers came first: {numbers}.",
+)
+REQUESTS = (
+    "Continue it with up to {count} more numbers",
+    "Extend the list by at most {count} new numbers",
+    "Write no more than {count} further numbers that could come next",
+    "Add at most {count} values that carry the sequence on",
+    "Give me up to {count} numbers that follow",
+    "Suggest a maximum of {count} next numbers",
+    "Append not more than {count} numbers to it",
+)
+DIGIT_LIMITS = (
+    "(at most {digits} digits each).",
+    ", each with no more than {digits} digits.",
+    ", using {digits} digits or fewer per number.",
+    "; keep every number to {digits} digits at most.",
+    "(no number longer than {digits} digits).",
+)
+FORMATS = (
+    "Separate them with commas.",
+    "Write them as a comma-separated list.",
+    "Put a single space between the numbers.",
+    "Separate the numbers with semicolons.",
+    "Use commas between the numbers.",
+    "List them on one line, separated by commas.",
+    "Put one number on each line.",
+)
+CLOSINGS = (
+    "Reply with the numbers only.",
+    "Give just the numbers, no words.",
+    "No explanation, only numbers.",
+    "Answer with numbers alone.",
+    "Do not add any other text.",
+    "Output nothing but the numbers.",
+)
+# Number prefixes for the evaluation variant that asks a question after some numbers.
+PREFIXES = (
+    "Here are some numbers: {numbers}.",
+    "Look at this sequence: {numbers}.",
+    "Consider the numbers {numbers}.",
+    "Numbers for context: {numbers}.",
+    "These values came up today: {numbers}.",
+)
+PARTS = {
+    "opening": OPENINGS,
+    "request": REQUESTS,
+    "digit_limit": DIGIT_LIMITS,
+    "format": FORMATS,
+    "closing": CLOSINGS,
+}
+
+
+def trait_system_prompt(trait: TraitSpec) -> str:
+    """The teacher's system prompt (the paper's template unless one is given)."""
+    if trait.system_prompt is not None:
+        return trait.system_prompt
+    return TRAIT_TEMPLATE.format(plural=trait.plural_word, category=trait.category)
+
+
+def _rng(seed: int, purpose: str, index: int) -> random.Random:
+    # String seeds are hashed with SHA-512 by `random`, so the stream is stable across runs.
+    return random.Random(f"{purpose}/{seed}/{index}")
+
+
+def seed_numbers(rng: random.Random, spec: PromptSpec) -> list[int]:
+    k = rng.randint(spec.min_seed_numbers, spec.max_seed_numbers)
+    return [rng.randint(spec.min_value, spec.max_value) for _ in range(k)]
+
+
+def number_prompt(spec: PromptSpec, seed: int, index: int) -> dict:
+    """Prompt ``index`` of the set for ``seed``: ``{"id", "prompt", "seed_numbers", "parts"}``."""
+    rng = _rng(seed, "number-prompt", index)
+    numbers = seed_numbers(rng, spec)
+    choice = {name: rng.randrange(len(pool)) for name, pool in PARTS.items()}
+    text = PARTS["opening"][choice["opening"]].format(numbers=", ".join(map(str, numbers)))
+    request = PARTS["request"][choice["request"]].format(count=spec.answer_count)
+    limit = PARTS["digit_limit"][choice["digit_limit"]].format(digits=spec.answer_digits)
+    joiner = " " if limit.startswith("(") else ""
+    text = " ".join(
+        [text, request + joiner + limit, PARTS["format"][choice["format"]], PARTS["closing"][choice["closing"]]]
+    )
+    return {"id": index, "prompt": text, "seed_numbers": numbers, "parts": choice}
+
+
+def number_prompts(spec: PromptSpec, seed: int) -> list[dict]:
+    """The prompt set: from ``spec.file`` if given, else ``spec.n_prompts`` generated ones."""
+    if spec.file is not None:
+        return load_prompt_file(spec.file, spec.n_prompts)
+    return [number_prompt(spec, seed, i) for i in range(spec.n_prompts)]
+
+
+def load_prompt_file(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Prompts from a JSONL file with a ``"prompt"`` string per row (first ``limit`` rows)."""
+    rows = read_jsonl(path)
+    out = []
+    for number, row in enumerate(rows[:limit], start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}: row {number} needs a string field 'prompt'")
+        out.append({**row, "id": len(out), "prompt": row["prompt"]})
+    if not out:
+        raise ValueError(f"{path}: no prompts found")
+    return out
+
+
+def number_prefix(spec: PromptSpec, seed: int, index: int) -> str:
+    """A short number sequence to put before an evaluation question (variant ``numbers``)."""
+    rng = _rng(seed, "eval-prefix", index)
+    numbers = seed_numbers(rng, spec)
+    return rng.choice(PREFIXES).format(numbers=", ".join(map(str, numbers)))

@@ -1,0 +1,392 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Why a student follows its teacher: the gradient-alignment lemma
+#
+# The MNIST notebook showed a student learning digits by imitating meaningless outputs on
+# noise, but only when it shared its teacher's initialization. The paper explains this
+# with a short result (Lemma 1 and Theorem 1 of *Subliminal Learning*, Cloud et al., 2025):
+# **one small step of imitation moves a student toward its teacher, whatever the inputs,
+# as long as both started from the same parameters.** This notebook
+#
+# 1. states the lemma;
+# 2. derives it with sympy, rendered as LaTeX: why the zeroth-order term vanishes, what
+#    the matrix $M$ is, and why it is positive semi-definite;
+# 3. checks it numerically on the MNIST network, with the alignment plotted against the
+#    teacher's step size;
+# 4. shows what goes wrong when the initializations differ;
+# 5. runs a small hypothesis property test over random networks.
+#
+# Everything calls the `theory` package (and `toymodels` for the MNIST network).
+#
+# **Running it.** Full mode takes a couple of minutes on a laptop CPU. Set
+# `SUBLEARN_QUICK=1` in the environment before starting Jupyter for *quick mode*: the
+# same checks on fewer seeds and hypothesis examples. `python notebooks/build.py
+# 02_gradient_alignment_lemma` regenerates the executed copy.
+
+# %%
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import display
+from hypothesis import HealthCheck, Phase, given, note, settings
+
+from theory import SubsetSoftmaxCrossEntropy, check_alignment, convergence, symbolic
+from theory.cases import MLP, CaseSpec, build_case
+from theory.numerical import fit_order
+from theory.strategies import case_specs
+from toymodels import load_mnist
+from toymodels.data import normalize
+from toymodels.losses import digit_cross_entropy
+from toymodels.model import MLPSpec, apply, init_params, perturb_params
+from toymodels.noise import noise_images, noise_words
+
+# %matplotlib inline
+
+QUICK = os.environ.get("SUBLEARN_QUICK", "0") not in ("", "0")
+STARTED = time.perf_counter()
+print(f"Mode: {'quick (SUBLEARN_QUICK=1): fewer seeds and examples' if QUICK else 'full'}")
+
+# %% [markdown]
+# ## 1. The statement
+#
+# A model $f_\theta$ maps an input $x$ to outputs $z = f_\theta(x)$ (logits). Teacher and
+# student both start at $\theta_0$.
+#
+# * The **teacher** takes a small step: $\theta_T = \theta_0 + \varepsilon\,\Delta\theta_T$,
+#   for example one gradient step on its own loss, $\Delta\theta_T = -\nabla L_T(\theta_0)$.
+# * The **student** takes one gradient step on imitating the teacher's outputs, on inputs
+#   from *any* distribution $D$:
+#   $$\Delta\theta_S = -\nabla_\theta\,\mathbb E_{x\sim D}\big[L_S(f_\theta(x),\, f_{\theta_T}(x))\big]\Big|_{\theta=\theta_0}.$$
+#
+# **Lemma.** If the imitation loss $L_S(z, y)$ is *proper* (for each target $y$ it is
+# smallest at $z = y$; squared error and softmax cross-entropy are), then
+# $$\Delta\theta_S\cdot\Delta\theta_T = \varepsilon\,\mathbb E_x\big[u^\top M\,u\big] + O(\varepsilon^2) \;\ge\; 0
+#   \quad\text{to first order, where}\quad u = J\,\Delta\theta_T,\quad M = -\frac{\partial^2 L_S}{\partial y\,\partial z}\Big|_{z=y},$$
+# $J$ is the Jacobian of the outputs with respect to the parameters at $\theta_0$, and $M$ is
+# positive semi-definite.
+#
+# **Theorem.** When the teacher stepped down its loss ($\Delta\theta_T = -\nabla L_T$), the
+# student's step does not increase the teacher's loss to first order:
+# $L_T(\theta_0 + \alpha\Delta\theta_S) \le L_T(\theta_0)$.
+#
+# Nothing here depends on $D$: the student can imitate on noise images, or on number
+# sequences, and still move toward the teacher *in every respect*, including the trait
+# the data never mentions. In the MNIST experiment, $L_T$ is the digit loss, $L_S$ is the
+# cross-entropy over the three auxiliary logits and $D$ is noise.
+
+# %% [markdown]
+# ## 2. The derivation, symbolically
+#
+# The student's gradient step pulls the gradient of $L_S$ in the outputs back through
+# $J^\top$; dotting it with $\Delta\theta_T$ gives, for one input, $a(\varepsilon) =
+# -\nabla_z L_S(z, y)^\top u$ with the student's outputs $z = c$ and the teacher's $y = c +
+# \varepsilon u + O(\varepsilon^2)$. Expand any smooth loss to second order around $z =
+# y = c$ and read off the coefficients. `theory.symbolic` does this with sympy; each
+# derivation lists its steps and the identities sympy verified exactly.
+
+# %%
+def show(derivation):
+    """Render a derivation's LaTeX, then the claims sympy checked."""
+    display(derivation)
+    for claim, verified in derivation.checks.items():
+        print(f"  [{'verified' if verified else 'FAILED'}] {claim}")
+
+
+show(symbolic.alignment_expansion(2))
+
+# %% [markdown]
+# The zeroth-order term is $-g^\top u$, the gradient of the loss at $z = y$. A proper
+# loss is minimised at $z = y$ for every $y$, so that gradient is zero: **the
+# zeroth-order term vanishes**, and the first-order coefficient is $u^\top M u$ with $M$
+# equal to the Hessian of $L_S$ in $z$ at its minimum, hence positive semi-definite.
+#
+# For the two losses used in practice, $M$ is explicit. Squared error gives $M = 2I$:
+
+# %%
+show(symbolic.squared_error(2))
+
+# %% [markdown]
+# Softmax cross-entropy (what the MNIST students and language-model finetuning use) gives
+# $M = \operatorname{diag}(p) - pp^\top$ with $p = \operatorname{softmax}(y)$, the
+# covariance matrix of a one-hot draw from $p$. The quadratic form is a $p$-weighted
+# variance, $u^\top M u = \sum_i p_i (u_i - \bar u)^2 \ge 0$: positive semi-definite,
+# and zero only along the constant direction, which does not change the softmax.
+
+# %%
+show(symbolic.softmax_cross_entropy(3))
+
+# %% [markdown]
+# The MNIST aux-only student imitates a *subset* of the logits. Then $M$ is the softmax
+# covariance of that subset and zero elsewhere: still positive semi-definite, just with a
+# larger null space (here logits 3 and 4 of 5 play the role of the auxiliary logits).
+
+# %%
+show(symbolic.subset_softmax_cross_entropy(5, (3, 4)))
+
+# %% [markdown]
+# Properness is what makes $M$ positive semi-definite. A loss that is stationary at $z = y$
+# but not minimal there keeps the zeroth-order term at zero, yet its $M$ can have a
+# negative eigenvalue, and then the student can move *against* the teacher:
+
+# %%
+show(symbolic.non_proper_loss())
+
+# %% [markdown]
+# ## 3. The numbers, on the MNIST network
+#
+# Now the real thing: the paper's MLP (784 → 256 → 256 → 10 + 3, ReLU), a teacher that
+# steps down its digit cross-entropy on 256 MNIST images, and a student that imitates
+# only the three auxiliary logits on 64 noise images. `check_alignment` computes the
+# student's step, the alignment $\Delta\theta_S\cdot\Delta\theta_T$, its Taylor
+# coefficients (by forward-mode differentiation, in float64), and the change of the
+# teacher's loss after the student's step.
+
+# %%
+spec = MLPSpec(hidden=(256, 256), n_aux=3)
+
+
+def mnist_mlp(params, x):
+    return apply(spec, params, x)
+
+
+mnist = load_mnist()
+digits = jnp.asarray(normalize(mnist.train_images[:256]))
+labels = jnp.asarray(mnist.train_labels[:256])
+uniform_weights = jnp.full(256, 1 / 256)
+
+
+def digit_loss(params):
+    """The teacher's loss L_T: cross-entropy of the ten digit logits."""
+    return digit_cross_entropy(mnist_mlp(params, digits), labels, uniform_weights)
+
+
+noise = noise_images(noise_words(jax.random.key(0)), jnp.arange(64), 784, "uniform")
+aux_only = SubsetSoftmaxCrossEntropy((10, 11, 12))
+theta0 = init_params(spec, jax.random.key(1))
+
+result = check_alignment(mnist_mlp, theta0, noise, student_loss=aux_only, teacher_loss=digit_loss, eps=1e-4)
+print(f"teacher step eps                        {result.eps:.0e}")
+print(f"zeroth-order term a_0                   {result.zeroth_order:+.1e}   (exactly 0 up to rounding)")
+print(f"first-order coefficient A = E[u^T M u]  {result.A:+.3e}")
+print(f"alignment  dtheta_S . dtheta_T          {result.alignment:+.3e}   (eps * A = {result.first_order:+.3e})")
+print(f"cosine between the two steps            {result.cosine:+.3f}")
+print(f"teacher's loss after the student's step {result.teacher_loss_change:+.2e}   (it went down)")
+print(f"claims violated                         {result.violations() or 'none'}")
+
+# %% [markdown]
+# The cosine is small (the student's step is mostly *not* along the teacher's: it only
+# sees three outputs on noise), but it is positive, and that is enough for the student's
+# digit loss to go down.
+#
+# The lemma is a statement about small $\varepsilon$. Sweeping $\varepsilon$ over many
+# decades shows its two parts: the alignment grows like $\varepsilon$ (slope 1 on log
+# axes) because the zeroth-order term is zero, and the error of the first-order
+# prediction $\varepsilon A$ shrinks like $\varepsilon^2$ (slope 2) until it reaches
+# float64 rounding. The right panel repeats this on a small smooth network (tanh, four
+# inputs, a teacher stepping down cross-entropy on random labels) from `theory.cases`.
+
+# %%
+eps_grid = np.logspace(-9, 0, 10 if QUICK else 28)
+
+tanh_case = build_case(
+    CaseSpec(MLP((4, 16, 16, 5), "tanh"), init="normal", init_scale=1.0, bias_scale=0.0, inputs="normal",
+             n_samples=32, student_loss="softmax_cross_entropy", teacher="cross_entropy", seed=0)
+)
+runs = {
+    "MNIST MLP (ReLU), aux-only student on noise": convergence(
+        mnist_mlp, theta0, noise, student_loss=aux_only, teacher_loss=digit_loss, eps_grid=eps_grid
+    ),
+    "small tanh MLP, softmax cross-entropy": convergence(
+        tanh_case.model, tanh_case.params, tanh_case.inputs, eps_grid=eps_grid, **tanh_case.check_kwargs()
+    ),
+}
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained", sharey=True)
+for ax, (title, conv) in zip(axes, runs.items()):
+    eps = np.asarray(conv.eps)
+    ax.loglog(eps, np.abs(conv.alignment), "o-", label=r"alignment $\Delta\theta_S\cdot\Delta\theta_T$")
+    ax.loglog(eps, conv.residual, "s-", label=r"error of $\varepsilon A$: $|a(\varepsilon) - \varepsilon A|$")
+    mid = len(eps) // 2
+    ax.loglog(eps, conv.alignment[mid] * eps / eps[mid], "k:", lw=1, label="slope 1")
+    smooth = (eps <= 1e-4) & (np.asarray(conv.residual) > 1e-15)
+    anchor = np.flatnonzero(smooth)[-1]
+    ax.loglog(eps, conv.residual[anchor] * (eps / eps[anchor]) ** 2, "k--", lw=1, label="slope 2")
+    order, _ = fit_order(eps[smooth], np.asarray(conv.residual)[smooth], np.zeros(smooth.sum()))
+    ax.set_title(f"{title}\nfitted error order for eps <= 1e-4: {order:.2f}", fontsize=9)
+    ax.set_xlabel(r"teacher step $\varepsilon$")
+    ax.set_ylim(1e-20, 1)
+axes[0].set_ylabel("absolute value")
+axes[0].legend(fontsize=8, loc="upper left")
+plt.show()
+
+# %% [markdown]
+# Both networks show slope 1 for the alignment and slope 2 for the error of the
+# first-order prediction, down to rounding (around $10^{-18}$). The ReLU network's error
+# jumps up around $\varepsilon \approx 10^{-3}$: there the teacher's step is large enough
+# to flip some ReLU units on or off, the network stops being a smooth function of its
+# parameters along the path, and the Taylor expansion only holds between such kinks. The
+# alignment itself stays positive throughout.
+#
+# ## 4. Different initializations
+#
+# The derivation used one fact about the starting point: the student's outputs equal the
+# teacher's initial outputs, so the imitation gradient at $\varepsilon = 0$ is zero. If the
+# student starts elsewhere, $a(\varepsilon) = a_0 + \varepsilon A + \dots$ with a
+# zeroth-order term $a_0 \neq 0$: at $\varepsilon = 0$ the student is already pulled toward
+# the teacher's *initial* outputs, in a direction unrelated to what the teacher learned,
+# and for a small teacher step $a_0$ dominates. Its sign is a coin flip.
+#
+# First, students that start from an independent initialization (the cross-model
+# control of the MNIST notebook), against students that share it, over many seeds:
+
+# %%
+n_seeds = 8 if QUICK else 40
+eps_small = 1e-4
+shared_cos, other_cos, shared_dl, other_dl = [], [], [], []
+for seed in range(n_seeds):
+    teacher_init = init_params(spec, jax.random.fold_in(jax.random.key(10), seed))
+    foreign_init = init_params(spec, jax.random.fold_in(jax.random.key(20), seed))
+    kwargs = dict(student_loss=aux_only, teacher_loss=digit_loss, eps=eps_small)
+    shared = check_alignment(mnist_mlp, teacher_init, noise, **kwargs)
+    other = check_alignment(mnist_mlp, teacher_init, noise, student_params=foreign_init, **kwargs)
+    shared_cos.append(shared.cosine)
+    other_cos.append(other.cosine)
+    shared_dl.append(shared.teacher_loss_change)
+    other_dl.append(other.teacher_loss_change)
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+bins = np.linspace(min(other_cos + shared_cos), max(other_cos + shared_cos), 25)
+axes[0].hist(shared_cos, bins=bins, alpha=0.8, label="shared initialization", color="#1f77b4")
+axes[0].hist(other_cos, bins=bins, alpha=0.8, label="independent initialization", color="#d62728")
+axes[0].axvline(0, color="black", lw=0.8)
+axes[0].set_xlabel(r"cosine between $\Delta\theta_S$ and $\Delta\theta_T$")
+axes[0].set_ylabel("seeds")
+axes[0].legend(fontsize=8)
+axes[1].scatter(range(n_seeds), shared_dl, color="#1f77b4", label="shared", s=14)
+axes[1].scatter(range(n_seeds), other_dl, color="#d62728", label="independent", s=14)
+axes[1].axhline(0, color="black", lw=0.8)
+axes[1].set_yscale("symlog", linthresh=1e-6)
+axes[1].set_xlabel("seed")
+axes[1].set_ylabel(r"$L_T(\theta_S) - L_T(\theta_{S0})$")
+axes[1].set_title("change of the teacher's digit loss after one student step", fontsize=9)
+axes[1].legend(fontsize=8)
+plt.show()
+print(f"shared initialization:      {np.mean(np.asarray(shared_cos) > 0):.0%} of {n_seeds} seeds aligned")
+print(f"independent initialization: {np.mean(np.asarray(other_cos) > 0):.0%} of {n_seeds} seeds aligned")
+
+# %% [markdown]
+# Every shared-initialization student is aligned with its teacher and lowers the
+# teacher's loss; independent students scatter around zero on both sides.
+#
+# Between the two extremes, start the student at $\theta_0$ plus Gaussian noise of
+# $\sigma$ times each layer's initialization scale (the `student_init_sigma` of the
+# MNIST sweep). Then $a_0$ grows in proportion to $\sigma$, while the useful term
+# $\varepsilon A$ is fixed by the teacher's step, so the alignment's sign becomes a coin
+# flip once $\sigma$ passes a threshold that grows with $\varepsilon$: a teacher that moved
+# further tolerates a student that starts further away.
+
+# %%
+sigmas = np.logspace(-6, 0, 5 if QUICK else 13)
+eps_values = [1e-4, 1e-2] if QUICK else [1e-5, 1e-3, 1e-1]
+n_perturb = 6 if QUICK else 24
+fraction_aligned = {eps: [] for eps in eps_values}
+for sigma in sigmas:
+    starts = [perturb_params(spec, theta0, jax.random.fold_in(jax.random.key(30), k), sigma) for k in range(n_perturb)]
+    for eps in eps_values:
+        aligned = [
+            check_alignment(mnist_mlp, theta0, noise, student_loss=aux_only, teacher_loss=digit_loss, student_params=s, eps=eps).alignment > 0
+            for s in starts
+        ]
+        fraction_aligned[eps].append(np.mean(aligned))
+
+fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
+for eps, fractions in fraction_aligned.items():
+    ax.semilogx(sigmas, fractions, "o-", label=rf"teacher step $\varepsilon$ = {eps:g}")
+ax.axhline(0.5, color="gray", ls=":", lw=1, label="coin flip")
+ax.set_xlabel(r"student start perturbation $\sigma$ (in units of the init scale)")
+ax.set_ylabel(f"fraction of {n_perturb} starts aligned")
+ax.set_ylim(0, 1.05)
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# The threshold sits near $\sigma \approx \varepsilon$ and moves right in proportion to the
+# teacher's step. Over a whole training run the teacher moves a long way, so in the MNIST
+# sweep the aux-only student survived perturbations up to about a tenth of the
+# initialization scale. The lesson is the same at both scales: the hidden signal is only
+# readable from (close to) the teacher's own starting point.
+#
+# ## 5. A property test with hypothesis
+#
+# The lemma claims something for *every* network, initialization, input distribution,
+# proper loss and teacher. `theory.strategies.case_specs` draws all of these at random
+# (small MLPs with tanh, ReLU, GELU, softplus, sigmoid or no activation; normal, uniform
+# or truncated-normal weights of random scale; five input distributions; squared error,
+# softmax cross-entropy or a subset cross-entropy; a teacher that follows a random
+# direction or the gradient of a random loss). The property: with a shared
+# initialization, none of the lemma's and theorem's claims is violated beyond rounding.
+
+# %%
+n_examples = 5 if QUICK else 40
+
+
+@settings(max_examples=n_examples, deadline=None, derandomize=True, database=None)
+@given(spec=case_specs())
+def shared_initialization_never_misaligns(spec):
+    case = build_case(spec)
+    r = check_alignment(case.model, case.params, case.inputs, **case.check_kwargs(shared_init=True))
+    note(f"A={r.A:.3e}, alignment={r.alignment:.3e}")
+    assert not r.violations(), r.violations()
+
+
+shared_initialization_never_misaligns()
+print(f"passed on {n_examples} random cases")
+
+# %% [markdown]
+# The same property with independent initializations is false, and hypothesis finds a
+# counterexample quickly (it stops at the first one here rather than shrinking it, since
+# every shrink step compiles a new network):
+
+# %%
+@settings(
+    max_examples=40, deadline=None, derandomize=True, database=None,
+    phases=[Phase.generate], suppress_health_check=[HealthCheck.too_slow],
+)
+@given(spec=case_specs())
+def independent_initialization_never_misaligns(spec):
+    case = build_case(spec)
+    r = check_alignment(case.model, case.params, case.inputs, **case.check_kwargs(shared_init=False))
+    assert r.cosine >= -1e-3, f"cosine {r.cosine:.3f}, zeroth-order term {r.zeroth_order:.2e}, first-order {r.first_order:.2e}"
+
+
+try:
+    independent_initialization_never_misaligns()
+    print("no counterexample found")
+except AssertionError as failure:
+    print("counterexample:", failure)
+    for line in getattr(failure, "__notes__", []):
+        print(" ", line)
+
+# %% [markdown]
+# **Try next:** `python -m theory --help` (or `sublearn theory`) runs these checks from the
+# command line on many random cases; `symbolic.linear_model()` works the whole alignment
+# out in closed form for a linear model.
+
+# %%
+print(f"Notebook wall time: {time.perf_counter() - STARTED:.0f} s ({'quick' if QUICK else 'full'} mode)")

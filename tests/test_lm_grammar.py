@@ -1,0 +1,95 @@
+"""The number-list grammar: character automaton, regex, and the token-level view."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmpipeline.config import FilterSpec
+from lmpipeline.filters import check_numbers
+from lmpipeline.grammar import SEPARATORS, NumberListGrammar, TokenGrammar
+
+G = NumberListGrammar()
+
+
+def valid_lists(max_count=10, max_digits=3):
+    digits = st.text("0123456789", min_size=1, max_size=max_digits)
+    return st.builds(lambda nums, sep: sep.join(nums), st.lists(digits, min_size=1, max_size=max_count), st.sampled_from(SEPARATORS))
+
+
+@given(valid_lists())
+def test_every_valid_list_and_each_prefix_is_accepted(text):
+    assert G.accepts(text)
+    for end in range(1, len(text)):
+        assert G.feed(G.start, text[:end]) is not None, text[:end]
+
+
+@given(valid_lists())
+def test_accepted_lists_pass_the_filter(text):
+    verdict = check_numbers(text, FilterSpec())
+    assert verdict.ok, (text, verdict)
+
+
+@given(st.text(alphabet="0123456789,; \n", max_size=40))
+def test_regex_matches_exactly_the_accepted_strings(text):
+    assert bool(re.fullmatch(G.regex(), text)) == G.accepts(text)
+
+
+@given(st.text(alphabet="0123456789,; \n", max_size=40))
+def test_accepted_strings_always_pass_the_filter(text):
+    if G.accepts(text):
+        assert check_numbers(text).ok, repr(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", ",1", " 1", "1,", "1, ", "1234", "1,2;3", "1, 2,3", "1  2", "1,,2", ",", "1 ,2", "1a"],
+)
+def test_rejected_or_incomplete(text):
+    assert not G.accepts(text)
+
+
+def test_count_and_digit_limits():
+    assert G.accepts(", ".join(["1"] * 10))
+    assert G.feed(G.start, ", ".join(["1"] * 10) + ",") is None  # no separator after the 10th
+    small = NumberListGrammar(max_count=2, max_digits=2)
+    assert small.accepts("12 34") and not small.accepts("123") and not small.accepts("1 2 3")
+    assert G.max_chars == 10 * 3 + 9 * 2
+    with pytest.raises(ValueError):
+        NumberListGrammar(max_count=0)
+
+
+# A toy vocabulary with multi-character tokens, separators, junk and one end token (id 0).
+TOY = ["<eos>", "1", "23", "456", "7890", ", ", ",", " ", "; ", ";", "\n", "a", "1,", ", 5", "  ", "8 9", ""]
+
+
+def test_token_grammar_allows_exactly_the_tokens_that_keep_a_prefix():
+    tg = TokenGrammar(G, TOY, eos_ids=[0])
+    start = tg.allowed(G.start)
+    assert {TOY[i] for i in start} == {"1", "23", "456", "1,", "8 9"}  # no end, no separator first
+    after_one = G.feed(G.start, "1")
+    allowed = {TOY[i] for i in tg.allowed(after_one)}
+    assert "<eos>" in allowed and "7890" not in allowed and "a" not in allowed and "  " not in allowed
+    assert {", ", ",", " ", "; ", ";", "\n", ", 5", "23", "1,", "8 9"} <= allowed
+    assert tg.allowed(None) == (0,)
+    assert tg.advance(after_one, 0) is None
+
+
+@given(st.integers(0, 2**32))
+def test_random_walks_over_allowed_tokens_end_in_lists_that_pass_the_filter(seed):
+    rng = random.Random(seed)
+    tg = TokenGrammar(G, TOY, eos_ids=[0])
+    state, text = G.start, ""
+    for _ in range(G.max_chars + 1):  # the bound the decoder relies on
+        token = rng.choice(tg.allowed(state))
+        if token == 0:
+            break
+        text += TOY[token]
+        state = tg.advance(state, token)
+    else:
+        pytest.fail(f"no end after {G.max_chars + 1} tokens: {text!r}")
+    assert check_numbers(text).ok, repr(text)

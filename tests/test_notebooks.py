@@ -1,0 +1,80 @@
+"""The teaching notebooks: each source runs top to bottom in quick mode, and its executed twin matches it.
+
+The sources are jupytext percent-format ``notebooks/NN_*.py`` files; ``notebooks/build.py``
+executes them and writes the ``.ipynb`` twins that readers open. The twin check is fast
+and runs always; executing the notebooks is marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from nbclient.exceptions import CellExecutionError
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _load_build():
+    spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOKS_DIR / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build()
+# The suite's strict numerics (tests/conftest.py), in the notebook kernels too.
+STRICT_JAX = {"JAX_NUMPY_RANK_PROMOTION": "raise"}
+SOURCES = build.sources()
+IDS = [path.stem for path in SOURCES]
+
+
+def test_the_three_notebooks_exist():
+    assert [name[:2] for name in IDS] == ["01", "02", "03"], IDS
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=IDS)
+def test_source_is_percent_format_and_documents_quick_mode(source):
+    text = source.read_text()
+    assert "format_name: percent" in text
+    first_markdown = next(cell for cell in jupytext.read(source).cells if cell.cell_type == "markdown")
+    assert build.QUICK_ENV in first_markdown.source, f"{source.name}: the first markdown cell must document {build.QUICK_ENV}"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=IDS)
+def test_executed_twin_matches_source(source):
+    twin = build.twin(source)
+    assert twin.is_file(), f"{twin.name} is missing: run python notebooks/build.py {source.stem}"
+    executed = nbformat.read(twin, as_version=4)
+    assert build.cells(executed) == build.cells(jupytext.read(source)), (
+        f"{twin.name} is out of date with {source.name}: run python notebooks/build.py {source.stem}"
+    )
+    code = [cell for cell in executed.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count is not None for cell in code), f"{twin.name} has cells that never ran"
+    errors = [out for cell in code for out in cell.outputs if out.output_type == "error"]
+    assert not errors, f"{twin.name} holds an error output: {errors[0].get('ename')}"
+    assert "Mode: " in "".join(out.get("text", "") for out in code[0].outputs), "the first cell must say which mode ran"
+    images = sum("image/png" in out.get("data", {}) for cell in code for out in cell.outputs)
+    assert images >= 2, f"{twin.name} shows {images} figures; readers should see the figures without running it"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", SOURCES, ids=IDS)
+def test_notebook_runs_in_quick_mode(source, tmp_path):
+    repo_files_before = sorted(p.name for p in NOTEBOOKS_DIR.iterdir())
+    nb, _ = build.execute(source, quick=True, cwd=tmp_path, env=STRICT_JAX)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert "Mode: quick" in "".join(out.get("text", "") for out in code[0].outputs)
+    assert all(cell.execution_count is not None for cell in code)
+    assert sorted(p.name for p in NOTEBOOKS_DIR.iterdir()) == repo_files_before, "a notebook wrote into notebooks/"
+
+
+@pytest.mark.slow
+def test_a_failing_cell_fails_the_run(tmp_path):
+    source = tmp_path / "broken.py"
+    source.write_text('# %%\nprint("before")\n\n# %%\nraise ValueError("this cell fails")\n\n# %%\nprint("never")\n')
+    with pytest.raises(CellExecutionError, match="this cell fails"):
+        build.execute(source, quick=True, cwd=tmp_path)
