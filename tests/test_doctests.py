@@ -6,7 +6,7 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ("toymodels", "theory")
+PACKAGES = ("toymodels", "theory", "lmpipeline", "lmpipeline.backends")
 
 
 def _modules():
