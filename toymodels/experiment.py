@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from datetime import datetime, timezone
@@ -110,7 +111,7 @@ def train_chunk(
     optimizer = make_optimizer(config)
     seeds_key, _ = seed_keys(config)
     sharding = NamedSharding(mesh, PartitionSpec("seeds")) if mesh is not None else None
-    place = (lambda tree: jax.device_put(tree, sharding)) if mesh is not None else (lambda tree: tree)
+    place = (lambda tree: jax.device_put(tree, sharding)) if sharding is not None else (lambda tree: tree)
     images, labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
     label = f"seeds {seed_ids.min()}-{seed_ids.max()}"
 
@@ -251,8 +252,6 @@ def run_experiment(
 def _load_checkpoint(path: str | Path | None, config: MnistConfig) -> dict[int, dict[str, float]]:
     if path is None or not Path(path).exists():
         return {}
-    import json
-
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
