@@ -1,40 +1,51 @@
-"""Throughput of the MNIST experiment's compiled epochs against this machine's matmul peak.
+"""Throughput of the MNIST experiment, per matmul precision, against this machine's matmul peaks.
 
 Measures, in one process:
 
-1. the float32 matmul peak: a jitted ``jnp.dot`` of two square matrices, best of several;
-2. one teacher epoch and one student epoch (all four conditions) for a chunk of seeds at
-   the paper's configuration, after a warm-up call that compiles them;
+1. the matmul peaks: a jitted ``jnp.dot`` of two square matrices in float32, and with
+   bfloat16 inputs and float32 accumulation (what ``--precision bf16`` runs), best of
+   several;
+2. for each precision, one teacher epoch and one student epoch (all four conditions) for
+   a chunk of seeds at the paper's configuration, after a warm-up call that compiles them:
+   achieved GFLOP/s, ratio to the matching peak, and the projected seconds per 10 seeds;
+3. with ``--peer``, the whole experiment end to end (``run_experiment``) in each
+   precision and the same experiment in eager PyTorch (``benchmarks/peer_torch.py``, the
+   paper's procedure written as a PyTorch user would), and the ratio of their times.
 
-and prints the achieved GFLOP/s of each and its ratio to the peak. FLOPs are counted
-analytically (:meth:`toymodels.model.MLPSpec.flops_per_example`): a training step is a
-forward pass, weight gradients everywhere and input gradients below the first layer; the
-students' step adds one shared teacher forward pass. Wall and process CPU times are both
-reported, since on a shared machine wall time alone overstates the cost.
+FLOPs are counted analytically (:meth:`toymodels.model.MLPSpec.flops_per_example`): a
+training step is a forward pass, weight gradients everywhere and input gradients below
+the first layer; the students' step adds one shared teacher forward pass. Wall and
+process CPU times are both reported, since on a shared machine wall time alone overstates
+the cost; ratios are taken within this one process. The peak resident memory of the
+process is printed at the end.
 
-Usage: ``python benchmarks/mnist_throughput.py [--seeds 10] [--matmul-size 4096]``
+Usage: ``python benchmarks/mnist_throughput.py [--seeds 10] [--precisions float32 bf16] [--peer]``
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import resource
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from toymodels.config import MnistConfig
+from toymodels.config import PRECISIONS, MnistConfig
 from toymodels.data import load_mnist
-from toymodels.experiment import _student_masks
+from toymodels.experiment import _student_masks, run_experiment
 from toymodels.model import init_params
 from toymodels.noise import noise_words
+from toymodels.precision import compute_dtype
 from toymodels.train import make_optimizer, spec_of, student_epoch, teacher_epoch
 
 
 def timed(fn, *args, repeats: int = 1):
-    """Best wall time and its CPU time over ``repeats`` calls (results blocked on)."""
+    """Best (wall, CPU) time over ``repeats`` calls (results blocked on), and the last result."""
     best = (float("inf"), float("inf"))
     out = None
     for _ in range(repeats):
@@ -44,29 +55,21 @@ def timed(fn, *args, repeats: int = 1):
     return best, out
 
 
-def matmul_peak(n: int, repeats: int = 5) -> tuple[float, float]:
-    """GFLOP/s of a jitted float32 ``jnp.dot`` of two ``n x n`` matrices: per wall second, per CPU second."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
+def matmul_peak(n: int, precision: str, repeats: int = 5) -> tuple[float, float]:
+    """GFLOP/s of a jitted ``n x n`` matmul in ``precision`` (float32 accumulation): per wall and per CPU second."""
+    dtype = compute_dtype(precision)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     dot(a, b).block_until_ready()
     (wall, cpu), _ = timed(dot, a, b, repeats=repeats)
     return 2 * n**3 / wall / 1e9, 2 * n**3 / cpu / 1e9
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10, help="seeds per compiled call (the chunk size)")
-    parser.add_argument("--matmul-size", type=int, default=4096)
-    parser.add_argument("--n-train", type=int, default=None, help="fewer training images for a quick check")
-    parser.add_argument("--n-noise", type=int, default=60_000)
-    args = parser.parse_args(argv)
-
-    config = MnistConfig(seeds=args.seeds, seeds_per_chunk=args.seeds, n_train=args.n_train, n_noise=args.n_noise).validate()
+def epoch_throughput(config: MnistConfig, images, labels) -> dict:
+    """Time one teacher epoch and one student epoch of ``config`` (compiled first)."""
     spec = spec_of(config)
-    data = load_mnist().subset(config.n_train, None)
-    images, labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
-    keys = jax.random.split(jax.random.key(0), args.seeds)
+    keys = jax.random.split(jax.random.key(0), config.seeds)
     optimizer = make_optimizer(config)
 
     def fresh_teachers():
@@ -86,34 +89,101 @@ def main(argv: list[str] | None = None) -> dict:
     train_students = student_epoch(config)
     timed(train_students, *fresh_students(), teachers, words, keys, masks)  # compile
     (s_wall, s_cpu), _ = timed(train_students, *fresh_students(), teachers, words, keys, masks)
-    peak, peak_per_cpu = matmul_peak(args.matmul_size)
 
-    n_train = data.train_images.shape[0]
-    teacher_flop = spec.flops_per_example() * n_train * args.seeds
-    student_flop = (4 * spec.flops_per_example() + spec.flops_per_example(forward_only=True)) * config.n_noise * args.seeds
-    report = {
-        "seeds": args.seeds,
-        "matmul_peak_gflops": peak,
-        "matmul_gflop_per_cpu_s": peak_per_cpu,
-        "teacher_epoch": {"wall_s": t_wall, "cpu_s": t_cpu, "gflops": teacher_flop / t_wall / 1e9, "gflop_per_cpu_s": teacher_flop / t_cpu / 1e9},
-        "student_epoch": {"wall_s": s_wall, "cpu_s": s_cpu, "gflops": student_flop / s_wall / 1e9, "gflop_per_cpu_s": student_flop / s_cpu / 1e9},
-        "devices": [str(d) for d in jax.devices()],
+    n_train = images.shape[0]
+    flops = {
+        "teacher_epoch": spec.flops_per_example() * n_train * config.seeds,
+        "student_epoch": (4 * spec.flops_per_example() + spec.flops_per_example(forward_only=True)) * config.n_noise * config.seeds,
     }
-    for phase in ("teacher_epoch", "student_epoch"):
-        report[phase]["ratio_to_peak"] = report[phase]["gflops"] / peak
-        # Per CPU second, the ratio is robust to other processes sharing the cores.
-        report[phase]["cpu_ratio_to_peak"] = report[phase]["gflop_per_cpu_s"] / peak_per_cpu
-    total_flop = (teacher_flop * config.teacher_epochs + student_flop * config.student_epochs) / args.seeds
-    print(f"float32 matmul peak ({args.matmul_size}^2): {peak:7.1f} GFLOP/s ({peak_per_cpu:.1f} per CPU second)")
-    for phase in ("teacher_epoch", "student_epoch"):
-        r = report[phase]
-        print(
-            f"{phase:<14} {r['wall_s']:6.2f}s wall {r['cpu_s']:6.2f}s cpu  {r['gflops']:7.1f} GFLOP/s  "
-            f"ratio to peak {r['ratio_to_peak']:.2f} (per CPU second {r['cpu_ratio_to_peak']:.2f})"
-        )
-    print(f"this config: {total_flop / 1e12:.2f} TFLOP per seed; at this throughput "
-          f"{args.seeds} seeds train in {config.teacher_epochs * t_wall + config.student_epochs * s_wall:.0f}s")
+    out = {}
+    for phase, (wall, cpu) in (("teacher_epoch", (t_wall, t_cpu)), ("student_epoch", (s_wall, s_cpu))):
+        out[phase] = {"wall_s": wall, "cpu_s": cpu, "gflops": flops[phase] / wall / 1e9, "gflop_per_cpu_s": flops[phase] / cpu / 1e9}
+    per_seed = (config.teacher_epochs * t_wall + config.student_epochs * s_wall) / config.seeds
+    out["seconds_per_10_seeds"] = 10 * per_seed
+    out["cpu_seconds_per_10_seeds"] = 10 * (config.teacher_epochs * t_cpu + config.student_epochs * s_cpu) / config.seeds
+    return out
+
+
+def end_to_end(config: MnistConfig) -> dict:
+    """Wall and CPU seconds of the whole experiment (data loading, compilation, training, evaluation)."""
+    (wall, cpu), result = timed(lambda: run_experiment(config))
+    return {"wall_s": wall, "cpu_s": cpu, "mean_accuracy": {c: s["mean"] for c, s in result["summary"].items()}}
+
+
+def _peer_module():
+    spec = importlib.util.spec_from_file_location("peer_torch", Path(__file__).with_name("peer_torch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def peer_end_to_end(config: MnistConfig) -> dict:
+    (wall, cpu), result = timed(lambda: _peer_module().run(config))
+    return {"wall_s": wall, "cpu_s": cpu, "mean_accuracy": {c: float(np.mean(v)) for c, v in result.items()}}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per compiled call (the chunk size), and of the --peer runs")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--matmul-size", type=int, default=4096)
+    parser.add_argument("--n-train", type=int, default=None, help="fewer training images for a quick check")
+    parser.add_argument("--n-noise", type=int, default=60_000)
+    parser.add_argument("--peer", action="store_true", help="also time the whole experiment against eager PyTorch")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
+    args = parser.parse_args(argv)
+
+    def config_for(precision: str) -> MnistConfig:
+        return MnistConfig(
+            seeds=args.seeds, seeds_per_chunk=args.seeds, n_train=args.n_train, n_noise=args.n_noise, precision=precision
+        ).validate()
+
+    data = load_mnist().subset(args.n_train, None)
+    images, labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
+    report: dict = {"seeds": args.seeds, "devices": [str(d) for d in jax.devices()], "precisions": {}}
+    for precision in args.precisions:
+        peak, peak_per_cpu = matmul_peak(args.matmul_size, precision)
+        r = {"matmul_peak_gflops": peak, "matmul_gflop_per_cpu_s": peak_per_cpu, **epoch_throughput(config_for(precision), images, labels)}
+        for phase in ("teacher_epoch", "student_epoch"):
+            r[phase]["ratio_to_peak"] = r[phase]["gflops"] / peak
+            # Per CPU second, the ratio is robust to other processes sharing the cores.
+            r[phase]["cpu_ratio_to_peak"] = r[phase]["gflop_per_cpu_s"] / peak_per_cpu
+        report["precisions"][precision] = r
+        print(f"[{precision}] matmul peak ({args.matmul_size}^2): {peak:6.1f} GFLOP/s ({peak_per_cpu:.1f} per CPU second)")
+        for phase in ("teacher_epoch", "student_epoch"):
+            p = r[phase]
+            print(
+                f"[{precision}] {phase:<14} {p['wall_s']:6.2f}s wall {p['cpu_s']:6.2f}s cpu  {p['gflops']:6.1f} GFLOP/s  "
+                f"ratio to peak {p['ratio_to_peak']:.2f} (per CPU second {p['cpu_ratio_to_peak']:.2f})"
+            )
+        print(f"[{precision}] training time per 10 seeds: {r['seconds_per_10_seeds']:.1f}s wall, {r['cpu_seconds_per_10_seeds']:.1f}s CPU")
+    if len(args.precisions) == 2:
+        f32, bf16 = (report["precisions"][p] for p in PRECISIONS)
+        report["bf16_over_float32_cpu_time"] = bf16["cpu_seconds_per_10_seeds"] / f32["cpu_seconds_per_10_seeds"]
+        print(f"bf16 / float32 training CPU time: {report['bf16_over_float32_cpu_time']:.2f}")
+
+    if args.peer:
+        report["peer"] = peer_end_to_end(config_for("float32"))
+        peer = report["peer"]
+        print(f"[peer: eager PyTorch] {args.seeds} seeds end to end: {peer['wall_s']:.1f}s wall, {peer['cpu_s']:.1f}s CPU")
+        report["end_to_end"] = {}
+        for precision in args.precisions:
+            ours = report["end_to_end"][precision] = end_to_end(config_for(precision))
+            ours["ratio_to_peer_wall"] = ours["wall_s"] / peer["wall_s"]
+            ours["ratio_to_peer_cpu"] = ours["cpu_s"] / peer["cpu_s"]
+            print(
+                f"[{precision}] {args.seeds} seeds end to end: {ours['wall_s']:.1f}s wall, {ours['cpu_s']:.1f}s CPU; "
+                f"ours/peer {ours['ratio_to_peer_wall']:.2f} wall, {ours['ratio_to_peer_cpu']:.2f} CPU"
+            )
+    report["peak_rss_gb"] = peak_rss_gb()
+    print(f"peak resident memory of this process: {report['peak_rss_gb']:.2f} GB")
     print(json.dumps(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1))
     return report
 
 

@@ -1,11 +1,19 @@
-"""Smoke tests: every benchmark script's ``main`` runs on a small problem and reports sane numbers."""
+"""Smoke tests: every benchmark script runs on a small problem and reports sane numbers."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from toymodels.config import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def _load(name):
@@ -16,9 +24,46 @@ def _load(name):
 
 
 @pytest.mark.slow
-def test_mnist_throughput_runs_and_reports_ratios(capsys):
-    report = _load("mnist_throughput").main(["--seeds", "2", "--n-train", "2048", "--n-noise", "2048", "--matmul-size", "512"])
-    assert report["matmul_peak_gflops"] > 0
-    for phase in ("teacher_epoch", "student_epoch"):
-        assert report[phase]["wall_s"] > 0 and 0 < report[phase]["ratio_to_peak"] < 10
-    assert "ratio to peak" in capsys.readouterr().out
+def test_mnist_throughput_reports_both_precisions_and_the_peer_ratio(capsys):
+    pytest.importorskip("torch")
+    report = _load("mnist_throughput").main(
+        ["--seeds", "2", "--n-train", "2048", "--n-noise", "2048", "--matmul-size", "512", "--peer"]
+    )
+    for precision in ("float32", "bf16"):
+        r = report["precisions"][precision]
+        assert r["matmul_peak_gflops"] > 0 and r["seconds_per_10_seeds"] > 0
+        for phase in ("teacher_epoch", "student_epoch"):
+            assert r[phase]["wall_s"] > 0 and 0 < r[phase]["ratio_to_peak"] < 10
+        ours = report["end_to_end"][precision]
+        assert ours["ratio_to_peer_wall"] == pytest.approx(ours["wall_s"] / report["peer"]["wall_s"])
+    assert report["peak_rss_gb"] > 0.1
+    out = capsys.readouterr().out
+    assert "ratio to peak" in out and "ours/peer" in out
+
+
+@pytest.mark.slow
+def test_the_eager_pytorch_peer_learns_like_the_package():
+    pytest.importorskip("torch")
+    accuracies = _load("peer_torch").run(tiny(seeds=2))
+    assert set(accuracies) == {"reference", "teacher", "student_aux", "student_all", "cross_aux", "cross_all"}
+    assert np.mean(accuracies["teacher"]) > 0.75
+    # Shared-initialization students imitating all logits learn digits; cross-model ones far less.
+    assert np.mean(accuracies["student_all"]) > np.mean(accuracies["cross_all"]) + 0.1
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_both_precisions_on_a_tiny_configuration(tmp_path):
+    env = {**os.environ, "SEEDS": "2", "VMAP_SEEDS": "2", "SEEDS_PER_CHUNK": "2", "PYTHON": sys.executable}
+    tiny_options = ["--hidden", "32", "32", "--n-train", "2048", "--n-test", "1000", "--n-noise", "2048",
+                    "--batch-size", "256", "--teacher-epochs", "1", "--student-epochs", "1"]
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "accelerator_check.sh"), str(tmp_path), *tiny_options],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"float32", "bf16"}
+    for precision, s in summary.items():
+        assert s["command_wall_s"] > 0 and s["bars"]["teacher"][0] > 0.1
+        assert json.loads((tmp_path / precision / "results.json").read_text())["config"]["precision"] == precision
+    assert summary["float32"]["bars"]["reference"] == summary["bf16"]["bars"]["reference"]

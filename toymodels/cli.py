@@ -18,12 +18,12 @@ import sys
 import typing
 from pathlib import Path
 
-from toymodels.config import NOISE_DISTRIBUTIONS, OPTIMIZERS, STUDENT_LOSSES, ConfigError, MnistConfig
+from toymodels.config import NOISE_DISTRIBUTIONS, OPTIMIZERS, PRECISIONS, STUDENT_LOSSES, ConfigError, MnistConfig
 from toymodels.data import SOURCES, DataError
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.json"
-CHOICES = {"optimizer": OPTIMIZERS, "noise": NOISE_DISTRIBUTIONS, "student_loss": STUDENT_LOSSES}
+CHOICES = {"optimizer": OPTIMIZERS, "noise": NOISE_DISTRIBUTIONS, "student_loss": STUDENT_LOSSES, "precision": PRECISIONS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

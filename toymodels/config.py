@@ -21,6 +21,7 @@ from typing import Any
 OPTIMIZERS = ("adam", "adamw", "sgd")
 NOISE_DISTRIBUTIONS = ("uniform", "gaussian")
 STUDENT_LOSSES = ("kl", "mse")
+PRECISIONS = ("float32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,10 @@ class MnistConfig:
         temperature: softmax temperature of the KL loss.
         student_init_sigma: perturbs each student's starting point by Gaussian noise of
             this many init standard deviations (0: students start exactly at their init).
+        precision: matmul precision of training, ``float32`` or ``bf16`` (bfloat16 inputs,
+            float32 accumulation; parameters, optimizer state, softmaxes and losses stay
+            float32; see :mod:`toymodels.precision`). Accuracies are always evaluated in
+            float32, so the two precisions are compared on what training learned.
         seeds: independent repetitions (a teacher and its four students each).
         seed: root of every PRNG key in the run.
         n_train: use only the first ``n_train`` training images (None: all 60,000).
@@ -70,6 +75,7 @@ class MnistConfig:
     student_loss: str = "kl"
     temperature: float = 1.0
     student_init_sigma: float = 0.0
+    precision: str = "float32"
     seeds: int = 10
     seed: int = 0
     n_train: int | None = None
@@ -88,6 +94,7 @@ class MnistConfig:
             (self.n_noise <= 2_000_000, f"--n-noise must be at most 2000000 (got {self.n_noise}): noise image ids are 32-bit counters"),
             (self.optimizer in OPTIMIZERS, f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
             (self.noise in NOISE_DISTRIBUTIONS, f"unknown --noise {self.noise!r}: choose one of {', '.join(NOISE_DISTRIBUTIONS)}"),
+            (self.precision in PRECISIONS, f"unknown --precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"),
             (self.student_loss in STUDENT_LOSSES, f"unknown --student-loss {self.student_loss!r}: choose one of {', '.join(STUDENT_LOSSES)}"),
             (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
             (self.temperature > 0, f"--temperature must be positive (got {self.temperature})"),

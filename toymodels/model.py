@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from toymodels.precision import bf16_dot_general
+
 N_PIXELS = 28 * 28
 N_DIGITS = 10
 
@@ -53,12 +55,15 @@ class MLPSpec:
         n_aux: number of auxiliary logits ``m`` (the paper uses 3).
         init_scale: multiplies the weight standard deviation ``1/sqrt(d_in)``.
         d_in: input dimension (784 for flattened MNIST).
+        precision: ``"float32"``, or ``"bf16"`` for bfloat16 matmul inputs with float32
+            accumulation (:mod:`toymodels.precision`); parameters are float32 either way.
     """
 
     hidden: tuple[int, ...] = (256, 256)
     n_aux: int = 3
     init_scale: float = 1.0
     d_in: int = N_PIXELS
+    precision: str = "float32"
 
     @property
     def n_out(self) -> int:
@@ -91,6 +96,9 @@ class MLP(nnx.Module):
                 d_out,
                 kernel_init=jax.nn.initializers.normal(stddev=spec.init_scale / math.sqrt(d_in)),
                 bias_init=jax.nn.initializers.zeros,
+                # HIGHEST keeps float32 products float32 on GPUs, whose default is TF32.
+                precision=None if spec.precision == "bf16" else jax.lax.Precision.HIGHEST,
+                dot_general=bf16_dot_general if spec.precision == "bf16" else jax.lax.dot_general,
                 rngs=rngs,
             )
             for d_in, d_out in zip(spec.sizes[:-1], spec.sizes[1:])

@@ -38,10 +38,11 @@ from toymodels.data import normalize
 from toymodels.losses import STUDENT_LOSSES, digit_cross_entropy
 from toymodels.model import N_DIGITS, MLPSpec, Params, apply
 from toymodels.noise import noise_images
+from toymodels.precision import compute_dtype
 
 
 def spec_of(config: MnistConfig) -> MLPSpec:
-    return MLPSpec(hidden=tuple(config.hidden), n_aux=config.n_aux, init_scale=config.init_scale)
+    return MLPSpec(hidden=tuple(config.hidden), n_aux=config.n_aux, init_scale=config.init_scale, precision=config.precision)
 
 
 def make_optimizer(config: MnistConfig) -> optax.GradientTransformation:
@@ -180,7 +181,7 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
         def step(carry, batch):
             students, opt_states = carry
             ids, weights = batch
-            x = noise_images(words, ids, spec.d_in, config.noise)
+            x = noise_images(words, ids, spec.d_in, config.noise, compute_dtype(config.precision))
             teacher_logits = jax.lax.stop_gradient(apply(spec, teacher, x))
             losses, grads = grad_all_conditions(students, x, teacher_logits, weights, masks)
             updates, opt_states = update_all_conditions(grads, opt_states, students)
@@ -198,9 +199,10 @@ def _accuracy(config: MnistConfig, mesh: Mesh | None = None, eval_batch: int = 1
 
     Accuracy is over the ten digit logits. After the seed axis ``params`` may carry more
     model axes; the test set is streamed in batches of ``eval_batch`` images so memory
-    does not grow with the number of models.
+    does not grow with the number of models. Evaluation is float32 whatever the
+    training precision.
     """
-    spec = spec_of(config)
+    spec = dataclasses.replace(spec_of(config), precision="float32")
 
     def one_model(params, images, labels):
         n = images.shape[0]

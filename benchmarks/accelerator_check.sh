@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The paper's 100-seed MNIST figure in float32 and in bf16 on an accelerator, with timings.
+#
+# Runs from a checkout without installing it (jax, flax, optax, numpy, matplotlib, scipy,
+# sympy, hypothesis and jaxtyping must be importable), on whatever devices JAX sees:
+#
+#   bash benchmarks/accelerator_check.sh [OUT_DIR] [extra `sublearn mnist` options...]
+#
+# OUT_DIR (default results/accelerator_check) receives one folder per precision
+# (results.json, figure) and summary.json with each precision's wall time, devices and
+# six bars side by side. Seeds are vectorized VMAP_SEEDS at a time (default 25: a GPU is
+# latency-bound on one seed's 1024 x 784 products) in chunks of SEEDS_PER_CHUNK (default
+# 100: memory is a few hundred MB either way). SEEDS (default 100) sets the number of seeds.
+# float32 runs as true float32 (the package asks for HIGHEST matmul precision, so no TF32).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-results/accelerator_check}
+shift || true
+seeds=${SEEDS:-100}
+vmap=${VMAP_SEEDS:-25}
+chunk=${SEEDS_PER_CHUNK:-100}
+python=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$out"
+
+"$python" -c 'import jax; print("devices:", jax.devices())'
+for precision in float32 bf16; do
+  start=$(date +%s.%N)
+  "$python" -m toymodels --seeds "$seeds" --vmap-seeds "$vmap" --seeds-per-chunk "$chunk" \
+    --precision "$precision" --out "$out/$precision" --overwrite --quiet "$@"
+  echo "$start $(date +%s.%N)" > "$out/$precision/wall_clock.txt"
+done
+
+"$python" - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+summary = {}
+for precision in ("float32", "bf16"):
+    result = json.loads((out / precision / "results.json").read_text())
+    summary[precision] = {
+        "command_wall_s": (lambda a, b: b - a)(*map(float, (out / precision / "wall_clock.txt").read_text().split())),
+        "experiment_wall_s": result["timing"]["wall_s"],
+        "devices": result["environment"]["devices"],
+        "bars": {c: [s["mean"], s["ci95"]] for c, s in result["summary"].items()},
+    }
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
+print(f"{'condition':<14}{'float32':>20}{'bf16':>20}")
+for condition in summary["float32"]["bars"]:
+    cells = "".join(f"{m:>12.3f} +- {ci:.3f}" for m, ci in (summary[p]["bars"][condition] for p in summary))
+    print(f"{condition:<14}{cells}")
+print("wall s:", {p: round(s["command_wall_s"], 1) for p, s in summary.items()}, "devices:", summary["float32"]["devices"])
+EOF
