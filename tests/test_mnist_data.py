@@ -1,10 +1,11 @@
 import gzip
+import hashlib
 import shutil
 
 import numpy as np
 import pytest
 
-from toymodels.data import CHECKSUMS, DataError, bundled_dir, load_mnist, normalize, parse_idx
+from toymodels.data import CHECKSUMS, DataError, bundled_dir, idx_bytes, load_mnist, normalize, parse_idx
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,12 @@ def test_parse_idx_rejects_bad_headers():
     with pytest.raises(DataError, match="header says"):
         parse_idx(b"\x00\x00\x08\x01\x00\x00\x00\x05" + b"\x01\x02")
     np.testing.assert_array_equal(parse_idx(b"\x00\x00\x08\x01\x00\x00\x00\x02" + b"\x07\x09"), [7, 9])
+
+
+def test_idx_bytes_rebuilds_the_original_files(mnist):
+    """The check of MNIST loaded through tfds rests on this: arrays back to the exact IDX bytes."""
+    labels, images = idx_bytes(mnist.test_labels), idx_bytes(mnist.test_images.reshape(-1, 28, 28))
+    assert hashlib.sha256(labels).hexdigest() == CHECKSUMS["t10k-labels-idx1-ubyte"]
+    assert hashlib.sha256(images).hexdigest() == CHECKSUMS["t10k-images-idx3-ubyte"]
+    np.testing.assert_array_equal(parse_idx(labels), mnist.test_labels)
+    assert idx_bytes(mnist.test_labels[::-1]) != labels

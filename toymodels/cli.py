@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/mnist"), help="output folder (default: results/mnist)")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     parser.add_argument("--data", choices=SOURCES, default=None, help="MNIST source (default: bundled; 'dir' if --data-dir is given)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the four MNIST IDX files")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the four MNIST IDX files (with --data tfds: prepare tfds's mnist from them, offline)")
+    parser.add_argument("--offline", action="store_true", help="with --data tfds: never download; prepare tfds's mnist from --data-dir (default: the bundled files) if the tfds data folder ($TFDS_DATA_DIR, else ~/tensorflow_datasets) lacks it")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--sweep", metavar="FIELD=V1,V2,...", default=None, help="run once per value of one option, e.g. n_aux=1,3,10")
     group = parser.add_argument_group("experiment (defaults: the paper's setup)")
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         sweep = parse_sweep(args.sweep) if args.sweep else None
         source = args.data or ("dir" if args.data_dir is not None else "bundled")
-        data = load_mnist(source, args.data_dir)
+        data = load_mnist(source, args.data_dir, offline=args.offline)
         progress = SilentProgress() if args.quiet else TextProgress()
         if sweep is not None:
             return _run_sweep(args, config, sweep, data, progress)
