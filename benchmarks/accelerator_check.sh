@@ -46,9 +46,6 @@ for precision in ("float32", "bf16"):
         "bars": {c: [s["mean"], s["ci95"]] for c, s in result["summary"].items()},
     }
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
-print(f"{'condition':<14}{'float32':>20}{'bf16':>20}")
-for condition in summary["float32"]["bars"]:
-    cells = "".join(f"{m:>12.3f} +- {ci:.3f}" for m, ci in (summary[p]["bars"][condition] for p in summary))
-    print(f"{condition:<14}{cells}")
 print("wall s:", {p: round(s["command_wall_s"], 1) for p, s in summary.items()}, "devices:", summary["float32"]["devices"])
 EOF
+"$python" -m toymodels.compare "$out/float32/results.json" "$out/bf16/results.json" --out "$out/comparison.json"
