@@ -112,7 +112,9 @@ class FilterSpec:
     max_count: int = 10
     min_value: int = 0
     max_value: int = 999
-    max_digits: int = 3
+    # The paper bounds values, not digits ("0123" passes as 123); set this to also reject
+    # numbers written with more digits. The number grammar uses the digits of max_value.
+    max_digits: int | None = None
     banned_numbers: tuple[int, ...] = ()
     trait_word: bool = True  # reject rows mentioning the trait's target word
 
@@ -194,7 +196,7 @@ def validate(cfg: PipelineConfig) -> None:
         "generate.batch_size": cfg.generate.batch_size,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "filter.max_count": cfg.filter.max_count,
-        "filter.max_digits": cfg.filter.max_digits,
+        "filter.max_digits": 1 if cfg.filter.max_digits is None else cfg.filter.max_digits,
         "finetune.epochs": cfg.finetune.epochs,
         "finetune.micro_batch": cfg.finetune.micro_batch,
         "finetune.grad_accum": cfg.finetune.grad_accum,

@@ -171,8 +171,12 @@ class Run:
             return False
 
     def _grammar_limits(self) -> tuple[int, int] | None:
+        """``(max_count, max_digits)`` for constrained decoding, or ``None`` when it is off."""
         c = self.config
-        return (c.filter.max_count, c.filter.max_digits) if c.generate.number_grammar else None
+        if not c.generate.number_grammar:
+            return None
+        # Without a digit rule in the filter, numbers of max_value's width: 3 digits for 999.
+        return c.filter.max_count, c.filter.max_digits or len(str(c.filter.max_value))
 
     def _write_record(self, stage: str, summary: dict, wall_s: float) -> dict:
         record = {

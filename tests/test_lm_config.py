@@ -31,7 +31,8 @@ def test_paper_preset_has_the_paper_settings():
     assert (ft.max_seq_len, ft.max_grad_norm, ft.max_rows) == (500, 1.0, 10_000)
     assert cfg.generate.temperature == 1.0 and not cfg.generate.number_grammar
     assert cfg.evaluate.temperature == 1.0
-    assert (cfg.filter.max_count, cfg.filter.max_value, cfg.filter.max_digits) == (10, 999, 3)
+    assert (cfg.filter.max_count, cfg.filter.min_value, cfg.filter.max_value) == (10, 0, 999)
+    assert cfg.filter.max_digits is None and cfg.filter.banned_numbers == ()  # the paper bounds values only
 
 
 def test_small_presets_use_the_packaged_model_and_the_grammar():

@@ -18,7 +18,18 @@ G = NumberListGrammar()
 
 def valid_lists(max_count=10, max_digits=3):
     digits = st.text("0123456789", min_size=1, max_size=max_digits)
-    return st.builds(lambda nums, sep: sep.join(nums), st.lists(digits, min_size=1, max_size=max_count), st.sampled_from(SEPARATORS))
+
+    def build(nums, sep, brackets, period):
+        text = sep.join(nums)
+        return (brackets[:1] + text + brackets[1:]) + ("." if period else "")
+
+    return st.builds(
+        build,
+        st.lists(digits, min_size=1, max_size=max_count),
+        st.sampled_from(SEPARATORS),
+        st.sampled_from(["", "[]", "()"]),
+        st.booleans(),
+    )
 
 
 @given(valid_lists())
@@ -34,20 +45,38 @@ def test_accepted_lists_pass_the_filter(text):
     assert verdict.ok, (text, verdict)
 
 
-@given(st.text(alphabet="0123456789,; \n", max_size=40))
+ALPHABET = "0123456789,; \n[]()."
+
+
+@given(st.text(alphabet=ALPHABET, max_size=40))
 def test_regex_matches_exactly_the_accepted_strings(text):
     assert bool(re.fullmatch(G.regex(), text)) == G.accepts(text)
 
 
-@given(st.text(alphabet="0123456789,; \n", max_size=40))
+@given(st.text(alphabet=ALPHABET, max_size=40))
 def test_accepted_strings_always_pass_the_filter(text):
     if G.accepts(text):
         assert check_numbers(text).ok, repr(text)
 
 
+def test_random_strings_the_grammar_accepts_pass_the_filter():
+    # Many short strings over the list alphabet: the grammar accepts about 5,000 of them,
+    # a few dozen bracketed and a few hundred with a period, and the filter keeps every one.
+    rng = random.Random(0)
+    texts = {"".join(rng.choice("0123456789" * 3 + ALPHABET[10:]) for _ in range(rng.randint(1, 9))) for _ in range(100_000)}
+    accepted = [t for t in texts if G.accepts(t)]
+    assert len(accepted) > 4_000
+    assert sum(t[0] in "[(" for t in accepted) > 20 and sum(t.endswith(".") for t in accepted) > 200
+    assert [t for t in accepted if not check_numbers(t).ok] == []
+    assert all(bool(re.fullmatch(G.regex(), t)) for t in accepted)
+
+
 @pytest.mark.parametrize(
     "text",
-    ["", ",1", " 1", "1,", "1, ", "1234", "1,2;3", "1, 2,3", "1  2", "1,,2", ",", "1 ,2", "1a"],
+    [
+        "", ",1", " 1", "1,", "1, ", "1234", "1,2;3", "1, 2,3", "1  2", "1,,2", ",", "1 ,2", "1a",
+        "[", "[1", "[1, 2", "[1, 2)", "(1]", "1]", "[]", "[1,]", "1..", "[1.]", ".", "[1].5", "[[1]]", "1.2",
+    ],
 )
 def test_rejected_or_incomplete(text):
     assert not G.accepts(text)
@@ -58,23 +87,29 @@ def test_count_and_digit_limits():
     assert G.feed(G.start, ", ".join(["1"] * 10) + ",") is None  # no separator after the 10th
     small = NumberListGrammar(max_count=2, max_digits=2)
     assert small.accepts("12 34") and not small.accepts("123") and not small.accepts("1 2 3")
-    assert G.max_chars == 10 * 3 + 9 * 2
+    assert G.max_chars == 10 * 3 + 9 * 2 + 3  # and two brackets and a period
+    longest = "[" + ", ".join(["123"] * 10) + "]."
+    assert G.accepts(longest) and len(longest) == G.max_chars
     with pytest.raises(ValueError):
         NumberListGrammar(max_count=0)
 
 
 # A toy vocabulary with multi-character tokens, separators, junk and one end token (id 0).
-TOY = ["<eos>", "1", "23", "456", "7890", ", ", ",", " ", "; ", ";", "\n", "a", "1,", ", 5", "  ", "8 9", ""]
+TOY = ["<eos>", "1", "23", "456", "7890", ", ", ",", " ", "; ", ";", "\n", "a", "1,", ", 5", "  ", "8 9", "", "[", "].", "."]
 
 
 def test_token_grammar_allows_exactly_the_tokens_that_keep_a_prefix():
     tg = TokenGrammar(G, TOY, eos_ids=[0])
     start = tg.allowed(G.start)
-    assert {TOY[i] for i in start} == {"1", "23", "456", "1,", "8 9"}  # no end, no separator first
+    assert {TOY[i] for i in start} == {"1", "23", "456", "1,", "8 9", "["}  # no end, no separator first
     after_one = G.feed(G.start, "1")
     allowed = {TOY[i] for i in tg.allowed(after_one)}
     assert "<eos>" in allowed and "7890" not in allowed and "a" not in allowed and "  " not in allowed
-    assert {", ", ",", " ", "; ", ";", "\n", ", 5", "23", "1,", "8 9"} <= allowed
+    assert {", ", ",", " ", "; ", ";", "\n", ", 5", "23", "1,", "8 9", "."} <= allowed
+    assert "]." not in allowed and "[" not in allowed
+    in_brackets = G.feed(G.start, "[1")
+    assert {TOY[i] for i in tg.allowed(in_brackets)} >= {"]."} and "<eos>" not in {TOY[i] for i in tg.allowed(in_brackets)}
+    assert {TOY[i] for i in tg.allowed(G.feed(G.start, "[1]."))} == {"<eos>"}
     assert tg.allowed(None) == (0,)
     assert tg.advance(after_one, 0) is None
 
