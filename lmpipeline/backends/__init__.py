@@ -56,6 +56,10 @@ class TrainExample:
 
 class Backend(Protocol):
     name: str
+    # True for a backend that batches requests itself (vLLM's continuous batching): the
+    # pipeline then passes all of a sampling stage's prompts in one ``generate`` call.
+    # Optional; a backend without the attribute gets ``generate.batch_size`` at a time.
+    stage_at_once: bool
 
     def prepare(self, model: ModelRef) -> None:
         """Load what ``model`` needs now, so that later timings exclude loading."""
@@ -71,8 +75,10 @@ class Backend(Protocol):
         seed: int,
         number_grammar: tuple[int, int] | None = None,
     ) -> list[Generation]:
-        """One sample per conversation. ``number_grammar=(max_count, max_digits)`` constrains
-        the output to a number list of those limits."""
+        """One sample per conversation, by pure temperature sampling (greedy at 0): no
+        top-k, top-p or penalties, whatever the model's own generation config says.
+        ``number_grammar=(max_count, max_digits)`` constrains the output to a number list
+        of those limits."""
         ...
 
     def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str]) -> list[float]:

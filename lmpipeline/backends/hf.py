@@ -18,6 +18,7 @@ in the evaluation). See :func:`pure_sampling`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import warnings
 from collections.abc import Sequence
@@ -175,6 +176,7 @@ class HFBackend:
     """Backend on transformers, peft and torch (CPU or GPU)."""
 
     name = "hf"
+    stage_at_once = False
 
     def __init__(self, spec: ModelSpec | None = None):
         if spec is not None and spec.cpu_threads is not None:
@@ -327,6 +329,7 @@ class HFBackend:
         self._base.clear()
         self._weights = None
         self._grammars.clear()
+        gc.collect()  # models in reference cycles would otherwise hold their GPU memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
