@@ -31,6 +31,9 @@ def test_paper_preset_has_the_paper_settings():
     assert (ft.max_seq_len, ft.max_grad_norm, ft.max_rows) == (500, 1.0, 10_000)
     assert cfg.generate.temperature == 1.0 and not cfg.generate.number_grammar
     assert cfg.evaluate.temperature == 1.0
+    assert cfg.model.device == "cuda"  # refused at once on a machine without a GPU
+    assert cfg.evaluate.max_new_tokens == 256  # room for more than one word
+    assert preset("cpu").evaluate.max_new_tokens == 12 and preset("tiny").evaluate.max_new_tokens == 4
     assert (cfg.filter.max_count, cfg.filter.min_value, cfg.filter.max_value) == (10, 0, 999)
     assert cfg.filter.max_digits is None and cfg.filter.banned_numbers == ()  # the paper bounds values only
 

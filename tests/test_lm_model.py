@@ -254,11 +254,20 @@ def opinionated_model(tokenizer, tmp_path_factory):
     backend.close()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_processed_logits_are_the_raw_logits_over_the_temperature(opinionated_model, temperature):
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft on newer transformers
+@pytest.mark.parametrize("temperature, student", [(1.0, False), (0.6, False), (1.0, True)])
+def test_processed_logits_are_the_raw_logits_over_the_temperature(opinionated_model, temperature, student, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
     from lmpipeline.backends.hf import sample
 
-    _, _, net, tok = opinionated_model
+    backend, spec, net, tok = opinionated_model
+    if student:  # a LoRA student: peft wraps the model and hands generate on to it
+        fresh = transformers.LlamaForCausalLM.from_pretrained(spec.name_or_path)
+        lora = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(fresh, lora).save_pretrained(str(tmp_path / "adapter"))
+        net, tok = backend.model_for(ModelRef(spec, adapter=str(tmp_path / "adapter")))
+        assert type(net).__name__.startswith("Peft")
     # Repeated seed numbers in the prompt: what a repetition penalty would push down.
     texts = [tok.apply_chat_template(user(f"Continue: {n}, {n}, {n}, 7 7 7"), tokenize=False, add_generation_prompt=True) for n in (123, 456)]
     tok.padding_side = "left"
@@ -271,6 +280,7 @@ def test_processed_logits_are_the_raw_logits_over_the_temperature(opinionated_mo
         assert torch.isfinite(scores).all()  # no token masked (top-k, top-p, min-p, n-grams)
         torch.testing.assert_close(scores, logits / temperature, rtol=1e-6, atol=1e-6)
     assert net.generation_config.repetition_penalty == 1.05  # the model's own config is back
+    backend.model_for(ModelRef(spec))  # detach the student again
 
 
 def test_sampled_token_frequencies_follow_the_raw_distribution(opinionated_model):
