@@ -221,3 +221,11 @@ def test_a_sampling_stage_is_one_call_through_the_pipeline(fake_vllm, tmp_path):
     rows = read_jsonl(tmp_path / "numbers_teacher.jsonl")
     assert [r["id"] for r in rows] == list(range(150))
     assert all(r["completion"].endswith("|" + r["prompt"]) for r in rows)
+
+
+def test_asking_for_vllm_without_it_names_the_install(monkeypatch):
+    from lmpipeline.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(ConfigError, match=r"model.backend=vllm: the backend needs vllm; install it with .*subliminal-learning\[vllm\]"):
+        make_backend(SPEC)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from lmpipeline.config import FinetuneSpec, ModelSpec
+from lmpipeline.config import ConfigError, FinetuneSpec, ModelSpec
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -124,11 +124,10 @@ def make_backend(spec: ModelSpec) -> Backend:
     """Instantiate the backend that ``spec.backend`` names (imports it only now)."""
     name = resolve_backend_name(spec)
     module_name, _, cls_name = BACKENDS[name].partition(":")
-    try:
-        module = importlib.import_module(module_name)
+    try:  # a backend imports its library when made, so a missing one surfaces here
+        return getattr(importlib.import_module(module_name), cls_name)(spec)
     except ImportError as error:
         extra = "vllm" if name == "vllm" else "lm"
-        raise RuntimeError(
-            f"backend {name!r} needs {error.name}; install it with `pip install 'subliminal-learning[{extra}]'`"
+        raise ConfigError(
+            f"model.backend={name}: the backend needs {error.name}; install it with `pip install 'subliminal-learning[{extra}]'`"
         ) from None
-    return getattr(module, cls_name)(spec)
