@@ -2,10 +2,12 @@
 
 The language: 1 to ``max_count`` numbers of 1 to ``max_digits`` digits, joined by one
 separator from :data:`SEPARATORS` used throughout, optionally wrapped in ``[...]`` or
-``(...)`` and optionally followed by one period, with nothing else before or after. These
-are the shapes the number prompts ask for and the filter accepts; every complete string
-of the language passes :func:`lmpipeline.filters.check_numbers` when its values are in
-range (the tests check this), so a constrained sample never fails the format filter.
+``(...)``, with nothing else before or after: the shapes the number prompts ask for.
+Every complete string of the language passes :func:`lmpipeline.filters.check_numbers`
+when its values are in range (the tests check this), so a constrained sample never fails
+the format filter. The filter also accepts one final period, which no prompt asks for;
+``final_period=True`` admits it, but a small model offered it tends to end its list with
+it after one or two numbers ("1.", "0."), so it is off by default.
 
 Decoding works on tokens, not characters: a token is allowed in a state when feeding its
 text character by character keeps the output a prefix of the language, and end of sequence
@@ -23,8 +25,10 @@ Example:
 True
 >>> g.feed(g.start, "1234") is None  # at most 3 digits
 True
->>> g.accepts("[4, 5]."), g.accepts("[4, 5"), g.accepts("(4; 5]")
-(True, False, False)
+>>> g.accepts("[4, 5]"), g.accepts("[4, 5"), g.accepts("(4; 5]"), g.accepts("4, 5.")
+(True, False, False, False)
+>>> NumberListGrammar(final_period=True).accepts("[4, 5].")
+True
 """
 
 from __future__ import annotations
@@ -51,22 +55,27 @@ class ListState:
 class NumberListGrammar:
     """Character-level automaton for number lists; states are hashable :class:`ListState`."""
 
-    def __init__(self, max_count: int = 10, max_digits: int = 3, separators: Sequence[str] = SEPARATORS):
+    def __init__(
+        self, max_count: int = 10, max_digits: int = 3, separators: Sequence[str] = SEPARATORS, final_period: bool = False
+    ):
         if max_count < 1 or max_digits < 1 or not separators:
             raise ValueError("need max_count >= 1, max_digits >= 1 and at least one separator")
         self.max_count = max_count
         self.max_digits = max_digits
         self.separators = tuple(separators)
+        self.final_period = final_period
         self.start = ListState()
 
     @property
     def max_chars(self) -> int:
         """Length of the longest string in the language (bounds the decoding steps)."""
         numbers = self.max_count * self.max_digits + (self.max_count - 1) * max(map(len, self.separators))
-        return numbers + 3  # two brackets and a period
+        return numbers + 2 + self.final_period  # two brackets, perhaps a period
 
     def step(self, state: ListState, ch: str) -> ListState | None:
         """The state after one more character, or ``None`` if no valid list continues so."""
+        if ch == "." and not self.final_period:
+            return None
         if state.tail:  # after the closing bracket or the period only a period may follow
             return replace(state, tail=state.tail + ch) if ch == "." and "." not in state.tail else None
         if ch.isdigit() and ch.isascii():
@@ -126,7 +135,7 @@ class NumberListGrammar:
             branches.append(f"{number}({literal}{number}){{0,{self.max_count - 1}}}")
         body = "(" + "|".join(branches) + ")"
         wrapped = [body] + [f"\\{o}{body}\\{c}" for o, c in BRACKETS.items()]
-        return "(" + "|".join(wrapped) + ")(\\.)?"
+        return "(" + "|".join(wrapped) + ")" + ("(\\.)?" if self.final_period else "")
 
 
 class TokenGrammar:
@@ -143,8 +152,12 @@ class TokenGrammar:
         self.eos_ids = tuple(sorted(set(eos_ids)))
         eos = set(self.eos_ids)
         self.token_texts = list(token_texts)
+        # Open a bracket only if some token can close it: otherwise decoding could reach a
+        # state with no allowed token and no way to end.
+        closers = {c for o, c in BRACKETS.items() if c in self.token_texts or (grammar.final_period and c + "." in self.token_texts)}
+        unclosable = {o for o, c in BRACKETS.items() if c not in closers}
         self.candidates = [
-            (i, t) for i, t in enumerate(token_texts) if t and i not in eos and set(t) <= _ALPHABET
+            (i, t) for i, t in enumerate(token_texts) if t and i not in eos and set(t) <= _ALPHABET and not (set(t) & unclosable)
         ]
         self._allowed: dict[ListState, tuple[int, ...]] = {}
 
