@@ -199,7 +199,6 @@ def validate(cfg: PipelineConfig) -> None:
         "generate.batch_size": cfg.generate.batch_size,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "filter.max_count": cfg.filter.max_count,
-        "filter.max_digits": 1 if cfg.filter.max_digits is None else cfg.filter.max_digits,
         "finetune.epochs": cfg.finetune.epochs,
         "finetune.micro_batch": cfg.finetune.micro_batch,
         "finetune.grad_accum": cfg.finetune.grad_accum,
@@ -215,6 +214,8 @@ def validate(cfg: PipelineConfig) -> None:
     unknown = set(cfg.evaluate.models) - set(EVAL_MODELS)
     if unknown:
         raise ConfigError(f"evaluate.models has {sorted(unknown)}; choose from {', '.join(EVAL_MODELS)}")
+    if cfg.filter.max_digits is not None and cfg.filter.max_digits < 1:
+        raise ConfigError(f"filter.max_digits={cfg.filter.max_digits} must be at least 1 (or null for no digit rule)")
     if cfg.model.cpu_threads is not None and cfg.model.cpu_threads < 1:
         raise ConfigError(f"model.cpu_threads={cfg.model.cpu_threads} must be at least 1 (or null for torch's default)")
     if cfg.generate.temperature < 0 or cfg.evaluate.temperature < 0:

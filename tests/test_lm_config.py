@@ -83,6 +83,7 @@ def test_overrides_parse_json_and_strings():
         ("evaluate.models=[\"teacher\", \"judge\"]", "evaluate.models has ['judge']"),
         ("trait.source=adapter", "needs trait.adapter=PATH"),
         ("generate.number_grammar=1", "must be bool"),
+        ("filter.max_digits=0", "filter.max_digits=0 must be at least 1"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
