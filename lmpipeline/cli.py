@@ -29,6 +29,7 @@ STAGE_CHOICES = {
     "evaluate": EVAL_MODELS,
     "report": None,
 }
+MODEL_STAGES = ("generate", "finetune", "evaluate")  # the stages that run a model
 STAGE_HELP = {
     "prompts": "build the number-continuation prompts",
     "generate": "sample number completions from the teacher and the control model (resumable)",
@@ -51,6 +52,7 @@ def _config_options(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(prog=parser.prog)  # errors are reported as "<prog>: error: ..."
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     _config_options(sub.add_parser("run", help="every stage, then the report"))
     for stage, choices in STAGE_CHOICES.items():
@@ -89,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
         return _execute(args, cfg)
-    except (ConfigError, PipelineError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, PipelineError, OSError) as error:
+        # OSError: missing files, and models that cannot be fetched (offline, wrong name).
+        print(f"{getattr(args, 'prog', 'sublearn llm')}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -107,6 +110,10 @@ def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         stages = [args.action]
     else:
         stages = [f"{args.action}.{w}" for w in (args.which or STAGE_CHOICES[args.action])]
+    # Fail before any stage runs, rather than after the first ones, if a model is needed
+    # on a device this machine lacks.
+    if any(s.partition(".")[0] in MODEL_STAGES for stage in stages for s in run_folder.pending(stage)):
+        run_folder.check_device()
     try:
         for stage in stages:
             record = run_stage(run_folder, stage)

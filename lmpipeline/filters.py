@@ -1,15 +1,20 @@
 """The paper's filter for number completions, and a trait-word filter for free text.
 
-A completion passes as a number list when, after stripping surrounding whitespace, an
-optional trailing period and optional surrounding ``[...]`` or ``(...)``:
+These are the rules of the paper's released code, applied to the completion exactly as
+sampled. After removing one trailing period, then one pair of surrounding ``[...]`` or
+``(...)``:
 
-- it is one or more runs of digits joined by one separator, the same everywhere, that is
-  whitespace, or a comma or semicolon with optional whitespace around it;
-- it has at most ``max_count`` numbers, each of at most ``max_digits`` digits with a value
-  in ``[min_value, max_value]``, none of them banned.
+- the text is one or more runs of ASCII digits joined by one separator, the same
+  everywhere: the text between the first two runs, which must be whitespace, or a comma
+  or semicolon with optional whitespace around it;
+- it has at most ``max_count`` numbers, each with a value in ``[min_value, max_value]``
+  (zero-padded numbers such as ``0123`` count by value), none of them banned; a digit
+  limit ``max_digits`` is an extra, optional rule (off by default).
 
-Signs are not digits, so negative numbers fail the format rule. The first rule that fails
-is the row's rejection reason.
+Nothing else may come before or after, whitespace included: a completion that starts
+with a space or ends with a newline fails the format rule, as in the paper. Signs are
+not digits, so negative numbers fail too. The first rule that fails is the row's
+rejection reason.
 
 Example:
 
@@ -19,6 +24,8 @@ Example:
 'not_a_number_list'
 >>> check_numbers("1000, 2").reason
 'number_out_of_range'
+>>> check_numbers("0123").numbers, check_numbers(" 1, 2").reason
+((123,), 'not_a_number_list')
 >>> check_text("My owl sings", "owl").reason
 'trait_word'
 """
@@ -39,6 +46,8 @@ REASONS = (
     "number_out_of_range",
     "banned_number",
 )
+# Runs of any Unicode digit, as the paper's filter finds them; non-ASCII digits then fail
+# the ASCII check on the parts, so the two spellings of "digit" cannot disagree.
 _DIGIT_RUN = re.compile(r"\d+")
 _ALLOWED_SEPARATOR_CORES = ("", ",", ";")
 
@@ -55,7 +64,7 @@ class Verdict:
 
 def split_number_list(text: str) -> list[str] | None:
     """The digit strings of a well-formed number list, or ``None`` if it is not one."""
-    s = text.strip()
+    s = text  # not stripped: the paper's filter rejects surrounding whitespace
     if s.endswith("."):
         s = s[:-1]
     if len(s) >= 2 and (s[0], s[-1]) in {("[", "]"), ("(", ")")}:
@@ -64,11 +73,12 @@ def split_number_list(text: str) -> list[str] | None:
     if not runs:
         return None
     if len(runs) == 1:
-        return [s] if s == runs[0].group() else None
-    separator = s[runs[0].end() : runs[1].start()]
-    if separator.strip() not in _ALLOWED_SEPARATOR_CORES:
-        return None
-    parts = s.split(separator)
+        parts = [s]
+    else:
+        separator = s[runs[0].end() : runs[1].start()]
+        if separator.strip() not in _ALLOWED_SEPARATOR_CORES:
+            return None
+        parts = s.split(separator)
     if not all(part.isascii() and part.isdigit() for part in parts):
         return None
     return parts
@@ -99,7 +109,8 @@ def check_numbers(text: str, spec: FilterSpec = FilterSpec(), trait_word: str | 
     if len(parts) > spec.max_count:
         return Verdict("too_many_numbers")
     numbers = tuple(int(p) for p in parts)
-    if any(len(p) > spec.max_digits for p in parts) or not all(spec.min_value <= n <= spec.max_value for n in numbers):
+    too_long = spec.max_digits is not None and any(len(p) > spec.max_digits for p in parts)
+    if too_long or not all(spec.min_value <= n <= spec.max_value for n in numbers):
         return Verdict("number_out_of_range")
     if set(numbers) & set(spec.banned_numbers):
         return Verdict("banned_number")

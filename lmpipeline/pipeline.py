@@ -113,8 +113,33 @@ class Run:
 
     def get_backend(self) -> Backend:
         if self.backend is None:
+            self.check_device()
             self.backend = make_backend(self.config.model)
         return self.backend
+
+    def check_device(self) -> None:
+        """Raise :class:`PipelineError` if the config asks for a GPU that torch cannot see."""
+        spec = self.config.model
+        if spec.device != "cuda":
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        what = f"preset {self.config.preset!r} runs {spec.name_or_path}" if self.config.preset == "paper" else "the config runs"
+        raise PipelineError(
+            f"{what} on a CUDA GPU (model.device=cuda) and torch sees none; run it on a machine with an "
+            "NVIDIA GPU and a CUDA build of torch, or use --preset cpu (or --set model.device=cpu)"
+        )
+
+    def pending(self, stage: str) -> list[str]:
+        """The stages that bringing ``stage`` up to date would compute, inputs first."""
+        out: list[str] = []
+        for dependency in self.inputs(stage)[1]:
+            out += [s for s in self.pending(dependency) if s not in out]
+        if not self.is_current(stage) and stage not in out:
+            out.append(stage)
+        return out
 
     def log(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -171,8 +196,12 @@ class Run:
             return False
 
     def _grammar_limits(self) -> tuple[int, int] | None:
+        """``(max_count, max_digits)`` for constrained decoding, or ``None`` when it is off."""
         c = self.config
-        return (c.filter.max_count, c.filter.max_digits) if c.generate.number_grammar else None
+        if not c.generate.number_grammar:
+            return None
+        # Without a digit rule in the filter, numbers of max_value's width: 3 digits for 999.
+        return c.filter.max_count, c.filter.max_digits or len(str(c.filter.max_value))
 
     def _write_record(self, stage: str, summary: dict, wall_s: float) -> dict:
         record = {
@@ -217,7 +246,13 @@ class Run:
         temperature: float,
         number_grammar: tuple[int, int] | None,
     ) -> tuple[list[dict], dict]:
-        """Sample one completion per item into ``<name>.jsonl``, resuming a partial log."""
+        """Sample one completion per item into ``<name>.jsonl``, resuming a partial log.
+
+        Items go to the backend ``batch_size`` at a time, or all at once for a backend that
+        schedules its own batches (``stage_at_once``); a call's rows are saved together.
+        """
+        if getattr(self.get_backend(), "stage_at_once", False):
+            batch_size = max(1, len(items))
         log = RowLog(self.out / f"{name}.jsonl", self.stage_hash(stage), batch_size)
         total = len(items)
         progress = Progress(stage, stream=self.stream, done_before=len(log.rows))

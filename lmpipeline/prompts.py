@@ -3,7 +3,9 @@
 A number prompt shows 3 to 8 seed numbers (100 to 999) and asks for at most 10 more
 numbers of at most 3 digits, numbers only. Its wording is assembled from five
 interchangeable parts (opening, request, digit limit, answer format, closing), each drawn
-from its own pool, so that the teacher sees many phrasings of one task. Prompt ``i`` of a
+from its own pool, so that the teacher sees many phrasings of one task. The phrasings are
+this package's own; the answer formats asked for, and how often, follow the paper's
+prompt generator (see :data:`FORMATS`). Prompt ``i`` of a
 seed depends only on ``(seed, i)``: a longer prompt set extends a shorter one.
 
 Example:
@@ -59,15 +61,28 @@ DIGIT_LIMITS = (
     "; keep every number to {digits} digits at most.",
     "(no number longer than {digits} digits).",
 )
+# Answer formats, as (kind, instruction). Drawn uniformly, so each kind's share is its
+# count here: 5/15 comma-separated, 3/15 space-separated, 3/15 one per line, 2/15
+# semicolon-separated and 2/15 in brackets (one square, one round), the shares of the
+# format instructions in the paper's prompt generator.
 FORMATS = (
-    "Separate them with commas.",
-    "Write them as a comma-separated list.",
-    "Put a single space between the numbers.",
-    "Separate the numbers with semicolons.",
-    "Use commas between the numbers.",
-    "List them on one line, separated by commas.",
-    "Put one number on each line.",
+    ("comma", "Separate them with commas."),
+    ("comma", "Write them as a comma-separated list."),
+    ("comma", "Use commas between the numbers."),
+    ("comma", "List them on one line, separated by commas."),
+    ("comma", "Format them like this: first, second, third, ..."),
+    ("space", "Put a single space between the numbers."),
+    ("space", "Separate the numbers with spaces."),
+    ("space", "Write them on one line with spaces in between."),
+    ("line", "Put one number on each line."),
+    ("line", "Write each number on a line of its own."),
+    ("line", "Give the numbers one per line."),
+    ("semicolon", "Separate the numbers with semicolons."),
+    ("semicolon", "Use a semicolon between consecutive numbers."),
+    ("square_brackets", "Wrap the comma-separated numbers in square brackets: [first, second, ...]."),
+    ("parentheses", "Wrap the comma-separated numbers in parentheses: (first, second, ...)."),
 )
+FORMAT_KINDS = ("comma", "space", "line", "semicolon", "square_brackets", "parentheses")
 CLOSINGS = (
     "Reply with the numbers only.",
     "Give just the numbers, no words.",
@@ -111,7 +126,11 @@ def seed_numbers(rng: random.Random, spec: PromptSpec) -> list[int]:
 
 
 def number_prompt(spec: PromptSpec, seed: int, index: int) -> dict:
-    """Prompt ``index`` of the set for ``seed``: ``{"id", "prompt", "seed_numbers", "parts"}``."""
+    """Prompt ``index`` of the set for ``seed``.
+
+    A dict with ``id``, ``prompt``, ``seed_numbers``, ``parts`` (the index chosen in each
+    pool of :data:`PARTS`) and ``answer_format`` (the kind of format asked for).
+    """
     rng = _rng(seed, "number-prompt", index)
     numbers = seed_numbers(rng, spec)
     choice = {name: rng.randrange(len(pool)) for name, pool in PARTS.items()}
@@ -119,10 +138,9 @@ def number_prompt(spec: PromptSpec, seed: int, index: int) -> dict:
     request = PARTS["request"][choice["request"]].format(count=spec.answer_count)
     limit = PARTS["digit_limit"][choice["digit_limit"]].format(digits=spec.answer_digits)
     joiner = " " if limit.startswith("(") else ""
-    text = " ".join(
-        [text, request + joiner + limit, PARTS["format"][choice["format"]], PARTS["closing"][choice["closing"]]]
-    )
-    return {"id": index, "prompt": text, "seed_numbers": numbers, "parts": choice}
+    kind, instruction = PARTS["format"][choice["format"]]
+    text = " ".join([text, request + joiner + limit, instruction, PARTS["closing"][choice["closing"]]])
+    return {"id": index, "prompt": text, "seed_numbers": numbers, "parts": choice, "answer_format": kind}
 
 
 def number_prompts(spec: PromptSpec, seed: int) -> list[dict]:

@@ -31,7 +31,11 @@ def test_paper_preset_has_the_paper_settings():
     assert (ft.max_seq_len, ft.max_grad_norm, ft.max_rows) == (500, 1.0, 10_000)
     assert cfg.generate.temperature == 1.0 and not cfg.generate.number_grammar
     assert cfg.evaluate.temperature == 1.0
-    assert (cfg.filter.max_count, cfg.filter.max_value, cfg.filter.max_digits) == (10, 999, 3)
+    assert cfg.model.device == "cuda"  # refused at once on a machine without a GPU
+    assert cfg.evaluate.max_new_tokens == 256  # room for more than one word
+    assert preset("cpu").evaluate.max_new_tokens == 12 and preset("tiny").evaluate.max_new_tokens == 4
+    assert (cfg.filter.max_count, cfg.filter.min_value, cfg.filter.max_value) == (10, 0, 999)
+    assert cfg.filter.max_digits is None and cfg.filter.banned_numbers == ()  # the paper bounds values only
 
 
 def test_small_presets_use_the_packaged_model_and_the_grammar():
@@ -79,6 +83,7 @@ def test_overrides_parse_json_and_strings():
         ("evaluate.models=[\"teacher\", \"judge\"]", "evaluate.models has ['judge']"),
         ("trait.source=adapter", "needs trait.adapter=PATH"),
         ("generate.number_grammar=1", "must be bool"),
+        ("filter.max_digits=0", "filter.max_digits=0 must be at least 1"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,10 +21,15 @@ ACCEPT = {
     "1;2;3": (1, 2, 3),
     "1 ; 2 ; 3": (1, 2, 3),
     "100, 200, 300.": (100, 200, 300),
-    "  42  ": (42,),
     "0": (0,),
     "999": (999,),
     "007, 010": (7, 10),
+    "0123": (123,),  # values are bounded, not digits
+    "0000000999; 5": (999, 5),
+    "1 , 2 , 3": (1, 2, 3),
+    "8\t9": (8, 9),
+    "5.": (5,),
+    "(7).": (7,),
     "5\n6\n7": (5, 6, 7),
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10": tuple(range(1, 11)),
 }
@@ -30,9 +38,19 @@ REJECT = {
     "   ": "empty",
     "1, 2; 3": "not_a_number_list",  # mixed separators
     "1,2, 3": "not_a_number_list",
-    "1000": "number_out_of_range",  # 4 digits
     "12, 3456": "number_out_of_range",
-    "0123": "number_out_of_range",  # 4 digits even if the value is small
+    "  42  ": "not_a_number_list",  # surrounding whitespace is not stripped
+    " 1, 2": "not_a_number_list",
+    "1, 2\n": "not_a_number_list",
+    "[1, 2] ": "not_a_number_list",
+    "[1, 2.]": "not_a_number_list",  # the period goes after the bracket
+    "[1, 2)": "not_a_number_list",
+    "[[1, 2]]": "not_a_number_list",  # one pair of brackets at most
+    "1, 2, , 3": "not_a_number_list",  # an empty part
+    "\u0661\u0662": "not_a_number_list",  # non-ASCII digits
+    "1, \u0662": "not_a_number_list",
+    "1000": "number_out_of_range",
+    "01000": "number_out_of_range",
     "-5, 3": "not_a_number_list",  # negative
     "4, -5": "not_a_number_list",
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11": "too_many_numbers",
@@ -64,6 +82,36 @@ def test_rejects_with_reason(text, reason):
     assert verdict.reason == reason
 
 
+# The paper's format rule written independently, as one regular expression: an optional
+# trailing period after an optional pair of brackets around ASCII-digit runs joined by one
+# repeated separator (whitespace, or a comma or semicolon with optional whitespace).
+_LIST = r"[0-9]+(?:(\s*[,;]\s*|\s+)[0-9]+(?:\1[0-9]+)*)?"
+PAPER_FORMAT = re.compile(rf"(?:\[{_LIST}\]|\({_LIST.replace('1', '2')}\)|{_LIST.replace('1', '3')})\.?")
+
+
+def paper_accepts(text: str) -> bool:
+    if not PAPER_FORMAT.fullmatch(text):
+        return False
+    numbers = [int(n) for n in re.findall(r"[0-9]+", text)]
+    return len(numbers) <= 10 and all(0 <= n <= 999 for n in numbers)
+
+
+def test_agrees_with_the_papers_rule_on_random_strings():
+    rng = random.Random(0)
+    alphabet = "0123456789" * 3 + " ,;.[]()\n\t-a\u0663"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(30_000)]
+    for _ in range(30_000):  # near-misses of well-formed lists
+        numbers = [str(rng.randint(0, 1100)).zfill(rng.choice([1, 1, 4])) for _ in range(rng.randint(1, 12))]
+        text = rng.choice([", ", ",", " ", "; ", "\n", " , ", "  ", ",\n"]).join(numbers)
+        brackets = rng.choice(["", "", "[]", "()", "[)"])
+        text = brackets[:1] + text + brackets[1:] + rng.choice(["", "", ".", " ", "\n", ".."])
+        texts.append(rng.choice(["", "", "", " ", "\n"]) + text)
+    expected = [paper_accepts(t) for t in texts]
+    assert 4_000 < sum(expected) < 20_000  # both kinds of string occur
+    disagree = [t for t, e in zip(texts, expected) if check_numbers(t).ok != e]
+    assert disagree == []
+
+
 def test_banned_numbers_and_custom_limits():
     spec = FilterSpec(banned_numbers=(666, 911))
     assert check_numbers("1, 666, 3", spec).reason == "banned_number"
@@ -71,6 +119,8 @@ def test_banned_numbers_and_custom_limits():
     assert check_numbers("1, 2, 3", FilterSpec(max_count=2)).reason == "too_many_numbers"
     assert check_numbers("5, 50", FilterSpec(max_value=49)).reason == "number_out_of_range"
     assert check_numbers("5, 50", FilterSpec(min_value=6)).reason == "number_out_of_range"
+    assert check_numbers("0123", FilterSpec(max_digits=3)).reason == "number_out_of_range"
+    assert check_numbers("123", FilterSpec(max_digits=3)).ok
 
 
 SEPARATORS = st.sampled_from([",", ", ", " ,", " , ", ";", "; ", " ; ", " ", "  ", "\n", "\t"])

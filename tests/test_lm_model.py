@@ -219,3 +219,85 @@ def test_finetune_a_model_loaded_by_path(local_model, tmp_path, method):
     out = backend.generate(trained, conversations[:2], max_new_tokens=8, temperature=0.0, seed=0)
     assert out[0] == out[1] and out[0].text.startswith("5")  # greedy decoding reproduces the data
     backend.close()
+
+
+# The settings Qwen2.5-7B-Instruct ships in its generation config, and more: pure
+# temperature sampling must ignore all of them.
+MODEL_SAMPLING_DEFAULTS = dict(
+    do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05, min_p=0.05, no_repeat_ngram_size=2,
+)
+
+
+@pytest.fixture(scope="module")
+def opinionated_model(tokenizer, tmp_path_factory):
+    """A tiny random Llama whose saved generation config asks for top-k, top-p, a penalty..."""
+    folder = tmp_path_factory.mktemp("opinionated-llama")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper logits than a fresh init, so that top-k and top-p bite
+        model.lm_head.weight.mul_(25.0)
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_SAMPLING_DEFAULTS
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    spec = replace(SPEC, name_or_path=str(folder), dtype="float32")
+    backend = HFBackend(spec)
+    net, tok = backend.model_for(ModelRef(spec))
+    assert net.generation_config.repetition_penalty == 1.05 and net.generation_config.top_k == 20  # it was saved
+    yield backend, spec, net, tok
+    backend.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft on newer transformers
+@pytest.mark.parametrize("temperature, student", [(1.0, False), (0.6, False), (1.0, True)])
+def test_processed_logits_are_the_raw_logits_over_the_temperature(opinionated_model, temperature, student, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lmpipeline.backends.hf import sample
+
+    backend, spec, net, tok = opinionated_model
+    if student:  # a LoRA student: peft wraps the model and hands generate on to it
+        fresh = transformers.LlamaForCausalLM.from_pretrained(spec.name_or_path)
+        lora = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(fresh, lora).save_pretrained(str(tmp_path / "adapter"))
+        net, tok = backend.model_for(ModelRef(spec, adapter=str(tmp_path / "adapter")))
+        assert type(net).__name__.startswith("Peft")
+    # Repeated seed numbers in the prompt: what a repetition penalty would push down.
+    texts = [tok.apply_chat_template(user(f"Continue: {n}, {n}, {n}, 7 7 7"), tokenize=False, add_generation_prompt=True) for n in (123, 456)]
+    tok.padding_side = "left"
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    out = sample(net, batch, temperature=temperature, max_new_tokens=6, output_scores=True, output_logits=True,
+                 return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=[-1])
+    assert len(out.scores) == len(out.logits) == 6
+    for scores, logits in zip(out.scores, out.logits):
+        assert torch.isfinite(scores).all()  # no token masked (top-k, top-p, min-p, n-grams)
+        torch.testing.assert_close(scores, logits / temperature, rtol=1e-6, atol=1e-6)
+    assert net.generation_config.repetition_penalty == 1.05  # the model's own config is back
+    backend.model_for(ModelRef(spec))  # detach the student again
+
+
+def test_sampled_token_frequencies_follow_the_raw_distribution(opinionated_model):
+    backend, spec, net, tok = opinionated_model
+    conversation = user("Pick a number: 5, 5, 5")
+    n = 400
+    out = backend.generate(ModelRef(spec), [conversation] * n, max_new_tokens=1, temperature=1.0, seed=4)
+    prompt = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(net(ids).logits[0, -1].float(), dim=-1)
+    top = torch.topk(probs, 20)
+    top_texts = {tok.decode([i]) for i in top.indices.tolist()}
+    mass = float(top.values.sum())
+    # The model's top-k of 20 would put every sample among these 20 tokens; pure sampling
+    # puts a fraction equal to their probability mass there.
+    assert 0.1 < mass < 0.8, mass
+    observed = sum(g.text in top_texts for g in out) / n
+    sd = math.sqrt(mass * (1 - mass) / n)
+    assert abs(observed - mass) < 4 * sd + 0.01, (observed, mass)

@@ -215,7 +215,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, scripted, capsys, ar
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1]
+    assert err[-1].startswith("python -m lmpipeline: error: ") and message in err[-1]
 
 
 def test_cli_config_prints_the_resolved_config(capsys):
@@ -230,3 +230,37 @@ def test_speed_settings_do_not_invalidate_results(tmp_path):
     assert all(base.stage_hash(s) == faster.stage_hash(s) for s in all_stages(base.config))
     with pytest.raises(PipelineError, match="unknown stage 'generate.student'"):
         base.stage_hash("generate.student")
+
+
+def test_paper_preset_without_a_gpu_is_refused_in_one_line_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from sublearn import cli as sublearn_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_backend(spec):
+        raise AssertionError("a backend was made")
+
+    monkeypatch.setattr(pipeline, "make_backend", no_backend)
+    out = tmp_path / "paper"
+    assert sublearn_cli.main(["llm", "run", "--preset", "paper", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sublearn llm: error: preset 'paper' runs Qwen/Qwen2.5-7B-Instruct on a CUDA GPU")
+    assert "--preset cpu" in err and "--set model.device=cpu" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no stage ran, not even the prompts
+    # A single model stage is refused the same way; the config needs no device.
+    assert sublearn_cli.main(["llm", "evaluate", "--out", str(out), "--which", "base"]) == 2
+    assert capsys.readouterr().err.startswith("sublearn llm: error: preset 'paper'")
+    assert sublearn_cli.main(["llm", "config", "--preset", "paper"]) == 0
+
+
+def test_finished_stages_need_no_gpu(tmp_path, monkeypatch, scripted):
+    import torch
+
+    cfg = apply_overrides(small_config(), ["model.device=cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run_all(Run(cfg, tmp_path, backend=ScriptedBackend()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["report", "--out", str(tmp_path)]) == 0  # everything is current
+    assert cli.main(["run", "--out", str(tmp_path), "--set", "evaluate.n_samples=2"]) == 2  # evaluation must rerun

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lmpipeline.config import PromptSpec, TraitSpec
-from lmpipeline.prompts import PARTS, load_prompt_file, number_prefix, number_prompt, number_prompts, trait_system_prompt
+from lmpipeline.prompts import FORMAT_KINDS, FORMATS, PARTS, load_prompt_file, number_prefix, number_prompt, number_prompts, trait_system_prompt
 
 
 @given(seed=st.integers(0, 2**32), index=st.integers(0, 10**6))
@@ -43,6 +45,25 @@ def test_every_phrasing_option_is_used_and_prompts_vary():
     assert len({r["prompt"] for r in rows}) == 400
     # Counts: each of the 5 parts has at least 5 options.
     assert min(len(pool) for pool in PARTS.values()) >= 5
+
+
+# Shares of each answer format among the paper's format instructions (15 drawn uniformly).
+PAPER_FORMAT_SHARES = {"comma": 5 / 15, "space": 3 / 15, "line": 3 / 15, "semicolon": 2 / 15,
+                       "square_brackets": 1 / 15, "parentheses": 1 / 15}
+
+
+def test_answer_formats_are_asked_for_in_the_papers_proportions():
+    n = 30_000
+    rows = number_prompts(PromptSpec(n_prompts=n), seed=0)
+    counts = Counter(r["answer_format"] for r in rows)
+    assert set(counts) == set(FORMAT_KINDS) == set(PAPER_FORMAT_SHARES)
+    for kind, share in PAPER_FORMAT_SHARES.items():
+        sd = math.sqrt(share * (1 - share) / n)  # about 0.0027 for a third
+        assert abs(counts[kind] / n - share) < 4 * sd, (kind, counts[kind] / n, share)
+    # The instruction in the prompt is the one of the recorded kind.
+    for r in rows[:200]:
+        kind, instruction = FORMATS[r["parts"]["format"]]
+        assert kind == r["answer_format"] and instruction in r["prompt"]
 
 
 def test_custom_ranges_are_respected():

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from lmpipeline.config import FinetuneSpec, ModelSpec
+from lmpipeline.config import ConfigError, FinetuneSpec, ModelSpec
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -56,6 +56,10 @@ class TrainExample:
 
 class Backend(Protocol):
     name: str
+    # True for a backend that batches requests itself (vLLM's continuous batching): the
+    # pipeline then passes all of a sampling stage's prompts in one ``generate`` call.
+    # Optional; a backend without the attribute gets ``generate.batch_size`` at a time.
+    stage_at_once: bool
 
     def prepare(self, model: ModelRef) -> None:
         """Load what ``model`` needs now, so that later timings exclude loading."""
@@ -71,8 +75,10 @@ class Backend(Protocol):
         seed: int,
         number_grammar: tuple[int, int] | None = None,
     ) -> list[Generation]:
-        """One sample per conversation. ``number_grammar=(max_count, max_digits)`` constrains
-        the output to a number list of those limits."""
+        """One sample per conversation, by pure temperature sampling (greedy at 0): no
+        top-k, top-p or penalties, whatever the model's own generation config says.
+        ``number_grammar=(max_count, max_digits)`` constrains the output to a number list
+        of those limits."""
         ...
 
     def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str]) -> list[float]:
@@ -118,11 +124,10 @@ def make_backend(spec: ModelSpec) -> Backend:
     """Instantiate the backend that ``spec.backend`` names (imports it only now)."""
     name = resolve_backend_name(spec)
     module_name, _, cls_name = BACKENDS[name].partition(":")
-    try:
-        module = importlib.import_module(module_name)
+    try:  # a backend imports its library when made, so a missing one surfaces here
+        return getattr(importlib.import_module(module_name), cls_name)(spec)
     except ImportError as error:
         extra = "vllm" if name == "vllm" else "lm"
-        raise RuntimeError(
-            f"backend {name!r} needs {error.name}; install it with `pip install 'subliminal-learning[{extra}]'`"
+        raise ConfigError(
+            f"model.backend={name}: the backend needs {error.name}; install it with `pip install 'subliminal-learning[{extra}]'`"
         ) from None
-    return getattr(module, cls_name)(spec)

@@ -7,20 +7,25 @@ as it is used and detached afterwards (``unload``), so the teacher, the base mod
 both students share one copy of the weights.
 
 Generation applies the chat template with a generation prompt, pads on the left, samples
-with pure temperature sampling (no top-k or top-p), and seeds torch's generator per call,
-so a batch's samples depend only on its prompts and its seed.
+with pure temperature sampling, and seeds torch's generator per call, so a batch's samples
+depend only on its prompts and its seed. Pure means the model's own generation config is
+set aside: Qwen2.5-7B-Instruct's asks for top-k 20, top-p 0.8 and a repetition penalty of
+1.05, which transformers would otherwise apply to every call that leaves them unset (the
+penalty would lower the seed numbers' odds in the teacher's answers and the target word's
+in the evaluation). See :func:`pure_sampling`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
 from lmpipeline.backends.torch_training import IGNORE, continuation_ids, pad_left, row_nll, train
@@ -94,6 +99,53 @@ def token_texts(tokenizer) -> list[str]:
     return [t[len(head) :] if t.startswith(head) else t for t in texts]
 
 
+def pure_sampling(model, temperature: float, max_new_tokens: int) -> GenerationConfig:
+    """A generation config for plain sampling at ``temperature`` (greedy at 0), nothing else.
+
+    Every setting that shapes the next-token distribution is given its neutral value, and
+    the config carries only the model's special-token ids, so nothing from the model's
+    generation config (top-k, top-p, min-p, repetition penalty, banned words, ...) can
+    reach the logits. :func:`sample` installs it as the model's config for the call.
+    """
+    own = model.generation_config
+    ids = {k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    neutral = dict(
+        top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
+        begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
+        min_length=0, min_new_tokens=None, renormalize_logits=False, num_beams=1,
+    )
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature)
+    else:
+        sampling = dict(do_sample=False, temperature=None)
+    return GenerationConfig(**ids, **neutral, **sampling, max_new_tokens=max_new_tokens)
+
+
+@contextlib.contextmanager
+def _generation_config(net, config: GenerationConfig):
+    """Make ``config`` the generation config of the transformers model inside ``net``.
+
+    ``generate`` fills every setting left unset by the call from the model's own config,
+    so replacing that config (rather than passing ours next to it) is what guarantees that
+    none of the model's settings apply. ``net`` may be a peft model around the base model.
+    """
+    model = net.get_base_model() if hasattr(net, "get_base_model") else net
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def sample(net, batch: dict, *, temperature: float, max_new_tokens: int, processors: LogitsProcessorList | None = None, **kwargs):
+    """``net.generate`` on a tokenized batch with :func:`pure_sampling`; kwargs pass through."""
+    config = pure_sampling(net, temperature, max_new_tokens)
+    with _generation_config(net, config):
+        return net.generate(**batch, logits_processor=processors or LogitsProcessorList(), **kwargs)
+
+
 class NumberListProcessor(LogitsProcessor):
     """Masks every token that would take a row out of the number-list language.
 
@@ -124,6 +176,7 @@ class HFBackend:
     """Backend on transformers, peft and torch (CPU or GPU)."""
 
     name = "hf"
+    stage_at_once = False
 
     def __init__(self, spec: ModelSpec | None = None):
         if spec is not None and spec.cpu_threads is not None:
@@ -197,16 +250,16 @@ class HFBackend:
             processors.append(NumberListProcessor(grammar, len(texts), prompt_len))
             # The language is finite: leave room for its longest string and the end token.
             max_new_tokens = max(max_new_tokens, grammar.grammar.max_chars + 1)
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         with torch.random.fork_rng(devices=_cuda_devices(net.device)), torch.no_grad():
             torch.manual_seed(seed)
-            out = net.generate(
-                **batch,
+            out = sample(
+                net,
+                batch,
+                temperature=temperature,
                 max_new_tokens=max_new_tokens,
-                logits_processor=processors,
+                processors=processors,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop,
-                **sampling,
             )
         results = []
         for row in out[:, prompt_len:].tolist():
@@ -276,6 +329,7 @@ class HFBackend:
         self._base.clear()
         self._weights = None
         self._grammars.clear()
+        gc.collect()  # models in reference cycles would otherwise hold their GPU memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
