@@ -184,15 +184,20 @@ def test_left_padded_loss_on_kept_logits_equals_the_full_right_padded_loss(token
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def _tiny_llama_config(tokenizer, **overrides) -> transformers.LlamaConfig:
+    """A two-layer Llama of width 32 over ``tokenizer``'s vocabulary."""
+    return transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, **overrides,
+    )
+
+
 @pytest.fixture(scope="module")
 def local_model(tokenizer, tmp_path_factory):
     """A tiny random Llama saved as a local folder: a model "by path", as a hub model would be."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )
+    config = _tiny_llama_config(tokenizer, tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -232,11 +237,7 @@ MODEL_SAMPLING_DEFAULTS = dict(
 def opinionated_model(tokenizer, tmp_path_factory):
     """A tiny random Llama whose saved generation config asks for top-k, top-p, a penalty..."""
     folder = tmp_path_factory.mktemp("opinionated-llama")
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = _tiny_llama_config(tokenizer)
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # sharper logits than a fresh init, so that top-k and top-p bite

@@ -14,6 +14,18 @@ from typing import Any, Callable
 PACKAGES = ("subliminal-learning", "jax", "jaxlib", "flax", "optax", "numpy", "matplotlib")
 
 
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there; raises ``OSError`` if not.
+
+    Called before long work, so that a folder that cannot take the results fails at once.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".sublearn-write-test"
+    probe.write_text("")
+    probe.unlink()
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Have ``write(tmp_path)`` fill a temporary file beside ``path``, then rename it into place.
 

@@ -18,6 +18,7 @@ import sys
 import typing
 from pathlib import Path
 
+from toymodels.artifacts import check_writable
 from toymodels.config import NOISE_DISTRIBUTIONS, OPTIMIZERS, PRECISIONS, STUDENT_LOSSES, ConfigError, MnistConfig
 from toymodels.data import SOURCES, DataError
 
@@ -86,10 +87,7 @@ def format_table(result: dict) -> str:
 def prepare_output(out: Path, result_name: str, overwrite: bool) -> None:
     """Create ``out``, check it is writable and holds no ``result_name`` yet, before any training."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        check_writable(out)
     except OSError as err:
         raise ConfigError(f"cannot write to output folder {out} ({err.strerror}): choose another --out") from err
     if overwrite:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from toymodels.artifacts import check_writable
+
 # SHA-256 of the decompressed files, as published with the original MNIST distribution.
 CHECKSUMS = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -210,10 +212,7 @@ def _import_tfds():
 def _check_writable(root: Path) -> None:
     """Fail with the fix before tfds starts a download or preparation it could not store."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".sublearn-write-test"
-        probe.write_text("")
-        probe.unlink()
+        check_writable(root)
     except OSError as err:
         raise DataError(
             f"cannot prepare MNIST in the tfds data folder {root} ({err.strerror}): "
