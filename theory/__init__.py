@@ -17,6 +17,7 @@ when you need them.
 from theory.numerical import (
     AlignmentResult,
     Convergence,
+    Faults,
     QuadraticLoss,
     SubsetSoftmaxCrossEntropy,
     SupervisedLoss,
@@ -32,6 +33,7 @@ from theory.numerical import (
 __all__ = [
     "AlignmentResult",
     "Convergence",
+    "Faults",
     "QuadraticLoss",
     "SubsetSoftmaxCrossEntropy",
     "SupervisedLoss",
