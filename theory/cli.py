@@ -237,7 +237,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     forces these signs, so they are counts, not violations.
     """
     lines = [
-        f"{'':<26}{'':>6}{'shared initialization':^53}   {'different init: how often < 0':^21}",
+        f"{'':<32}{' shared initialization ':-^67}  {' different init ':-^21}",
         f"{'':<26}{'cases':>6}{'A=0':>5}{'min A':>9}{'violations':>12}{'halvings':>9}"
         f"   {'Taylor order median [min, max]':<31}{'A_x':>7}{'a-a0':>7}{'a0':>7}",
     ]
@@ -257,6 +257,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{row['name']:<26}{n:>6}{row['A_zero']:>5}{min_a:>9}{violations:>12}{row['halvings_max']:>9}   {order:<31}{signs}"
         )
+    lines.append(
+        "different init: how often A_x, a(eps) - a0 and a0 are negative; nothing forbids it there, "
+        "so these are counts, not violations"
+    )
     for row in rows:
         if row.get("at_kink"):
             lines.append(

@@ -39,6 +39,14 @@ Conventions (the paper's Lemma 1 and Theorem 1, Appendix C):
   :math:`z = y`) and :math:`A` is a quadratic form in :math:`J\Delta\theta_T` with a
   positive semi-definite :math:`M` (:math:`2I` for squared error,
   :math:`\mathrm{diag}(p) - pp^\top` for softmax cross-entropy), hence :math:`A \ge 0`.
+  Under different initialization :math:`A` is the cross term :math:`A_\times` (with
+  :math:`J_S \ne J_T`, no quadratic form: it can be negative) and :math:`a_0 \ne 0`.
+
+The measured alignment comes from the student's actual step; :math:`a_0, A, C` come
+from Jacobian-vector products at :math:`\varepsilon = 0`, independently of that step.
+The check compares the two at an :math:`\varepsilon` where :math:`\varepsilon A` stands
+far above rounding (:meth:`AlignmentResult.resolved`); a wrong step cannot hide by
+making both sides rounding (:class:`Faults` injects such errors for testing).
 
 Everything is computed in float64 inside :func:`jax.enable_x64` (the global setting is
 left alone), and the first- and second-order coefficients use Jacobian-vector products
