@@ -255,6 +255,7 @@ def _taylor_ratio(lower, higher, rho):
 # ---------------------------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Faults:
     r"""Deliberate errors in the steps the check measures, to show that the check catches them.
@@ -636,7 +637,8 @@ def check_alignment(
             alpha=jnp.asarray(alpha, jnp.float64),
             rho=jnp.asarray(rho, jnp.float64),
             eps_max=jnp.asarray(eps_max, jnp.float64),
-            faults=faults,
+            # As traced arrays, so that the correct check and every mutant share one compilation.
+            faults=jax.tree.map(lambda f: jnp.asarray(f, jnp.float64), faults),
         )
 
         def result(at: float, halvings: int = 0) -> AlignmentResult:
