@@ -10,6 +10,8 @@ from flax import nnx
 
 from theory.cases import MLP, init_mlp
 from theory.numerical import (
+    MAX_HALVINGS,
+    RESOLUTION,
     QuadraticLoss,
     SubsetSoftmaxCrossEntropy,
     SupervisedLoss,
@@ -224,3 +226,50 @@ def test_rejects_ambiguous_teacher():
     with pytest.raises(ValueError, match="exactly one of `direction`"):
         check_alignment(TANH_MLP, params, x, student_loss=squared_error, direction=v, teacher_loss=loss)
 
+
+
+def test_an_eps_outside_the_taylor_regime_is_a_violation_on_either_side():
+    params, x, v = _tanh_case()
+    kwargs = dict(student_loss=softmax_cross_entropy, direction=v)
+    auto = check_alignment(TANH_MLP, params, x, **kwargs)
+    assert auto.violations() == [] and auto.in_taylor_regime()
+    # Too large: higher orders swamp eps*A. Too small: eps*A sinks toward rounding, where
+    # every sign check would pass whatever the student did.
+    for eps in (1e3 * auto.eps, 1e-13 * auto.eps):
+        r = check_alignment(TANH_MLP, params, x, eps=eps, **kwargs)
+        assert r.halvings == 0 and r.violations() == ["not in the Taylor regime"], (eps, r.violations())
+    tiny = check_alignment(TANH_MLP, params, x, eps=1e-13 * auto.eps, **kwargs)
+    assert not tiny.resolved() and tiny.first_order_dominates()  # dominance alone is vacuous there
+
+
+def test_halving_stops_at_the_resolution_floor():
+    # A ReLU network whose units switch within the automatic eps needs halvings; each
+    # one is recorded, and the final eps keeps eps*A far above its tolerance.
+    params, x, v = _tanh_case(seed=4)
+    relu = MLP(TANH_MLP.sizes, "relu")
+    results = [
+        check_alignment(relu, params, x * scale, student_loss=squared_error, direction=v) for scale in (1.0, 3.0, 10.0)
+    ]
+    for r in results:
+        assert r.violations() == []
+        assert abs(r.first_order) >= RESOLUTION * tolerances(r)["alignment"]
+        assert 0 <= r.halvings < MAX_HALVINGS
+    # Explicit eps values are never halved.
+    assert check_alignment(relu, params, x, student_loss=squared_error, direction=v, eps=1.0).halvings == 0
+
+
+def test_different_initialization_reports_the_cross_term_apart_from_the_zeroth_order_term():
+    params, x, v = _tanh_case()
+    other = init_mlp(TANH_MLP, np.random.default_rng(99), bias_scale=0.5)
+    r = check_alignment(TANH_MLP, params, x, student_params=other, student_loss=squared_error, direction=v)
+    # A_x = E[(J_S v)^T M (J_T v)] with M = 2I, from the two Jacobians computed here.
+    with jax.enable_x64(True):
+        p64, o64, v64, x64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, other, v, x))
+        u_s = jax.jvp(lambda p: TANH_MLP(p, x64), (o64,), (v64,))[1]
+        u_t = jax.jvp(lambda p: TANH_MLP(p, x64), (p64,), (v64,))[1]
+        expected = float(2 * jnp.sum(u_s * u_t) / len(x))
+    np.testing.assert_allclose(r.A, expected, rtol=1e-12)
+    # The eps-dependent part follows eps A_x; a0, larger here, is reported on its own.
+    assert r.in_taylor_regime()
+    np.testing.assert_allclose(r.eps_part, r.first_order, rtol=0.2)
+    assert abs(r.zeroth_order) > 4 * abs(r.eps_part)

@@ -2,8 +2,10 @@
 
 - :mod:`theory.numerical`: the check on any JAX model and parameter pytree, in float64:
   :func:`check_alignment` (one teacher and one student step, the alignment, its Taylor
-  coefficients, the change of the teacher's loss) and :func:`convergence` (the order of
-  the first-order prediction's error).
+  coefficients, the change of the teacher's loss; an ``eps`` that does not reach the
+  Taylor regime above rounding is a violation) and :func:`convergence` (the order of
+  the first-order prediction's error). :class:`Faults` breaks the measured steps on
+  purpose, to test that the check catches it.
 - :mod:`theory.symbolic`: sympy derivations (expressions plus LaTeX) of :math:`M` for the
   student losses, the vanishing zeroth-order term, a non-proper loss that breaks the
   lemma, and the linear model in closed form.
@@ -17,6 +19,7 @@ when you need them.
 from theory.numerical import (
     AlignmentResult,
     Convergence,
+    Faults,
     QuadraticLoss,
     SubsetSoftmaxCrossEntropy,
     SupervisedLoss,
@@ -32,6 +35,7 @@ from theory.numerical import (
 __all__ = [
     "AlignmentResult",
     "Convergence",
+    "Faults",
     "QuadraticLoss",
     "SubsetSoftmaxCrossEntropy",
     "SupervisedLoss",

@@ -39,6 +39,14 @@ Conventions (the paper's Lemma 1 and Theorem 1, Appendix C):
   :math:`z = y`) and :math:`A` is a quadratic form in :math:`J\Delta\theta_T` with a
   positive semi-definite :math:`M` (:math:`2I` for squared error,
   :math:`\mathrm{diag}(p) - pp^\top` for softmax cross-entropy), hence :math:`A \ge 0`.
+  Under different initialization :math:`A` is the cross term :math:`A_\times` (with
+  :math:`J_S \ne J_T`, no quadratic form: it can be negative) and :math:`a_0 \ne 0`.
+
+The measured alignment comes from the student's actual step; :math:`a_0, A, C` come
+from Jacobian-vector products at :math:`\varepsilon = 0`, independently of that step.
+The check compares the two at an :math:`\varepsilon` where :math:`\varepsilon A` stands
+far above rounding (:meth:`AlignmentResult.resolved`); a wrong step cannot hide by
+making both sides rounding (:class:`Faults` injects such errors for testing).
 
 Everything is computed in float64 inside :func:`jax.enable_x64` (the global setting is
 left alone), and the first- and second-order coefficients use Jacobian-vector products
@@ -247,6 +255,41 @@ def _taylor_ratio(lower, higher, rho):
 # ---------------------------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    r"""Deliberate errors in the steps the check measures, to show that the check catches them.
+
+    The default is the correct computation. Each field breaks one step of the measured
+    alignment and teacher-loss change, never the Taylor coefficients they are compared
+    with, which come from Jacobian-vector products at :math:`\varepsilon = 0`:
+
+    - ``student_step_sign = -1``: the student steps up its loss gradient,
+      :math:`\Delta\theta_S = +\nabla_\theta \mathbb E_x L_S`, so :math:`a \approx -\varepsilon A`.
+    - ``teacher_output_scale = 2``: the student imitates the teacher's outputs at
+      :math:`2\varepsilon`, so :math:`a \approx 2\varepsilon A`.
+    - ``teacher_step_sign = -1``: a teacher with a loss climbs it,
+      :math:`\Delta\theta_T = +\nabla L_T`, so the student's :math:`L_T` rises by :math:`\approx\alpha\varepsilon A`.
+    """
+
+    student_step_sign: float = 1.0
+    teacher_output_scale: float = 1.0
+    teacher_step_sign: float = 1.0
+
+
+NO_FAULTS = Faults()
+
+
+def _require_float64(what: str, value: Array) -> None:
+    """Raise if ``value`` (traced inside the check) is not float64: rounding would be float32's."""
+    if value.dtype != jnp.float64:
+        raise TypeError(
+            f"{what} computed in {value.dtype}, not float64: the check's tolerances assume float64 "
+            "rounding. Do not fix dtypes inside the model or loss (no astype(float32), no dtype=float32); "
+            "let them follow the parameters and inputs, which the check casts to float64."
+        )
+
+
 def _taylor2(fn, zero):
     """``fn(0)`` and the first two Taylor coefficients of ``fn`` at 0 (forward mode, ``fn`` of a scalar)."""
 
@@ -258,9 +301,12 @@ def _taylor2(fn, zero):
 
 
 @_filter_jit
-def _analyse(model, student_loss, teacher_loss, params_t0, params_s0, direction, inputs, eps, alpha, rho, eps_max):
+def _analyse(model, student_loss, teacher_loss, params_t0, params_s0, direction, inputs, eps, alpha, rho, eps_max, faults):
+    grad_t = None
     if teacher_loss is not None:
-        direction = jax.tree.map(jnp.negative, jax.grad(teacher_loss)(params_t0))
+        grad_t = jax.grad(teacher_loss)(params_t0)
+        _require_float64("the teacher loss L_T(params)", teacher_loss(params_t0))
+        direction = jax.tree.map(lambda g: -faults.teacher_step_sign * g, grad_t)
 
     def outputs(params):
         return model(params, inputs)
@@ -268,9 +314,10 @@ def _analyse(model, student_loss, teacher_loss, params_t0, params_s0, direction,
     def imitation_grad(z, y):  # gradient in z of E_x L_S(z, y) over the sample
         return jax.grad(lambda z_: jnp.mean(jax.vmap(student_loss)(z_, y)))(z)
 
-    zero = jnp.zeros((), inputs.dtype)
+    zero = jnp.zeros((), jnp.float64)
     # The teacher's outputs along its path and their first two Taylor coefficients in eps.
     y_t, u_t, w_t = _taylor2(lambda e: outputs(_axpy(e, direction, params_t0)), zero)
+    _require_float64("the model's outputs model(params, X)", y_t)
     shared = params_s0 is None
     if shared:  # the student's outputs and Jacobian are the teacher's
         params_s0, z_s, u_s = params_t0, y_t, u_t
@@ -304,17 +351,20 @@ def _analyse(model, student_loss, teacher_loss, params_t0, params_s0, direction,
     if teacher_loss is not None and shared:
         # q(e) = L_T(theta_S0 + alpha s(e)) - L_T(theta_S0) with the student's step
         # s(e) = s1 e + s2 e^2 + O(e^3), s_k = -J^T g_k (s0 = 0 at shared initialization):
-        # q1 = alpha g.s1 = -alpha <g1, J g> and q2 = -alpha <g2, J g> + alpha^2/2 s1^T H s1,
-        # with g = -v and H the gradient and Hessian of L_T at theta_0, so J g = -J v.
-        s1 = jax.tree.map(jnp.negative, pullback(g1)[0])
+        # q1 = alpha g.s1 and q2 = alpha g.s2 + alpha^2/2 s1^T H s1, with g and H the
+        # gradient and Hessian of L_T at theta_0. g is L_T's own gradient, not -dtheta_T,
+        # so a teacher that moved the wrong way shows as q1 > 0 instead of cancelling out.
+        s1, s2 = (jax.tree.map(jnp.negative, pullback(g)[0]) for g in (g1, g2))
         curvature = _taylor2(lambda e: teacher_loss(_axpy(e, s1, params_s0)), zero)[2]
-        change_first = alpha * jnp.vdot(g1, u_s)
-        change_second = alpha * jnp.vdot(g2, u_s) + alpha * alpha * curvature
+        change_first = alpha * tree_vdot(grad_t, s1)
+        change_second = alpha * tree_vdot(grad_t, s2) + alpha * alpha * curvature
         eps_auto = jnp.minimum(eps_auto, _taylor_ratio(change_first, change_second, rho))
     eps_used = jnp.where(jnp.isnan(eps), eps_auto, eps)
 
-    y = outputs(_axpy(eps_used, direction, params_t0))
-    step = jax.tree.map(jnp.negative, pullback(imitation_grad(z_s, y))[0])
+    # The measured step, computed afresh from the teacher's outputs at eps: it shares no
+    # arithmetic with the coefficients above, so an error in it cannot cancel out.
+    y = outputs(_axpy(faults.teacher_output_scale * eps_used, direction, params_t0))
+    step = jax.tree.map(lambda g: -faults.student_step_sign * g, pullback(imitation_grad(z_s, y))[0])
     alignment = tree_vdot(step, direction)
     norms = tree_norm(step) * tree_norm(direction)
     out = dict(
@@ -348,15 +398,18 @@ class AlignmentResult:
     r"""One student step against one teacher, in the conventions of the module docstring.
 
     Attributes:
-        eps: the teacher step size :math:`\varepsilon` used.
+        eps: the teacher step size :math:`\varepsilon` used (after any halvings).
         alpha: the student learning rate :math:`\alpha`.
         dtheta_S: the student update :math:`\Delta\theta_S` (pytree of float64 numpy arrays).
         dtheta_T: the teacher direction :math:`\Delta\theta_T` (same structure).
-        alignment: :math:`\Delta\theta_S\cdot\Delta\theta_T`.
+        alignment: :math:`a(\varepsilon) = \Delta\theta_S\cdot\Delta\theta_T`.
         cosine: alignment over :math:`\lVert\Delta\theta_S\rVert\,\lVert\Delta\theta_T\rVert` (0 if either is 0).
-        zeroth_order: :math:`a_0`, the alignment at :math:`\varepsilon = 0` (exactly 0 under
-            shared initialization with a proper student loss).
-        A: the first-order coefficient :math:`A = \mathbb E_x[(J_S\Delta\theta_T)^\top M (J_T\Delta\theta_T)]`.
+        zeroth_order: :math:`a_0 = a(0)`, the alignment of a teacher that has not moved
+            (exactly 0 under shared initialization with a proper student loss; under
+            different initialization the pull toward the teacher's initial outputs, which
+            does not depend on what the teacher learned).
+        A: the first-order coefficient :math:`A = \mathbb E_x[(J_S\Delta\theta_T)^\top M (J_T\Delta\theta_T)]`;
+            under different initialization this is the cross term :math:`A_\times`.
         A_scale: :math:`\mathbb E_x|(J_S\Delta\theta_T)^\top M (J_T\Delta\theta_T)|`, the scale
             against which rounding in :math:`A` is judged.
         jvp_scale: :math:`\mathbb E_x \lVert J_S\Delta\theta_T\rVert\,\lVert J_T\Delta\theta_T\rVert`,
@@ -369,9 +422,11 @@ class AlignmentResult:
         second_order: :math:`C = \tfrac12 a''(0)`, the coefficient of :math:`\varepsilon^2`.
         teacher_loss_change: :math:`L_T(\theta_S) - L_T(\theta_{S0})`; NaN without a teacher loss.
         teacher_loss: :math:`L_T(\theta_{S0})`, the scale of that change; NaN without a teacher loss.
-        teacher_loss_first: the coefficient of :math:`\varepsilon` in that change, which
-            Theorem 1 says is :math:`-\alpha A`; NaN without a teacher loss or under
-            different initialization.
+        teacher_loss_first: :math:`q_1`, the coefficient of :math:`\varepsilon` in that
+            change, :math:`\alpha\,\nabla L_T\cdot s_1` with :math:`s_1` the first-order
+            student step; Theorem 1 says :math:`q_1 = -\alpha A`. NaN without a teacher
+            loss or under different initialization.
+        halvings: how often the automatic :math:`\varepsilon` was halved (0 for a given ``eps``).
     """
 
     eps: float
@@ -389,6 +444,7 @@ class AlignmentResult:
     teacher_loss_change: float
     teacher_loss: float
     teacher_loss_first: float
+    halvings: int = 0
 
     @property
     def first_order(self) -> float:
@@ -400,12 +456,29 @@ class AlignmentResult:
         r""":math:`a_0 + \varepsilon A`, the alignment to first order in :math:`\varepsilon`."""
         return self.zeroth_order + self.eps * self.A
 
+    @property
+    def eps_part(self) -> float:
+        r""":math:`a(\varepsilon) - a_0`, the part of the alignment that the teacher's step causes."""
+        return self.alignment - self.zeroth_order
+
+    @property
+    def A_is_zero(self) -> bool:
+        r"""Whether :math:`|A|` is within rounding of 0 (:math:`M = 0`, or :math:`J\Delta\theta_T` in its null space).
+
+        Then the lemma claims nothing at first order and there is no first-order term to measure.
+        """
+        return abs(self.A) <= tolerances(self)["A"]
+
     def first_order_dominates(self, rho: float = 0.1) -> bool:
         r"""Whether the first-order terms account for the alignment and the teacher-loss change.
 
         True when :math:`|a - a_0 - \varepsilon A| \le 2\rho\,\varepsilon|A|` and, where it
         is known, :math:`|\Delta L_T - \varepsilon q_1| \le 2\rho\,\varepsilon|q_1|`, each up
-        to rounding (:func:`tolerances`): ``eps`` is inside the Taylor regime.
+        to rounding (:func:`tolerances`). The coefficients come from Jacobian-vector
+        products at :math:`\varepsilon = 0`, the measured values from the student's actual
+        step, so a wrong step (a wrong sign, a wrong teacher output) fails this even
+        where it keeps the sign right. Alone it is vacuous once both sides are rounding:
+        see :meth:`resolved`.
         """
         tol = tolerances(self)
         ok = abs(self.alignment - self.prediction) <= 2 * rho * abs(self.first_order) + tol["alignment"]
@@ -414,14 +487,34 @@ class AlignmentResult:
             ok = ok and rest <= 2 * rho * abs(self.eps * self.teacher_loss_first) + tol["teacher_loss"]
         return ok
 
-    def violations(self) -> list[str]:
+    def resolved(self, eps: float | None = None) -> bool:
+        r"""Whether the first-order terms at ``eps`` (default: this result's) stand clear of rounding.
+
+        :math:`|\varepsilon A| \ge` ``RESOLUTION`` :math:`\times` the alignment's tolerance
+        and, with a teacher loss under shared initialization, :math:`|\varepsilon q_1| \ge`
+        ``RESOLUTION`` :math:`\times` the teacher loss's: then the sign checks and
+        :meth:`first_order_dominates` compare numbers, not rounding errors.
+        """
+        eps = self.eps if eps is None else eps
+        tol = tolerances(self)
+        ok = abs(eps * self.A) >= RESOLUTION * tol["alignment"]
+        if math.isfinite(self.teacher_loss_first):
+            ok = ok and abs(eps * self.teacher_loss_first) >= RESOLUTION * tol["teacher_loss"]
+        return ok
+
+    def in_taylor_regime(self, rho: float = 0.1) -> bool:
+        r"""First order dominates and is resolved, or :math:`A` is zero and the alignment is rounding."""
+        return self.first_order_dominates(rho) and (self.A_is_zero or self.resolved())
+
+    def violations(self, rho: float = 0.1) -> list[str]:
         r"""The claims of Lemma 1 and Theorem 1 that this result contradicts beyond rounding.
 
-        Meaningful for shared initialization with a proper student loss and an ``eps``
-        small enough (the automatic one): :math:`A \ge 0`, :math:`a_0 = 0`,
-        :math:`\Delta\theta_S\cdot\Delta\theta_T \ge 0` and, with a teacher loss,
-        :math:`L_T(\theta_S) \le L_T(\theta_{S0})`, each up to the tolerances of
-        :func:`tolerances`. Empty when all hold.
+        Meaningful for shared initialization with a proper student loss. The claims:
+        :math:`A \ge 0`, :math:`a_0 = 0`, :math:`\Delta\theta_S\cdot\Delta\theta_T \ge 0`,
+        with a teacher loss :math:`L_T(\theta_S) \le L_T(\theta_{S0})`, each up to the
+        tolerances of :func:`tolerances`; and, where :math:`A \ne 0`, that ``eps`` is in
+        the Taylor regime (:meth:`in_taylor_regime`), without which the sign checks
+        could pass on rounding alone. Empty when all hold.
         """
         tol = tolerances(self)
         failed = {
@@ -429,6 +522,7 @@ class AlignmentResult:
             "zeroth order != 0": abs(self.zeroth_order) > tol["alignment"],
             "alignment < 0": self.alignment < -tol["alignment"],
             "L_T increased": self.teacher_loss_change > tol["teacher_loss"],  # False when NaN
+            "not in the Taylor regime": not self.A_is_zero and not self.in_taylor_regime(rho),
         }
         return [claim for claim, bad in failed.items() if bad]
 
@@ -442,6 +536,15 @@ MAX_HALVINGS = 40
 # 100 while any real violation (an indefinite M, a loss not stationary at z = y) shows at
 # the scale of the quantity itself.
 ROUNDING = 1e-12
+
+# How far above its tolerance a first-order term must stand before the check trusts a
+# comparison with it. The tolerances are already 1e4 times typical float64 rounding
+# (ROUNDING), so 1e4 puts eps*A some 1e8 times above rounding: the tolerance is 1e-4 of
+# eps*A, negligible next to the 20% (2 rho) that first_order_dominates allows, and a
+# wrong sign or a wrong first-order coefficient shows at the size of eps*A itself. 1e6
+# would leave peaked softmaxes (small A, large logits) unresolvable at any eps small
+# enough for the Taylor regime, in about 1 random case in 80.
+RESOLUTION = 1e4
 
 
 def tolerances(result: AlignmentResult) -> dict[str, float]:
@@ -473,12 +576,14 @@ def check_alignment(
     alpha: float = 1.0,
     rho: float = 0.1,
     eps_max: float = 1.0,
+    faults: Faults = NO_FAULTS,
 ) -> AlignmentResult:
     r"""One teacher step, one student step, and the alignment with its Taylor coefficients.
 
     Args:
         model: ``model(params, X) -> (N, n)`` outputs. Pass the same function object on
-            every call to reuse the compiled check.
+            every call to reuse the compiled check. It must compute in the dtype of its
+            parameters and inputs (cast to float64 here); float32 outputs raise ``TypeError``.
         params: the teacher's initial parameters :math:`\theta_{T0}` (any pytree).
         inputs: ``(N, ...)`` sample standing for :math:`D` (used as an exact expectation).
         student_loss: per-example :math:`L_S(z, y)`: :func:`squared_error`,
@@ -498,15 +603,24 @@ def check_alignment(
             and at most :math:`\rho\lVert\theta_{T0}\rVert / \lVert\Delta\theta_T\rVert`,
             so that the teacher moves by a small fraction of its parameters. Then, since
             higher orders and kinks (ReLU) are invisible to the coefficients at
-            :math:`\varepsilon = 0`, it is halved (at most ``MAX_HALVINGS`` times) until
-            the measured second-order rest is small too:
-            :meth:`AlignmentResult.first_order_dominates`.
+            :math:`\varepsilon = 0`, it is halved until the measured values follow the
+            first-order terms (:meth:`AlignmentResult.first_order_dominates`), at most
+            ``MAX_HALVINGS`` times and never below the :math:`\varepsilon` at which the
+            first-order terms sink to ``RESOLUTION`` times their tolerance
+            (:meth:`AlignmentResult.resolved`): where they do not dominate above that,
+            :meth:`AlignmentResult.violations` reports "not in the Taylor regime"
+            instead of letting rounding pass the sign checks.
         alpha: student learning rate :math:`\alpha`.
         rho: allowed ratio of second- to first-order term when ``eps`` is ``None``.
         eps_max: upper bound on the automatic ``eps``.
+        faults: deliberate errors in the measured steps (:class:`Faults`), for testing
+            that the check catches them; the default computes correctly.
 
     Returns:
         An :class:`AlignmentResult` (floats and float64 numpy pytrees).
+
+    Raises:
+        TypeError: the model's outputs (or the teacher loss) are not float64 inside the check.
     """
     if (direction is None) == (teacher_loss is None):
         raise ValueError("give exactly one of `direction` (a pytree like params) or `teacher_loss` (L_T(params))")
@@ -523,18 +637,25 @@ def check_alignment(
             alpha=jnp.asarray(alpha, jnp.float64),
             rho=jnp.asarray(rho, jnp.float64),
             eps_max=jnp.asarray(eps_max, jnp.float64),
+            # As traced arrays, so that the correct check and every mutant share one compilation.
+            faults=jax.tree.map(lambda f: jnp.asarray(f, jnp.float64), faults),
         )
 
-        def result(at: float) -> AlignmentResult:
+        def result(at: float, halvings: int = 0) -> AlignmentResult:
             out = jax.tree.map(np.asarray, run(eps=jnp.asarray(at, jnp.float64)))
             trees = {"dtheta_S", "dtheta_T"}
-            return AlignmentResult(alpha=float(alpha), **{k: (v if k in trees else float(v)) for k, v in out.items()})
+            fields = {k: (v if k in trees else float(v)) for k, v in out.items()}
+            return AlignmentResult(alpha=float(alpha), halvings=halvings, **fields)
 
-        checked = result(math.nan if eps is None else eps)
-        for _ in range(MAX_HALVINGS if eps is None else 0):
-            if checked.first_order_dominates(rho):
+        if eps is not None:
+            return result(eps)
+        checked = result(math.nan)
+        while checked.halvings < MAX_HALVINGS and not checked.first_order_dominates(rho):
+            # Halving further would bury the first-order terms in rounding, where the
+            # comparison would pass vacuously (unless A is 0: then there is none to bury).
+            if not checked.A_is_zero and not checked.resolved(checked.eps / 2):
                 break
-            checked = result(checked.eps / 2)
+            checked = result(checked.eps / 2, checked.halvings + 1)
     return checked
 
 

@@ -6,7 +6,8 @@ initializations, input distributions and sample counts, the student losses, and 
 that follow a random direction or the gradient of a random loss (cross-entropy on random
 labels, squared error on random targets). Arrays come from numpy generators seeded by
 the drawn ``seed`` (:func:`theory.cases.build_case`), so every example is reproducible
-from its :class:`~theory.cases.CaseSpec`.
+from its :class:`~theory.cases.CaseSpec`. The seed comes from a small range
+(:data:`theory.cases.SEEDS`) so that hypothesis shrinks it like any other choice, toward 0.
 
 Shapes come from a few sizes only: examples of equal shapes and losses reuse the compiled
 check, which keeps a run of many examples fast.
@@ -92,9 +93,11 @@ def sample_counts() -> st.SearchStrategy[int]:
 
 
 @st.composite
-def student_losses(draw, n_out: int, names: Sequence[str] = STUDENT_LOSSES) -> tuple[str, tuple[int, ...]]:
+def student_losses(
+    draw, n_out: int, names: Sequence[str] = STUDENT_LOSSES, subset_sizes: tuple[int, int] = (2, 0)
+) -> tuple[str, tuple[int, ...]]:
     """A student loss name and, for the subset loss, its logit indices among ``n_out``."""
-    return choose_student_loss(HypothesisChooser(draw), n_out, names)
+    return choose_student_loss(HypothesisChooser(draw), n_out, names, subset_sizes)
 
 
 def teachers(kinds: Sequence[str] = TEACHERS) -> st.SearchStrategy[str]:
@@ -103,11 +106,19 @@ def teachers(kinds: Sequence[str] = TEACHERS) -> st.SearchStrategy[str]:
 
 
 @st.composite
-def case_specs(draw, losses: Sequence[str] = STUDENT_LOSSES, teacher_kinds: Sequence[str] = TEACHERS) -> CaseSpec:
-    """A whole :class:`~theory.cases.CaseSpec`; restrict ``losses`` or ``teacher_kinds`` to focus."""
-    return choose_spec(HypothesisChooser(draw), losses=losses, teachers=teacher_kinds)
+def case_specs(
+    draw,
+    losses: Sequence[str] = STUDENT_LOSSES,
+    teacher_kinds: Sequence[str] = TEACHERS,
+    subset_sizes: tuple[int, int] = (2, 0),
+) -> CaseSpec:
+    """A whole :class:`~theory.cases.CaseSpec`; restrict ``losses``, ``teacher_kinds`` or
+    the subset loss's ``subset_sizes`` (``(1, 1)``: single logits, where ``A = 0``) to focus."""
+    return choose_spec(HypothesisChooser(draw), losses=losses, teachers=teacher_kinds, subset_sizes=subset_sizes)
 
 
-def cases(losses: Sequence[str] = STUDENT_LOSSES, teacher_kinds: Sequence[str] = TEACHERS) -> st.SearchStrategy[Case]:
+def cases(
+    losses: Sequence[str] = STUDENT_LOSSES, teacher_kinds: Sequence[str] = TEACHERS, subset_sizes: tuple[int, int] = (2, 0)
+) -> st.SearchStrategy[Case]:
     """Built cases (arrays drawn from each spec's seed), ready for :func:`theory.numerical.check_alignment`."""
-    return case_specs(losses, teacher_kinds).map(build_case)
+    return case_specs(losses, teacher_kinds, subset_sizes).map(build_case)
