@@ -12,6 +12,11 @@ Measures, in one process:
    precision and the same experiment in eager PyTorch (``benchmarks/peer_torch.py``, the
    paper's procedure written as a PyTorch user would), and the ratio of their times.
 
+With ``--track N`` it measures instead, for each precision, the cost of ``--track N``
+(:mod:`toymodels.track`): one student epoch with and without tracking every ``N`` steps,
+alternated ``--repeats`` times so both see the same machine load, and the ratio of the
+best times.
+
 FLOPs are counted analytically (:meth:`toymodels.model.MLPSpec.flops_per_example`): a
 training step is a forward pass, weight gradients everywhere and input gradients below
 the first layer; the students' step adds one shared teacher forward pass. Wall and
@@ -19,12 +24,13 @@ process CPU times are both reported, since on a shared machine wall time alone o
 the cost; ratios are taken within this one process. The peak resident memory of the
 process is printed at the end.
 
-Usage: ``python benchmarks/mnist_throughput.py [--seeds 10] [--precisions float32 bf16] [--peer]``
+Usage: ``python benchmarks/mnist_throughput.py [--seeds 10] [--precisions float32 bf16] [--peer | --track 10]``
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import resource
@@ -41,6 +47,7 @@ from toymodels.experiment import _student_masks, run_experiment
 from toymodels.model import init_params
 from toymodels.noise import noise_words
 from toymodels.precision import compute_dtype
+from toymodels.track import probe_batch
 from toymodels.train import make_optimizer, spec_of, student_epoch, teacher_epoch
 
 
@@ -104,6 +111,43 @@ def epoch_throughput(config: MnistConfig, images, labels) -> dict:
     return out
 
 
+def tracking_overhead(config: MnistConfig, every: int, probe, repeats: int) -> dict:
+    """Best wall and CPU seconds of one student epoch without and with ``--track every``, and their ratios.
+
+    Teachers are untrained initializations: an epoch's work does not depend on what the
+    teacher has learned, and this keeps the measurement to the student epoch alone.
+    """
+    spec = spec_of(config)
+    keys = jax.random.split(jax.random.key(0), config.seeds)
+    optimizer = make_optimizer(config)
+    references = jax.vmap(lambda k: init_params(spec, k))(keys)
+    teachers = jax.vmap(lambda k: init_params(spec, jax.random.fold_in(k, 1)))(keys)
+    words = jax.vmap(noise_words)(keys)
+    masks = jnp.asarray(_student_masks(config))
+    starts = jax.tree.map(lambda a: jnp.stack([a] * 4, axis=1), references)
+
+    def fresh_students():
+        students = jax.tree.map(jnp.copy, starts)
+        return students, jax.vmap(jax.vmap(optimizer.init))(students)
+
+    plain = student_epoch(dataclasses.replace(config, track=0))
+    tracked = student_epoch(dataclasses.replace(config, track=every))
+    run_plain = lambda: plain(*fresh_students(), teachers, words, keys, masks)  # noqa: E731
+    run_tracked = lambda: tracked(*fresh_students(), teachers, words, keys, starts, references, masks, *probe)  # noqa: E731
+    timed(run_plain), timed(run_tracked)  # compile
+    best = {"untracked": (float("inf"),) * 2, "tracked": (float("inf"),) * 2}
+    for _ in range(repeats):
+        best["untracked"] = min(best["untracked"], timed(run_plain)[0])
+        best["tracked"] = min(best["tracked"], timed(run_tracked)[0])
+    return {
+        "every": every,
+        **{f"{k}_wall_s": v[0] for k, v in best.items()},
+        **{f"{k}_cpu_s": v[1] for k, v in best.items()},
+        "ratio_wall": best["tracked"][0] / best["untracked"][0],
+        "ratio_cpu": best["tracked"][1] / best["untracked"][1],
+    }
+
+
 def end_to_end(config: MnistConfig) -> dict:
     """Wall and CPU seconds of the whole experiment (data loading, compilation, training, evaluation)."""
     (wall, cpu), result = timed(lambda: run_experiment(config))
@@ -134,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-train", type=int, default=None, help="fewer training images for a quick check")
     parser.add_argument("--n-noise", type=int, default=60_000)
     parser.add_argument("--peer", action="store_true", help="also time the whole experiment against eager PyTorch")
+    parser.add_argument("--track", type=int, default=0, metavar="N", help="measure instead the cost of tracking every N steps")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls of each variant with --track (best is kept)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
 
@@ -145,6 +191,20 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_mnist().subset(args.n_train, None)
     images, labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
     report: dict = {"seeds": args.seeds, "devices": [str(d) for d in jax.devices()], "precisions": {}}
+    if args.track:
+        report["tracking"] = {}
+        for precision in args.precisions:
+            r = report["tracking"][precision] = tracking_overhead(config_for(precision), args.track, probe_batch(data), args.repeats)
+            print(
+                f"[{precision}] student epoch, {args.seeds} seeds, n_noise {args.n_noise}: "
+                f"{r['untracked_wall_s']:.2f}s wall ({r['untracked_cpu_s']:.2f}s cpu) untracked, "
+                f"{r['tracked_wall_s']:.2f}s wall ({r['tracked_cpu_s']:.2f}s cpu) with --track {args.track}; "
+                f"ratio {r['ratio_wall']:.3f} wall, {r['ratio_cpu']:.3f} cpu"
+            )
+        print(json.dumps(report))
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=1))
+        return report
     for precision in args.precisions:
         peak, peak_per_cpu = matmul_peak(args.matmul_size, precision)
         r = {"matmul_peak_gflops": peak, "matmul_gflop_per_cpu_s": peak_per_cpu, **epoch_throughput(config_for(precision), images, labels)}

@@ -67,3 +67,14 @@ def test_accelerator_check_runs_both_precisions_on_a_tiny_configuration(tmp_path
         assert s["command_wall_s"] > 0 and s["bars"]["teacher"][0] > 0.1
         assert json.loads((tmp_path / precision / "results.json").read_text())["config"]["precision"] == precision
     assert summary["float32"]["bars"]["reference"] == summary["bf16"]["bars"]["reference"]
+
+
+@pytest.mark.slow
+def test_mnist_throughput_measures_the_cost_of_tracking(capsys):
+    report = _load("mnist_throughput").main(
+        ["--seeds", "2", "--n-train", "2048", "--n-noise", "2048", "--precisions", "float32", "--track", "4", "--repeats", "1"]
+    )
+    r = report["tracking"]["float32"]
+    assert r["every"] == 4 and r["untracked_wall_s"] > 0 and r["tracked_wall_s"] > 0
+    assert r["ratio_wall"] == pytest.approx(r["tracked_wall_s"] / r["untracked_wall_s"])
+    assert "with --track 4" in capsys.readouterr().out

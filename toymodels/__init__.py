@@ -12,7 +12,8 @@ Where things are:
 - :mod:`toymodels.train`: the compiled epochs (``scan`` over steps, ``vmap`` over seeds).
 - :mod:`toymodels.conditions`: the six conditions, the paper's numbers, the derangement.
 - :mod:`toymodels.experiment`: :func:`run_experiment`, the whole experiment.
-- :mod:`toymodels.figure`: the bar chart.
+- :mod:`toymodels.track`: ``--track N``, the students' alignment with their teacher along training.
+- :mod:`toymodels.figure`: the bar chart and the trajectory figure.
 - :mod:`toymodels.data`: the bundled, checksum-verified MNIST files.
 """
 

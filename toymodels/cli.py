@@ -2,7 +2,9 @@
 
 Every field of :class:`toymodels.config.MnistConfig` is an option (``--n-aux 5``,
 ``--hidden 512 512``, ``--student-loss mse``, ...), with the paper's values as defaults.
-Writes ``results.json``, ``mnist_figure.png`` and ``mnist_figure.pdf`` to ``--out``. A run
+Writes ``results.json``, ``mnist_figure.png`` and ``mnist_figure.pdf`` to ``--out``, and
+with ``--track N`` also ``trajectory.png``/``.pdf`` (the students' alignment along
+training, :mod:`toymodels.track`). A run
 that is stopped keeps its finished seeds in ``checkpoint.json`` there, and the same
 command picks up from them.
 
@@ -84,6 +86,16 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def format_trajectory(trajectory: dict) -> str:
+    """The last tracked point of every student condition: each metric's mean and CI over seeds."""
+    step = trajectory["steps"][-1]
+    rows = [f"at student step {step} ({trajectory['probe']['n']} probe images):"]
+    for condition, curves in trajectory["conditions"].items():
+        cells = [f"{m} {curves[m]['mean'][-1]:.3f} +- {curves[m]['ci95'][-1]:.3f}" for m in trajectory["metrics"]]
+        rows.append(f"  {condition:<12} " + ", ".join(cells))
+    return "\n".join(rows)
+
+
 def prepare_output(out: Path, result_name: str, overwrite: bool) -> None:
     """Create ``out``, check it is writable and holds no ``result_name`` yet, before any training."""
     try:
@@ -103,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from toymodels.data import load_mnist
     from toymodels.experiment import run_experiment
     from toymodels.artifacts import write_json_atomic
-    from toymodels.figure import plot_results, save_figure
+    from toymodels.figure import plot_results, plot_trajectory, save_figure
     from toymodels.progress import SilentProgress, TextProgress
 
     try:
@@ -120,9 +132,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"sublearn mnist: error: {err}", file=sys.stderr)
         return 2
     figure_paths = save_figure(plot_results(result), args.out)
+    if "trajectory" in result:
+        figure_paths += save_figure(plot_trajectory(result), args.out, stem="trajectory")
     write_json_atomic(args.out / RESULTS, result)
     (args.out / CHECKPOINT).unlink(missing_ok=True)
     print(format_table(result))
+    if "trajectory" in result:
+        print(format_trajectory(result["trajectory"]))
     print(f"wall time {result['timing']['wall_s']:.1f}s; wrote {args.out / RESULTS}, " + ", ".join(str(p) for p in figure_paths))
     return 0
 

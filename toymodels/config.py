@@ -56,6 +56,10 @@ class MnistConfig:
             containing 0) at about 0.6 of float32's cost on CPUs with bfloat16 matmuls.
             float32 stays the default: its numbers do not depend on how the seeds are
             spread over devices, while a bfloat16 CPU kernel's rounding does.
+        track: every ``track`` steps of every student epoch, record each student's
+            alignment with its teacher and its digit loss on a fixed probe batch, inside
+            the compiled epoch (see :mod:`toymodels.track`); 0 turns tracking off and
+            leaves the run exactly as without it.
         seeds: independent repetitions (a teacher and its four students each).
         seed: root of every PRNG key in the run.
         n_train: use only the first ``n_train`` training images (None: all 60,000).
@@ -63,7 +67,8 @@ class MnistConfig:
         seeds_per_chunk: seeds trained together in one compiled call; bounds memory.
         vmap_seeds: seeds vectorized together inside a compiled call. 1 is fastest on a
             CPU; raise it on accelerators. A seed's numbers depend on this value (rounding
-            in batched kernels) but not on ``seeds_per_chunk`` or the number of devices.
+            in batched kernels) but not on ``seeds_per_chunk`` nor, in float32, on the
+            number of devices.
     """
 
     n_aux: int = 3
@@ -80,6 +85,7 @@ class MnistConfig:
     temperature: float = 1.0
     student_init_sigma: float = 0.0
     precision: str = "float32"
+    track: int = 0
     seeds: int = 10
     seed: int = 0
     n_train: int | None = None
@@ -95,6 +101,7 @@ class MnistConfig:
             (self.seeds >= 2, f"--seeds must be at least 2 (got {self.seeds}): each cross-model control uses another seed's initialization"),
             (self.seeds_per_chunk >= 1, f"--seeds-per-chunk must be at least 1 (got {self.seeds_per_chunk})"),
             (self.vmap_seeds >= 1, f"--vmap-seeds must be at least 1 (got {self.vmap_seeds})"),
+            (self.track >= 0, f"--track must be 0 (off) or a positive number of steps (got {self.track})"),
             (self.n_noise <= 2_000_000, f"--n-noise must be at most 2000000 (got {self.n_noise}): noise image ids are 32-bit counters"),
             (self.optimizer in OPTIMIZERS, f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
             (self.noise in NOISE_DISTRIBUTIONS, f"unknown --noise {self.noise!r}: choose one of {', '.join(NOISE_DISTRIBUTIONS)}"),
@@ -134,8 +141,12 @@ class MnistConfig:
         return cls(**data)
 
     def fingerprint(self) -> str:
-        """A short hash of the fields that determine the numbers (all but ``seeds_per_chunk``)."""
-        fields = {k: v for k, v in self.to_dict().items() if k != "seeds_per_chunk"}
+        """A short hash of the fields that determine the numbers (all but ``seeds_per_chunk``).
+
+        ``track`` enters only when it is on, so a run without tracking keeps the
+        fingerprint (and the checkpoints) it had before the option existed.
+        """
+        fields = {k: v for k, v in self.to_dict().items() if k != "seeds_per_chunk" and not (k == "track" and v == 0)}
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -39,16 +40,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from toymodels.artifacts import environment, write_json_atomic
 from toymodels.conditions import AUX_ONLY, CONDITIONS, CROSS_MODEL, PAPER_RESULTS, STUDENT_CONDITIONS, derangement
 from toymodels.config import ConfigError, MnistConfig
-from toymodels.data import MNIST, load_mnist
+from toymodels.data import MNIST, load_mnist, normalize
 from toymodels.losses import logit_mask
 from toymodels.model import init_params, perturb_params
 from toymodels.noise import noise_words
 from toymodels.progress import Progress, SilentProgress
 from toymodels.stats import summarize
+from toymodels.track import PROBE_SIZE, per_condition, probe_batch, probe_metrics, steps_per_epoch, trajectory_section
 from toymodels.train import accuracy, make_optimizer, spec_of, student_epoch, teacher_epoch
 
 # Per-seed key purposes (fold_in constants); each key is used for exactly one thing.
 _INIT, _TEACHER_ORDER, _NOISE_SET, _STUDENT_ORDER, _PERTURB = range(5)
+TRACKS = "tracks"
 
 
 def seed_keys(config: MnistConfig) -> tuple[jax.Array, jax.Array]:
@@ -105,7 +108,10 @@ def train_chunk(
         mesh: devices to shard the seed axis over (None: one device).
 
     Returns:
-        ``{condition: accuracy[seeds]}`` plus ``loss_<phase>`` final-epoch mean losses.
+        ``{condition: accuracy[seeds]}`` plus ``loss_<phase>`` final-epoch mean losses;
+        with ``config.track``, also ``"tracks"`` ``[seeds, conditions, points, metrics]``
+        (see :mod:`toymodels.track`) and the teachers' own ``probe_teacher_loss`` and
+        ``probe_teacher_accuracy``.
     """
     spec = spec_of(config)
     optimizer = make_optimizer(config)
@@ -144,10 +150,21 @@ def train_chunk(
     shuffle_keys = _purpose_keys(seeds_key, seed_ids, _STUDENT_ORDER)
     masks = jnp.asarray(_student_masks(config))
     train_students = student_epoch(config, mesh)
+    if config.track:
+        # A copy: the students' buffers are donated to the epoch and overwritten.
+        starts = jax.tree.map(jnp.copy, students)
+        probe = probe_batch(data)
+        tracks = []
     for epoch in range(config.student_epochs):
-        students, student_opt, student_loss = train_students(
-            students, student_opt, teachers, words, place(_epoch_keys(shuffle_keys, epoch)), masks
-        )
+        epoch_keys = place(_epoch_keys(shuffle_keys, epoch))
+        if config.track:
+            students, student_opt, student_loss, epoch_tracks = train_students(
+                students, student_opt, teachers, words, epoch_keys, starts, reference, masks, *probe
+            )
+            # An epoch's first point is the previous epoch's last one (the same parameters).
+            tracks.append(np.asarray(epoch_tracks)[:, :, (0 if epoch == 0 else 1):])
+        else:
+            students, student_opt, student_loss = train_students(students, student_opt, teachers, words, epoch_keys, masks)
         losses = ", ".join(f"{c} {float(v):.2e}" for c, v in zip(STUDENT_CONDITIONS, jnp.mean(student_loss, axis=0)))
         progress.advance(f"{label}: students epoch {epoch + 1}/{config.student_epochs}, loss {losses}", student_epoch_cost(config))
 
@@ -162,7 +179,17 @@ def train_chunk(
     for i, condition in enumerate(STUDENT_CONDITIONS):
         out[condition] = student_acc[:, i]
         out[f"loss_{condition}"] = np.asarray(student_loss)[:, i]
+    if config.track:
+        out[TRACKS] = np.concatenate(tracks, axis=2)
+        teacher_probe = np.asarray(_probe_all(spec)(teachers, *probe))
+        out["probe_teacher_loss"], out["probe_teacher_accuracy"] = teacher_probe[:, 0], teacher_probe[:, 1]
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_all(spec):
+    """Compiled ``(params[seeds, ...], probe images, labels) -> [seeds, (L_T, accuracy)]``."""
+    return jax.jit(jax.vmap(lambda p, images, labels: probe_metrics(spec, p, normalize(images), labels), in_axes=(0, None, None)))
 
 
 def student_epoch_cost(config: MnistConfig) -> float:
@@ -198,7 +225,8 @@ def run_experiment(
     Returns:
         ``config``, per-seed ``accuracy`` and final ``loss`` per condition, ``summary``
         (mean, std, sem, ci95, n), the ``paper`` numbers, the cross-model ``pairing``,
-        ``timing`` and ``environment``.
+        ``timing`` and ``environment``; with ``config.track``, a ``trajectory`` section
+        (:func:`toymodels.track.trajectory_section`).
     """
     config.validate()
     progress = progress or SilentProgress()
@@ -222,7 +250,9 @@ def run_experiment(
         result = train_chunk(config, data, seed_ids, pairing, progress, mesh)
         for i, s in enumerate(seed_ids.tolist()):
             if s not in done:
-                done[s] = {key: float(values[i]) for key, values in result.items()}
+                done[s] = {key: float(values[i]) for key, values in result.items() if key != TRACKS}
+                if TRACKS in result:
+                    done[s][TRACKS] = per_condition(result[TRACKS][i], STUDENT_CONDITIONS)
         if checkpoint is not None:
             write_json_atomic(checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done})
         running = ", ".join(f"{c} {np.mean([done[s][c] for s in done]):.3f}" for c in CONDITIONS)
@@ -232,6 +262,17 @@ def run_experiment(
     seeds = range(config.seeds)
     accuracies = {c: [done[s][c] for s in seeds] for c in CONDITIONS}
     losses = {c: [done[s][f"loss_{c}"] for s in seeds] for c in ("teacher", *STUDENT_CONDITIONS)}
+    trajectory = {}
+    if config.track:
+        trajectory["trajectory"] = trajectory_section(
+            [done[s][TRACKS] for s in seeds],
+            {"teacher_loss": [done[s]["probe_teacher_loss"] for s in seeds],
+             "probe_accuracy": [done[s]["probe_teacher_accuracy"] for s in seeds]},
+            every=config.track,
+            steps_per_epoch=steps_per_epoch(config.n_noise, config.batch_size),
+            epochs=config.student_epochs,
+            probe_size=min(PROBE_SIZE, len(data.test_labels)),
+        )
     return {
         "experiment": "mnist_auxiliary_logits",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -246,6 +287,7 @@ def run_experiment(
         "timing": {"wall_s": time.perf_counter() - t_start, "chunks": len(chunks), "chunk_size": int(chunks[0].size)},
         "environment": environment(),
         "data_source": data.source,
+        **trajectory,
     }
 
 

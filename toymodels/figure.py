@@ -1,8 +1,11 @@
-"""The MNIST figure: test accuracy per condition, with the paper's numbers as reference markers.
+"""The MNIST figures: test accuracy per condition, and the students' alignment along training.
 
-Bars are this run's means with 95% confidence intervals over seeds; a black diamond with
-its own interval marks the paper's value (100 seeds) for the same condition, so a reader
-sees at a glance whether the reproduction matches.
+:func:`plot_results`: bars are this run's means with 95% confidence intervals over seeds;
+a black diamond with its own interval marks the paper's value (100 seeds) for the same
+condition, so a reader sees at a glance whether the reproduction matches.
+
+:func:`plot_trajectory`: the ``--track`` curves (:mod:`toymodels.track`), one panel per
+metric, each student condition's mean over seeds with its 95% confidence band.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from toymodels.artifacts import write_atomic
-from toymodels.conditions import CONDITIONS, LABELS
+from toymodels.conditions import CONDITIONS, LABELS, STUDENT_CONDITIONS
 
 COLORS = {
     "reference": "#9e9e9e",
@@ -49,6 +53,55 @@ def plot_results(result: dict[str, Any], *, title: str | None = None) -> plt.Fig
     ax.set_title(title or f"Subliminal learning on MNIST: students trained on noise via auxiliary logits (n = {n} seeds)", fontsize=10)
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+TRAJECTORY_PANELS = {
+    "displacement_cos": "cos(θ_S(t) − θ_S(0), θ_T − θ_0)",
+    "step_cos": "cos(θ_S(t) − θ_S(t−1), θ_T − θ_0)",
+    "teacher_loss": "teacher loss L_T on the probe batch",
+    "probe_accuracy": "digit accuracy on the probe batch",
+}
+
+
+def plot_trajectory(result: dict[str, Any]) -> plt.Figure:
+    """Mean and 95% CI band over seeds of every tracked metric against the student step.
+
+    Cosines are signed, so a student moving against its teacher's displacement shows as
+    negative. The dashed line in the loss and accuracy panels is the teachers' own mean
+    on the probe batch; dotted vertical lines mark epoch boundaries.
+    """
+    trajectory = result["trajectory"]
+    steps, conditions = trajectory["steps"], trajectory["conditions"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.6), layout="constrained", sharex=True)
+    for ax, (metric, title) in zip(axes.flat, TRAJECTORY_PANELS.items()):
+        for condition in (c for c in STUDENT_CONDITIONS if c in conditions):
+            curve = conditions[condition][metric]
+            mean = np.asarray(curve["mean"])
+            ci = np.nan_to_num(np.asarray(curve["ci95"]))  # NaN with one seed: no band
+            label = LABELS[condition].replace("\n", " ")
+            ax.plot(steps, mean, color=COLORS[condition], linewidth=1.6, label=label)
+            ax.fill_between(steps, mean - ci, mean + ci, color=COLORS[condition], alpha=0.25, linewidth=0)
+        if metric in trajectory["teacher"]:
+            ax.axhline(trajectory["teacher"][metric]["mean"], color=COLORS["teacher"], linestyle="--", linewidth=1, label="teacher")
+        if metric.endswith("_cos"):
+            ax.axhline(0.0, color="gray", linewidth=0.8)
+        if metric == "probe_accuracy":
+            ax.axhline(0.1, color="gray", linestyle=":", linewidth=1, label="chance (0.1)")
+        for boundary in range(trajectory["steps_per_epoch"], steps[-1], trajectory["steps_per_epoch"]):
+            ax.axvline(boundary, color="gray", linestyle=":", linewidth=0.6, alpha=0.6)
+        ax.set_title(title, fontsize=9.5)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("student step t")
+    handles, labels = axes[1, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
+    n = len(next(iter(conditions.values()))["displacement_cos"]["values"])
+    fig.suptitle(
+        f"Students' alignment with their teacher along distillation (mean, 95% CI over n = {n} seeds; "
+        f"probe: {trajectory['probe']['n']} test images)",
+        fontsize=10,
+    )
     return fig
 
 

@@ -29,16 +29,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from toymodels.conditions import STUDENT_CONDITIONS
 from toymodels.config import MnistConfig
 from toymodels.data import normalize
 from toymodels.losses import STUDENT_LOSSES, digit_cross_entropy
 from toymodels.model import N_DIGITS, MLPSpec, Params, apply
 from toymodels.noise import noise_images
 from toymodels.precision import compute_dtype
+from toymodels.track import METRICS, track_point, tracked_steps, tree_sub
 
 
 def spec_of(config: MnistConfig) -> MLPSpec:
@@ -164,6 +167,16 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     teachers ``[seeds, ...]``, ``noise_words`` ``[seeds, 2]`` (the seed's fixed noise set),
     ``keys`` ``[seeds]`` (this epoch's shuffle) and ``masks`` ``[conditions, n_out]`` (the
     logits each condition imitates).
+
+    With ``config.track = N > 0`` the epoch also measures the students every ``N`` steps
+    (:mod:`toymodels.track`): ``(students, opt_states, teachers, noise_words, keys,
+    starts, references, masks, probe_images, probe_labels) -> (students, opt_states,
+    mean_losses, tracks)``, with ``starts`` ``[seeds, conditions, ...]`` the students'
+    parameters before their first epoch, ``references`` ``[seeds, ...]`` the teachers'
+    initializations, the probe batch shared, and ``tracks`` ``[seeds, conditions, 1 + P,
+    metrics]``: the point at the epoch's start, then its ``P`` tracked points. The
+    measurement sits in a ``lax.cond`` on a static per-step flag, so untracked steps pay
+    nothing; without tracking the program is the one of a run that never tracks.
     """
     spec = spec_of(config)
     optimizer = make_optimizer(config)
@@ -175,22 +188,60 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     grad_all_conditions = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(0, None, None, None, 0))
     update_all_conditions = jax.vmap(optimizer.update)
 
+    def train_step(students, opt_states, teacher, words, masks, batch):
+        ids, weights = batch
+        x = noise_images(words, ids, spec.d_in, config.noise, compute_dtype(config.precision))
+        teacher_logits = jax.lax.stop_gradient(apply(spec, teacher, x))
+        losses, grads = grad_all_conditions(students, x, teacher_logits, weights, masks)
+        updates, opt_states = update_all_conditions(grads, opt_states, students)
+        return optax.apply_updates(students, updates), opt_states, updates, losses
+
     def one_seed(students, opt_states, teacher, words, key, masks):
         plan = epoch_plan(key, config.n_noise, config.batch_size)
 
         def step(carry, batch):
-            students, opt_states = carry
-            ids, weights = batch
-            x = noise_images(words, ids, spec.d_in, config.noise, compute_dtype(config.precision))
-            teacher_logits = jax.lax.stop_gradient(apply(spec, teacher, x))
-            losses, grads = grad_all_conditions(students, x, teacher_logits, weights, masks)
-            updates, opt_states = update_all_conditions(grads, opt_states, students)
-            return (optax.apply_updates(students, updates), opt_states), losses
+            students, opt_states, _, losses = train_step(*carry, teacher, words, masks, batch)
+            return (students, opt_states), losses
 
         (students, opt_states), losses = jax.lax.scan(step, (students, opt_states), plan)
         return students, opt_states, jnp.mean(losses, axis=0)
 
-    return jax.jit(over_seeds(one_seed, 5, config.vmap_seeds, mesh), donate_argnums=(0, 1))
+    if not config.track:
+        return jax.jit(over_seeds(one_seed, 5, config.vmap_seeds, mesh), donate_argnums=(0, 1))
+
+    n_steps = math.ceil(config.n_noise / config.batch_size)
+    tracked = tracked_steps(n_steps, config.track)
+    flags = np.zeros(n_steps, bool)
+    flags[tracked] = True
+    n_conditions = len(STUDENT_CONDITIONS)
+
+    def one_seed_tracked(students, opt_states, teacher, words, key, starts, reference, masks, probe_images, probe_labels):
+        plan = epoch_plan(key, config.n_noise, config.batch_size)
+        direction = jax.lax.stop_gradient(tree_sub(teacher, reference))
+        x_probe = normalize(probe_images)
+        measure = jax.vmap(
+            lambda student, start, step: track_point(spec, student, start, direction, step, x_probe, probe_labels)
+        )
+        # The epoch's start has no step of its own; track_point gives it a step cosine of 0.
+        at_start = jax.vmap(lambda student, start: track_point(spec, student, start, direction, None, x_probe, probe_labels))(
+            students, starts
+        )
+
+        def step(carry, batch_and_flag):
+            batch, flag = batch_and_flag
+            students, opt_states, updates, losses = train_step(*carry, teacher, words, masks, batch)
+            point = jax.lax.cond(
+                flag,
+                lambda: measure(students, starts, updates),
+                lambda: jnp.zeros((n_conditions, len(METRICS)), jnp.float32),
+            )
+            return (students, opt_states), (losses, point)
+
+        (students, opt_states), (losses, points) = jax.lax.scan(step, (students, opt_states), (plan, jnp.asarray(flags)))
+        tracks = jnp.concatenate([at_start[None], points[tracked]], axis=0)  # [1 + P, conditions, metrics]
+        return students, opt_states, jnp.mean(losses, axis=0), jnp.swapaxes(tracks, 0, 1)
+
+    return jax.jit(over_seeds(one_seed_tracked, 7, config.vmap_seeds, mesh), donate_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=None)
