@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from toymodels import experiment
 from toymodels.config import tiny
 from toymodels.experiment import chunk_layout, run_experiment
 
@@ -65,7 +66,37 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(result, tmp_path):
 
 
 def test_chunk_size_changes_no_number(result):
-    assert run_experiment(tiny(seeds_per_chunk=3))["accuracy"] == result["accuracy"]
+    one_chunk = tiny(seeds_per_chunk=4)
+    layout = [c.tolist() for c in chunk_layout(one_chunk.seeds, one_chunk.seeds_per_chunk, 1)]
+    assert layout != [c.tolist() for c in chunk_layout(CONFIG.seeds, CONFIG.seeds_per_chunk, 1)]
+    assert run_experiment(one_chunk)["accuracy"] == result["accuracy"]
+
+
+def test_students_start_from_their_stated_initialization(result, monkeypatch):
+    """With distillation replaced by "change nothing", each student must score as its start.
+
+    Shared-initialization students start at their own seed's reference initialization,
+    cross-model ones at the reference of the seed the derangement pairs them with; a
+    student started from the trained teacher, or from its own init in the cross-model
+    condition, fails this.
+    """
+
+    def frozen_student_epoch(config, mesh=None):
+        def epoch(students, opt_states, *rest):
+            n_seeds, n_conditions = students["layers"][0]["bias"].shape[:2]
+            return students, opt_states, np.zeros((n_seeds, n_conditions))
+
+        return epoch
+
+    monkeypatch.setattr(experiment, "student_epoch", frozen_student_epoch)
+    frozen = run_experiment(CONFIG)
+    reference, pairing = np.asarray(frozen["accuracy"]["reference"]), np.asarray(frozen["pairing"])
+    assert frozen["accuracy"]["reference"] == result["accuracy"]["reference"]
+    for condition in ("student_aux", "student_all"):
+        np.testing.assert_array_equal(frozen["accuracy"][condition], reference)
+    for condition in ("cross_aux", "cross_all"):
+        np.testing.assert_array_equal(frozen["accuracy"][condition], reference[pairing])
+    assert not np.array_equal(reference[pairing], reference)
 
 
 def test_chunk_layout_pads_evenly():

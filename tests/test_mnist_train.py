@@ -40,3 +40,21 @@ def test_compiled_teacher_epoch_does_not_recompile_and_learns():
     # Chance level is ln(10) = 2.30; 64 Adam steps at 1e-3 must get well below it.
     assert np.all(np.asarray(second) < np.asarray(first)) and np.all(np.asarray(second) < 1.2)
     assert teacher_epoch(config) is train  # one compiled function per configuration
+
+
+def test_teachers_auxiliary_logits_get_no_direct_gradient():
+    """The teacher learns through its digit logits only: its last layer's aux columns never move.
+
+    Adam turns a zero gradient into a zero update, so they stay at their initial values
+    bit for bit while every digit column and every hidden layer changes.
+    """
+    config = tiny(n_train=2048, hidden=(32, 32), batch_size=256)
+    params, opt_state, keys, images, labels = _teacher_inputs(config, 2)
+    start = jax.tree.map(np.asarray, params)
+    trained, _, _ = teacher_epoch(config)(params, opt_state, keys, images, labels)
+    last = len(start["layers"]) - 1
+    kernel, bias = (np.asarray(trained["layers"][last][name]) for name in ("kernel", "bias"))
+    np.testing.assert_array_equal(kernel[..., 10:], start["layers"][last]["kernel"][..., 10:])
+    np.testing.assert_array_equal(bias[..., 10:], start["layers"][last]["bias"][..., 10:])
+    assert np.all(np.abs(kernel[..., :10] - start["layers"][last]["kernel"][..., :10]).max(axis=(1, 2)) > 1e-3)
+    assert np.all(np.abs(np.asarray(trained["layers"][0]["kernel"]) - start["layers"][0]["kernel"]).max(axis=(1, 2)) > 1e-3)

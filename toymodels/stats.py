@@ -1,7 +1,9 @@
 """Summary statistics reported for every condition: mean and a normal 95% confidence interval.
 
 The interval is ``mean +- 1.96 * s / sqrt(n)`` with ``s`` the sample standard deviation
-(``ddof=1``), as in the paper's figure.
+(``ddof=1``, the unbiased variance). The authors' code uses NumPy's default ``ddof=0``,
+whose intervals are narrower by the factor ``sqrt((n - 1) / n)``: 0.5% at 100 seeds,
+5% at 10.
 
 Example:
     >>> from toymodels.stats import summarize
