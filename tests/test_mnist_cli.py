@@ -17,6 +17,9 @@ TINY = ["--hidden", "32", "32", "--batch-size", "128", "--teacher-epochs", "1", 
         (["--noise", "pink"], "invalid choice: 'pink'"),
         (["--optimizer", "lion"], "invalid choice: 'lion'"),
         (["--data-dir", "/nonexistent"], "not found in /nonexistent"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
+        (["--temperature", "nan"], "--temperature must be a finite number"),
+        (["--data", "bundled", "--data-dir", "/somewhere"], "drop one of the two"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tmp_path, capsys):
@@ -40,6 +43,45 @@ def test_unwritable_output_folder(tmp_path, capsys):
     blocker.write_text("")
     assert main(["mnist", "--out", str(blocker / "sub"), *TINY]) == 2
     assert "cannot write to output folder" in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["mnist", "--out", str(blocker), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
+
+
+@pytest.mark.slow
+def test_an_interrupted_overwrite_run_resumes_when_repeated(tmp_path, capsys, monkeypatch):
+    from toymodels import experiment
+
+    out = tmp_path / "run"
+    args = ["mnist", "--out", str(out), *TINY, "--seeds-per-chunk", "1"]
+    assert main(args) == 0  # an earlier result, which --overwrite will replace
+    real_train_chunk, calls = experiment.train_chunk, []
+
+    def train_chunk(*a, **k):
+        calls.append(a[2].tolist())
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second chunk
+        return real_train_chunk(*a, **k)
+
+    monkeypatch.setattr(experiment, "train_chunk", train_chunk)
+    assert main([*args, "--overwrite"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rerun the same command to continue" in err and "checkpoint.json" in err
+    calls.clear()
+    monkeypatch.setattr(experiment, "train_chunk", lambda *a, **k: (calls.append(a[2].tolist()), real_train_chunk(*a, **k))[1])
+    assert main([*args, "--overwrite"]) == 0
+    assert calls == [[1]]  # seed 0 came from the checkpoint
+    # A checkpoint of another configuration is not resumed by --overwrite.
+    json_path = out / "checkpoint.json"
+    json_path.write_text(json.dumps({"fingerprint": "another run", "seeds": {}}))
+    calls.clear()
+    assert main([*args, "--overwrite"]) == 0
+    assert calls == [[0], [1]]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -96,16 +97,40 @@ def format_trajectory(trajectory: dict) -> str:
     return "\n".join(rows)
 
 
-def prepare_output(out: Path, result_name: str, overwrite: bool) -> None:
-    """Create ``out``, check it is writable and holds no ``result_name`` yet, before any training."""
+def prepare_output(out: Path, result_name: str, overwrite: bool, fingerprint: str | None = None) -> None:
+    """Create ``out``, check it is writable and holds no ``result_name`` yet, before any training.
+
+    With ``overwrite``, a checkpoint is kept if it belongs to the run about to start
+    (same ``fingerprint``), so an interrupted ``--overwrite`` run resumes when repeated;
+    a checkpoint of any other run is deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: choose another --out")
     try:
         check_writable(out)
     except OSError as err:
         raise ConfigError(f"cannot write to output folder {out} ({err.strerror}): choose another --out") from err
     if overwrite:
-        (out / CHECKPOINT).unlink(missing_ok=True)
+        if _checkpoint_fingerprint(out / CHECKPOINT) != fingerprint:
+            (out / CHECKPOINT).unlink(missing_ok=True)
     elif (out / result_name).exists():
         raise ConfigError(f"{out / result_name} already exists: pass --overwrite to replace it, or choose another --out")
+
+
+def _checkpoint_fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _data_source(args: argparse.Namespace) -> str:
+    """The MNIST source the options name; ``--data-dir`` with a source that never reads it is an error."""
+    if args.data is None:
+        return "dir" if args.data_dir is not None else "bundled"
+    if args.data == "bundled" and args.data_dir is not None:
+        raise ConfigError(f"--data bundled reads the packaged files, not --data-dir {args.data_dir}: drop one of the two")
+    return args.data
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,16 +146,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         sweep = parse_sweep(args.sweep) if args.sweep else None
-        source = args.data or ("dir" if args.data_dir is not None else "bundled")
-        data = load_mnist(source, args.data_dir, offline=args.offline)
+        data = load_mnist(_data_source(args), args.data_dir, offline=args.offline)
         progress = SilentProgress() if args.quiet else TextProgress()
         if sweep is not None:
             return _run_sweep(args, config, sweep, data, progress)
-        prepare_output(args.out, RESULTS, args.overwrite)
+        prepare_output(args.out, RESULTS, args.overwrite, config.fingerprint())
         result = run_experiment(config, data=data, progress=progress, checkpoint=args.out / CHECKPOINT)
     except (ConfigError, DataError) as err:
         print(f"sublearn mnist: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = args.out / CHECKPOINT
+        where = f"finished seeds are kept in {kept}; " if kept.exists() else ""
+        print(f"\nsublearn mnist: interrupted; {where}rerun the same command to continue", file=sys.stderr)
+        return 130
     figure_paths = save_figure(plot_results(result), args.out)
     if "trajectory" in result:
         figure_paths += save_figure(plot_trajectory(result), args.out, stem="trajectory")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -117,6 +118,10 @@ class MnistConfig:
             (self.n_train is None or 1 <= self.n_train <= 60_000, f"--n-train must be between 1 and 60000 (got {self.n_train})"),
             (self.n_test is None or 1 <= self.n_test <= 10_000, f"--n-test must be between 1 and 10000 (got {self.n_test})"),
         ]
+        for name in ("learning_rate", "temperature", "init_scale", "student_init_sigma"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number (got {value})")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
