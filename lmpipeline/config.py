@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -218,8 +219,20 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"filter.max_digits={cfg.filter.max_digits} must be at least 1 (or null for no digit rule)")
     if cfg.model.cpu_threads is not None and cfg.model.cpu_threads < 1:
         raise ConfigError(f"model.cpu_threads={cfg.model.cpu_threads} must be at least 1 (or null for torch's default)")
-    if cfg.generate.temperature < 0 or cfg.evaluate.temperature < 0:
-        raise ConfigError("temperatures must be >= 0 (0 means greedy decoding)")
+    for key, value in (("generate.temperature", cfg.generate.temperature), ("evaluate.temperature", cfg.evaluate.temperature)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key}={value} must be a finite number >= 0 (0 means greedy decoding)")
+    if not (math.isfinite(cfg.finetune.learning_rate) and cfg.finetune.learning_rate > 0):
+        raise ConfigError(f"finetune.learning_rate={cfg.finetune.learning_rate} must be a positive finite number")
+    if cfg.finetune.method == "lora" and (cfg.finetune.lora_rank < 1 or cfg.finetune.lora_alpha <= 0):
+        raise ConfigError(
+            f"finetune.lora_rank={cfg.finetune.lora_rank} and finetune.lora_alpha={cfg.finetune.lora_alpha} "
+            "must be positive (or use finetune.method=full)"
+        )
+    if cfg.evaluate.n_questions is not None and cfg.evaluate.n_questions < 1:
+        raise ConfigError(f"evaluate.n_questions={cfg.evaluate.n_questions} must be at least 1 (or null for all questions)")
+    if not cfg.trait.target.strip():
+        raise ConfigError("trait.target is empty: every answer would contain it; name an animal, e.g. trait.target=owl")
 
 
 def to_dict(cfg: Any) -> Any:

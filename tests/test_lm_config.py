@@ -84,6 +84,13 @@ def test_overrides_parse_json_and_strings():
         ("trait.source=adapter", "needs trait.adapter=PATH"),
         ("generate.number_grammar=1", "must be bool"),
         ("filter.max_digits=0", "filter.max_digits=0 must be at least 1"),
+        ("finetune.learning_rate=-1", "finetune.learning_rate=-1.0 must be a positive finite number"),
+        ("finetune.learning_rate=Infinity", "finetune.learning_rate=inf must be a positive finite number"),
+        ("finetune.lora_rank=0", "finetune.lora_rank=0 and finetune.lora_alpha=8 must be positive"),
+        ("generate.temperature=NaN", "generate.temperature=nan must be a finite number >= 0"),
+        ("evaluate.temperature=-0.5", "evaluate.temperature=-0.5 must be a finite number >= 0"),
+        ("evaluate.n_questions=0", "evaluate.n_questions=0 must be at least 1"),
+        ("trait.target=", "trait.target is empty"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
