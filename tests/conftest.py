@@ -9,9 +9,13 @@ Hypothesis profiles (choose with ``SUBLEARN_HYPOTHESIS_PROFILE``):
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Strict numerics: implicit rank promotion hides shape bugs, so make it an error.
@@ -33,3 +37,24 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("SUBLEARN_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def run_on_two_devices(tmp_path):
+    """``run(config_expression)``: ``run_experiment`` in a subprocess that sees two CPU devices.
+
+    The expression is evaluated there with ``tiny`` in scope; the result comes back as JSON.
+    """
+
+    def run(config_expression: str) -> dict:
+        out = tmp_path / "two_devices.json"
+        script = (
+            "import json, jax; from toymodels.config import tiny; from toymodels.experiment import run_experiment;"
+            f"assert len(jax.devices()) == 2; r = run_experiment({config_expression});"
+            f"open({str(out)!r}, 'w').write(json.dumps(r))"
+        )
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
+        return json.loads(out.read_text())
+
+    return run

@@ -1,9 +1,6 @@
 """End to end on the tiny configuration: the effect's sign, determinism, resume, sharding."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -106,13 +103,5 @@ def test_chunk_layout_pads_evenly():
     assert [c.size for c in chunk_layout(7, 10, 2)] == [8]
 
 
-def test_sharding_over_devices_gives_identical_numbers(result, tmp_path):
-    script = (
-        "import json, jax; from toymodels.config import tiny; from toymodels.experiment import run_experiment;"
-        "assert len(jax.devices()) == 2; r = run_experiment(tiny(seeds_per_chunk=2));"
-        f"open({str(tmp_path / 'r.json')!r}, 'w').write(json.dumps(r['accuracy']))"
-    )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
-    sharded = json.loads((tmp_path / "r.json").read_text())
-    assert sharded == result["accuracy"]
+def test_sharding_over_devices_gives_identical_numbers(result, run_on_two_devices):
+    assert run_on_two_devices("tiny(seeds_per_chunk=2)")["accuracy"] == result["accuracy"]

@@ -7,9 +7,6 @@ measures the wrong parameters, the wrong direction or the wrong step fails here.
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -247,20 +244,14 @@ def test_the_cli_writes_the_trajectory_figure_and_section(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_sharded_tracked_run_trains_identically_and_tracks_to_rounding(tracked_run, tmp_path):
+def test_a_sharded_tracked_run_trains_identically_and_tracks_to_rounding(tracked_run, run_on_two_devices):
     """Over two devices the students are bit-identical; the tracked sums agree to float32 rounding.
 
     The parameter-space sums of the cosines and the probe loss are reduced by XLA in an
     order that depends on the threads a device gets, so their last bits may differ.
     """
-    script = (
-        "import json, jax; from toymodels.config import tiny; from toymodels.experiment import run_experiment;"
-        "assert len(jax.devices()) == 2; r = run_experiment(tiny(track=8, seeds_per_chunk=2));"
-        f"open({str(tmp_path / 'r.json')!r}, 'w').write(json.dumps([r['accuracy'], r['trajectory']]))"
-    )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
-    accuracy, trajectory = json.loads((tmp_path / "r.json").read_text())
+    sharded = run_on_two_devices("tiny(track=8, seeds_per_chunk=2)")
+    accuracy, trajectory = sharded["accuracy"], sharded["trajectory"]
     assert accuracy == tracked_run[0]["accuracy"]
     assert trajectory["steps"] == tracked_run[0]["trajectory"]["steps"]
     for condition, curves in tracked_run[0]["trajectory"]["conditions"].items():

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, UInt8
 
-from toymodels.data import MNIST, normalize
+from toymodels.data import MNIST
 from toymodels.losses import digit_cross_entropy
 from toymodels.model import N_DIGITS, MLPSpec, Params, apply
 from toymodels.stats import summarize
