@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
 import numpy as np
 import torch
 from torch import nn
 
+from toymodels.conditions import derangement
 from toymodels.config import MnistConfig
-from toymodels.data import load_mnist
+from toymodels.data import load_mnist, normalize
 
 N_DIGITS = 10
 
@@ -57,27 +59,19 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
         return float((model(images)[:, :N_DIGITS].argmax(-1) == labels).float().mean())
 
 
-def derangement(n: int, generator: torch.Generator) -> list[int]:
-    while True:
-        perm = torch.randperm(n, generator=generator).tolist()
-        if all(p != i for i, p in enumerate(perm)):
-            return perm
-
-
 def run(config: MnistConfig) -> dict[str, list[float]]:
     """Train ``config.seeds`` teachers and their four students each; return accuracies per condition."""
     config.validate()
     mnist = load_mnist().subset(config.n_train, config.n_test)
-    x_train = (torch.from_numpy(mnist.train_images.astype(np.float32)) / 255.0 - 0.5) / 0.5
+    x_train = torch.from_numpy(normalize(mnist.train_images))
     y_train = torch.from_numpy(mnist.train_labels.astype(np.int64))
-    x_test = (torch.from_numpy(mnist.test_images.astype(np.float32)) / 255.0 - 0.5) / 0.5
+    x_test = torch.from_numpy(normalize(mnist.test_images))
     y_test = torch.from_numpy(mnist.test_labels.astype(np.int64))
     n_out = N_DIGITS + config.n_aux
     columns = {"aux": slice(N_DIGITS, n_out), "all": slice(0, n_out)}
 
-    root = torch.Generator().manual_seed(config.seed)
     inits = [make_mlp(config, torch.Generator().manual_seed(config.seed * 100_003 + s)) for s in range(config.seeds)]
-    pairing = derangement(config.seeds, root)
+    pairing = derangement(config.seeds, jax.random.key(config.seed)).tolist()
     results: dict[str, list[float]] = {c: [] for c in ("reference", "teacher", "student_aux", "student_all", "cross_aux", "cross_all")}
     for s in range(config.seeds):
         generator = torch.Generator().manual_seed(config.seed * 100_003 + s + 7)

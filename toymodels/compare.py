@@ -48,11 +48,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for condition, values in a["accuracy"].items():
         x, y = np.asarray(values, np.float64), np.asarray(b["accuracy"][condition], np.float64)
         sa, sb = summarize(x), summarize(y)
-        d = x - y
-        if np.all(d == 0):
-            diff = {"mean": 0.0, "std": 0.0, "sem": 0.0, "ci95": 0.0, "n": int(d.size)}
-        else:
-            diff = summarize(d)
+        diff = summarize(x - y)
         table[condition] = {
             "a": sa,
             "b": sb,

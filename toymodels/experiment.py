@@ -46,7 +46,7 @@ from toymodels.model import init_params, perturb_params
 from toymodels.noise import noise_words
 from toymodels.progress import Progress, SilentProgress
 from toymodels.stats import summarize
-from toymodels.track import PROBE_SIZE, per_condition, probe_batch, probe_metrics, steps_per_epoch, trajectory_section
+from toymodels.track import per_condition, probe_batch, probe_metrics, probe_size, steps_per_epoch, trajectory_section
 from toymodels.train import accuracy, make_optimizer, spec_of, student_epoch, teacher_epoch
 
 # Per-seed key purposes (fold_in constants); each key is used for exactly one thing.
@@ -271,7 +271,7 @@ def run_experiment(
             every=config.track,
             steps_per_epoch=steps_per_epoch(config.n_noise, config.batch_size),
             epochs=config.student_epochs,
-            probe_size=min(PROBE_SIZE, len(data.test_labels)),
+            probe_size=probe_size(data),
         )
     return {
         "experiment": "mnist_auxiliary_logits",

@@ -80,9 +80,14 @@ def tree_sub(a: Params, b: Params) -> Params:
     return jax.tree.map(jnp.subtract, a, b)
 
 
+def probe_size(data: MNIST) -> int:
+    """Images in the probe batch: :data:`PROBE_SIZE`, or all test images if there are fewer."""
+    return min(PROBE_SIZE, len(data.test_labels))
+
+
 def probe_batch(data: MNIST) -> tuple[UInt8[Array, "n 784"], Int[Array, " n"]]:
-    """The fixed probe batch: the first :data:`PROBE_SIZE` test images and their labels."""
-    n = min(PROBE_SIZE, len(data.test_labels))
+    """The fixed probe batch: the first :func:`probe_size` test images and their labels."""
+    n = probe_size(data)
     return jnp.asarray(data.test_images[:n]), jnp.asarray(data.test_labels[:n], dtype=jnp.int32)
 
 

@@ -41,7 +41,7 @@ from toymodels.losses import STUDENT_LOSSES, digit_cross_entropy
 from toymodels.model import N_DIGITS, MLPSpec, Params, apply
 from toymodels.noise import noise_images
 from toymodels.precision import compute_dtype
-from toymodels.track import METRICS, track_point, tracked_steps, tree_sub
+from toymodels.track import METRICS, steps_per_epoch, track_point, tracked_steps, tree_sub
 
 
 def spec_of(config: MnistConfig) -> MLPSpec:
@@ -209,7 +209,7 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     if not config.track:
         return jax.jit(over_seeds(one_seed, 5, config.vmap_seeds, mesh), donate_argnums=(0, 1))
 
-    n_steps = math.ceil(config.n_noise / config.batch_size)
+    n_steps = steps_per_epoch(config.n_noise, config.batch_size)
     tracked = tracked_steps(n_steps, config.track)
     flags = np.zeros(n_steps, bool)
     flags[tracked] = True
