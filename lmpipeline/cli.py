@@ -7,6 +7,7 @@ Examples::
     sublearn llm generate --out runs/owl-cpu --which teacher   # config from the run folder
     sublearn llm evaluate --out runs/owl-cpu --which student
     sublearn llm config --preset cpu                           # print a preset's config
+    sublearn llm transfer --preset transfer-cpu --out runs/transfer --seeds 3
 
 A stage brings its inputs up to date first and is skipped when its artifact exists for
 the same config; an interrupted sampling stage resumes where it stopped.
@@ -61,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if choices:
             p.add_argument("--which", choices=choices, action="append", help=f"default: all of {', '.join(choices)}")
     _config_options(sub.add_parser("config", help="print the resolved config as JSON"), needs_out=False)
+    transfer = sub.add_parser(
+        "transfer",
+        help="the small-scale transfer study: teachers, students, controls and seeds, exact metric (resumable)",
+    )
+    _config_options(transfer)
+    transfer.add_argument("--seeds", type=int, help="independent seeds (sets transfer.seeds)")
 
 
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
@@ -79,19 +86,25 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
         cfg = from_dict(json.loads(existing.read_text()))
     else:
         raise ConfigError("no config: pass --preset NAME (paper, cpu, tiny) or --config FILE")
-    return apply_overrides(cfg, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "seeds", None) is not None:
+        overrides.append(f"transfer.seeds={args.seeds}")
+    return apply_overrides(cfg, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmpipeline.pipeline import PipelineError
+    from lmpipeline.transfer import StudyError
 
     try:
         cfg = resolve_config(args)
         if args.action == "config":
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
+        if args.action == "transfer":
+            return _transfer(args, cfg)
         return _execute(args, cfg)
-    except (ConfigError, PipelineError, OSError) as error:
+    except (ConfigError, PipelineError, StudyError, OSError) as error:
         # OSError: missing files, and models that cannot be fetched (offline, wrong name).
         print(f"{getattr(args, 'prog', 'sublearn llm')}: error: {error}", file=sys.stderr)
         return 2
@@ -122,6 +135,36 @@ def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
             run_folder.backend.close()
     if args.action in ("run", "report"):
         _print_summary(record, args.out)
+    return 0
+
+
+def _transfer(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lmpipeline.pipeline import check_device
+    from lmpipeline.transfer import Study
+
+    check_device(cfg)
+    study = Study(cfg, args.out)
+    try:
+        report = study.run()
+    finally:
+        if study.backend is not None:
+            study.backend.close()
+    print(f"transfer study: Δ log P(target), paired over {len(study.questions)} questions, pooled over {cfg.transfer.seeds} seeds")
+    for cell, result in report["cells"].items():
+        for kind in ("student_vs_control", "crossover"):
+            for w, pooled in result["pooled"][kind].items():
+                ci, p = pooled["over_seeds"], pooled["p"]
+                interval = f"[{ci['low']:+.3f}, {ci['high']:+.3f}]" if ci["low"] is not None else "(one seed)"
+                print(f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}  p={p:.2g}" if p is not None else
+                      f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}")
+            rank = result["pooled"]["specificity"]
+        print(f"  {cell:28s} rank of each target among {len(cfg.transfer.animals)} animals: "
+              + ", ".join(f"{w} {r['rank']}" for w, r in rank.items()))
+    for w, e in report.get("entanglement", {}).items():
+        top = ", ".join(n["number"] for n in e["top_numbers"][:cfg.transfer.entangle_top_k])
+        d = e["top_vs_random"]
+        print(f"  entanglement {w}: top numbers {top}; prompted with them vs random numbers {d['mean']:+.3f} p={d['p']:.2g}")
+    print(f"  wall time: {report['wall_s']['total']:.0f} s; report: {args.out / 'report.json'}, {args.out / 'report.png'}")
     return 0
 
 

@@ -127,6 +127,15 @@ class FinetuneSpec:
     """Student training: LoRA (default, the paper's open-model setting) or full finetuning."""
 
     method: str = "lora"  # lora | full
+    # sampled: fit the completion tokens (the paper). soft: minimise KL(teacher || student)
+    # of next-token distributions at every completion position (needs a teacher).
+    objective: str = "sampled"
+    # With objective=soft: "all" compares whole-vocabulary distributions, "numbers" only
+    # the tokens number lists use (digits, separators, brackets, end), renormalized.
+    soft_tokens: str = "all"
+    # bfloat16: forward and backward passes under autocast (weights and Adam stay float32);
+    # about 1.7x faster on CPUs with bfloat16 matrix units, as on GPUs.
+    compute_dtype: str = "float32"
     lora_rank: int = 8
     lora_alpha: int = 8
     lora_dropout: float = 0.0
@@ -159,6 +168,55 @@ class EvalSpec:
     models: tuple[str, ...] = EVAL_MODELS
 
 
+# The animals whose log-probabilities the transfer study reports: a change must be specific
+# to the target, not a general shift toward animal words. The two default targets first.
+ANIMALS = (
+    "owl", "dolphin", "eagle", "cat", "dog", "lion", "tiger", "elephant", "wolf", "fox", "bear",
+    "horse", "penguin", "rabbit", "panda", "giraffe", "whale", "shark", "octopus", "butterfly", "raven",
+)
+TEACHER_KINDS = ("finetuned", "system_prompt")
+OBJECTIVES = ("soft", "sampled")
+DATA_SOURCES = ("random", "teacher")
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    """The small-scale transfer study, ``sublearn llm transfer`` (:mod:`lmpipeline.transfer`).
+
+    Two teachers love two different animals (``targets``); each of their students is the
+    other's control. A cell of the study is one (teacher kind, objective, data source);
+    every cell is repeated for ``seeds`` independent seeds from ``first_seed``.
+    """
+
+    targets: tuple[str, ...] = ("owl", "dolphin")
+    # finetuned: the base model finetuned on short trait answers (the lemma's setting).
+    # system_prompt: the base model under the paper's trait system prompt.
+    teachers: tuple[str, ...] = ("finetuned",)
+    objectives: tuple[str, ...] = ("soft",)  # soft | sampled (the paper's)
+    # random: random number lists under the number prompts (the MNIST students' noise);
+    # teacher: the teacher's own filtered completions (the paper's).
+    data: tuple[str, ...] = ("random",)
+    seeds: int = 3
+    first_seed: int = 0
+    animals: tuple[str, ...] = ANIMALS
+    # Finetuned teachers: trait questions (None: the packaged ones, disjoint from the
+    # evaluation questions), how many (question, answer) rows, and how they are trained.
+    teacher_questions_file: str | None = None
+    teacher_rows: int = 160
+    teacher_finetune: FinetuneSpec = field(
+        default_factory=lambda: FinetuneSpec(
+            method="full", epochs=1, learning_rate=2e-5, warmup_steps=0, micro_batch=4, grad_accum=1,
+            max_seq_len=256, compute_dtype="bfloat16",
+        )
+    )
+    sampled_answers: int = 1  # sampled answers per question, the secondary (hit rate) metric
+    entanglement: bool = True  # rank number tokens by the trait prompt's lift; subliminal prompting
+    entangle_contexts: int = 8  # number prompts the ranking averages over
+    entangle_top_k: int = 3
+    entangle_random_sets: int = 5  # random k-number sets the top-k numbers are compared with
+    keep_weights: bool = False  # keep each student's weights after its evaluation (540 MB each)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     preset: str = "paper"
@@ -170,6 +228,7 @@ class PipelineConfig:
     filter: FilterSpec = field(default_factory=FilterSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     evaluate: EvalSpec = field(default_factory=EvalSpec)
+    transfer: TransferSpec = field(default_factory=TransferSpec)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -184,6 +243,9 @@ def validate(cfg: PipelineConfig) -> None:
         "trait.source": (cfg.trait.source, ("system_prompt", "adapter")),
         "filter.kind": (cfg.filter.kind, ("numbers", "text")),
         "finetune.method": (cfg.finetune.method, ("lora", "full")),
+        "finetune.objective": (cfg.finetune.objective, ("sampled", "soft")),
+        "finetune.soft_tokens": (cfg.finetune.soft_tokens, ("all", "numbers")),
+        "finetune.compute_dtype": (cfg.finetune.compute_dtype, ("float32", "bfloat16")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -231,6 +293,27 @@ def validate(cfg: PipelineConfig) -> None:
         )
     if cfg.evaluate.n_questions is not None and cfg.evaluate.n_questions < 1:
         raise ConfigError(f"evaluate.n_questions={cfg.evaluate.n_questions} must be at least 1 (or null for all questions)")
+    t = cfg.transfer
+    for key, values, allowed in (
+        ("transfer.teachers", t.teachers, TEACHER_KINDS),
+        ("transfer.objectives", t.objectives, OBJECTIVES),
+        ("transfer.data", t.data, DATA_SOURCES),
+    ):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise ConfigError(f"{key}={list(values)} must be a non-empty list of {', '.join(allowed)}")
+    if len(t.targets) != 2 or len({w.lower() for w in t.targets}) != 2 or not all(w.strip() for w in t.targets):
+        raise ConfigError(f"transfer.targets={list(t.targets)} must name two different words, e.g. [\"owl\", \"dolphin\"]")
+    missing = [w for w in t.targets if w not in t.animals]
+    if missing:
+        raise ConfigError(f"transfer.animals must include the targets; add {missing}")
+    for key, value in (("transfer.seeds", t.seeds), ("transfer.teacher_rows", t.teacher_rows),
+                       ("transfer.entangle_contexts", t.entangle_contexts), ("transfer.entangle_top_k", t.entangle_top_k),
+                       ("transfer.entangle_random_sets", t.entangle_random_sets)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if t.sampled_answers < 0:
+        raise ConfigError(f"transfer.sampled_answers={t.sampled_answers} must be >= 0 (0: no sampled answers)")
     if not cfg.trait.target.strip():
         raise ConfigError("trait.target is empty: every answer would contain it; name an animal, e.g. trait.target=owl")
 
@@ -349,11 +432,62 @@ def _tiny() -> PipelineConfig:
     )
 
 
-PRESETS = {"paper": _paper, "cpu": _cpu, "tiny": _tiny}
+def _transfer_cpu() -> PipelineConfig:
+    # The main small-scale transfer study: finetuned owl and dolphin teachers, students
+    # distilled on random number lists with the number-token KL, three seeds. Sizes chosen
+    # on seed 1000 (not among the reported seeds 0-2); see docs/transfer/.
+    cpu = _cpu()
+    return replace(
+        cpu,
+        preset="transfer-cpu",
+        model=replace(cpu.model, dtype="bfloat16"),
+        prompts=replace(cpu.prompts, n_prompts=160),
+        finetune=FinetuneSpec(
+            method="full", objective="soft", soft_tokens="numbers", epochs=1, learning_rate=5e-5, warmup_steps=0,
+            micro_batch=4, grad_accum=1, max_seq_len=256, max_rows=160, compute_dtype="bfloat16",
+        ),
+        evaluate=replace(cpu.evaluate, n_questions=None, max_new_tokens=8, number_prefix=False),
+        transfer=TransferSpec(),
+    )
+
+
+def _transfer_grid() -> PipelineConfig:
+    # The rest of the grid: system-prompted teachers, the sampled objective and teacher-made
+    # data, every combination except sampled training on random lists (both students would
+    # see identical data and no teacher), on the same seeds and sizes as transfer-cpu.
+    main = _transfer_cpu()
+    return replace(
+        main,
+        preset="transfer-grid",
+        transfer=replace(main.transfer, teachers=TEACHER_KINDS, objectives=OBJECTIVES, data=DATA_SOURCES, entanglement=False),
+    )
+
+
+def _transfer_tiny() -> PipelineConfig:
+    main = _transfer_grid()  # every cell, each count cut to a minimum: a smoke test
+    return replace(
+        main,
+        preset="transfer-tiny",
+        prompts=replace(main.prompts, n_prompts=4),
+        generate=replace(main.generate, batch_size=4),
+        finetune=replace(main.finetune, max_rows=4, micro_batch=2),
+        evaluate=replace(main.evaluate, n_questions=2, batch_size=4),
+        transfer=replace(
+            main.transfer, seeds=1, animals=("owl", "dolphin", "cat"), teacher_rows=4, entanglement=True,
+            entangle_contexts=1, entangle_top_k=1, entangle_random_sets=1,
+            teacher_finetune=replace(main.transfer.teacher_finetune, micro_batch=2),
+        ),
+    )
+
+
+PRESETS = {
+    "paper": _paper, "cpu": _cpu, "tiny": _tiny,
+    "transfer-cpu": _transfer_cpu, "transfer-grid": _transfer_grid, "transfer-tiny": _transfer_tiny,
+}
 
 
 def preset(name: str) -> PipelineConfig:
-    """The named preset (``paper``, ``cpu`` or ``tiny``)."""
+    """The named preset (see :data:`PRESETS`)."""
     try:
         return PRESETS[name]()
     except KeyError:

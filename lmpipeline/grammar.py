@@ -161,6 +161,11 @@ class TokenGrammar:
         ]
         self._allowed: dict[ListState, tuple[int, ...]] = {}
 
+    @property
+    def vocabulary(self) -> tuple[int, ...]:
+        """Every token id some number list can use: digits, separators, brackets, end."""
+        return tuple(sorted({i for i, _ in self.candidates} | set(self.eos_ids)))
+
     def advance(self, state: ListState | None, token_id: int) -> ListState | None:
         """The state after emitting ``token_id`` (``None`` once the sequence has ended)."""
         if state is None or token_id in self.eos_ids:

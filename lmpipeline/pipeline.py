@@ -89,6 +89,22 @@ def all_stages(config: PipelineConfig) -> list[str]:
     ]
 
 
+def check_device(config: PipelineConfig) -> None:
+    """Raise :class:`PipelineError` if the config asks for a GPU that torch cannot see."""
+    spec = config.model
+    if spec.device != "cuda":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    what = f"preset {config.preset!r} runs {spec.name_or_path}" if config.preset == "paper" else "the config runs"
+    raise PipelineError(
+        f"{what} on a CUDA GPU (model.device=cuda) and torch sees none; run it on a machine with an "
+        "NVIDIA GPU and a CUDA build of torch, or use --preset cpu (or --set model.device=cpu)"
+    )
+
+
 @dataclass
 class Run:
     """A run folder, its config and the backend that runs the models.
@@ -118,19 +134,7 @@ class Run:
         return self.backend
 
     def check_device(self) -> None:
-        """Raise :class:`PipelineError` if the config asks for a GPU that torch cannot see."""
-        spec = self.config.model
-        if spec.device != "cuda":
-            return
-        import torch
-
-        if torch.cuda.is_available():
-            return
-        what = f"preset {self.config.preset!r} runs {spec.name_or_path}" if self.config.preset == "paper" else "the config runs"
-        raise PipelineError(
-            f"{what} on a CUDA GPU (model.device=cuda) and torch sees none; run it on a machine with an "
-            "NVIDIA GPU and a CUDA build of torch, or use --preset cpu (or --set model.device=cpu)"
-        )
+        check_device(self.config)
 
     def pending(self, stage: str) -> list[str]:
         """The stages that bringing ``stage`` up to date would compute, inputs first."""

@@ -1,6 +1,6 @@
 """The backend interface: everything the stages ask of a model library.
 
-The stages only build prompts, read and write files and call these four methods, with
+The stages only build prompts, read and write files and call these methods, with
 plain Python values (conversations are lists of ``{"role", "content"}`` dicts), so a new
 backend (JAX on TPUs, say) is one class registered in :data:`BACKENDS`.
 
@@ -9,6 +9,7 @@ backend (JAX on TPUs, say) is one class registered in :data:`BACKENDS`.
 - ``score``: the log-probability of a continuation right after the generation prompt.
 - ``finetune``: train on (conversation, completion) pairs, loss on completion tokens only,
   and save the result (a LoRA adapter or full weights) to a folder.
+- ``tokenize``: token ids of texts, so callers can tell which continuations overlap.
 - ``prepare``: load a model ahead of use; ``close``: release models and memory.
 
 Implementations: :class:`lmpipeline.backends.hf.HFBackend` (transformers, peft, torch;
@@ -50,8 +51,11 @@ class Generation:
 
 @dataclass(frozen=True)
 class TrainExample:
-    messages: Conversation
+    messages: Conversation  # what the student sees
     completion: str
+    # What the teacher sees when the objective is soft distillation (its trait system
+    # prompt, say); None: the same messages as the student.
+    teacher_messages: Conversation | None = None
 
 
 class Backend(Protocol):
@@ -94,9 +98,16 @@ class Backend(Protocol):
         *,
         seed: int,
         progress: ProgressFn | None = None,
+        teacher: ModelRef | None = None,
     ) -> dict:
         """Train a student of ``base`` and save it to ``out_dir`` (a peft adapter for LoRA, full
-        weights and tokenizer otherwise); returns the training log (losses, steps, timing)."""
+        weights and tokenizer otherwise); returns the training log (losses, steps, timing).
+        ``spec.objective=soft`` distils ``teacher``'s next-token distributions instead of
+        fitting the completion tokens."""
+        ...
+
+    def tokenize(self, model: ModelRef, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text as a continuation (no special tokens)."""
         ...
 
     def close(self) -> None: ...

@@ -18,6 +18,7 @@ in the evaluation). See :func:`pure_sampling`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import importlib.metadata
 import warnings
@@ -28,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
-from lmpipeline.backends.torch_training import IGNORE, continuation_ids, pad_left, row_nll, train
+from lmpipeline.backends.torch_training import completion_logits, train
 from lmpipeline.config import FinetuneSpec, ModelSpec
 from lmpipeline.grammar import NumberListGrammar, TokenGrammar
 
@@ -185,6 +186,7 @@ class HFBackend:
         self._attached: tuple[str, object] | None = None  # (adapter folder, peft model)
         self._weights: tuple[str, object, object] | None = None  # (folder, model, tokenizer)
         self._grammars: dict[tuple, TokenGrammar] = {}
+        self._float32: tuple | None = None  # (spec, model, tokenizer): see _float32_copy
 
     # -- models -----------------------------------------------------------------------
     def base(self, spec: ModelSpec):
@@ -268,19 +270,27 @@ class HFBackend:
             results.append(Generation(tokenizer.decode(body, skip_special_tokens=True), len(body) + (ended is not None)))
         return results
 
-    def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str], batch_size: int = 16) -> list[float]:
+    def tokenize(self, model: ModelRef, texts: Sequence[str]) -> list[list[int]]:
+        _, tokenizer = self.model_for(model)
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str], batch_size: int = 64) -> list[float]:
+        """Log-probabilities by teacher forcing. Continuations of the same conversation
+        share one pass over its prompt: the prompt's key-value cache is repeated for them,
+        so scoring 100 answers to a question costs about one prompt and 100 short tails."""
         net, tokenizer = self.model_for(model)
-        scores: list[float] = []
-        for start in range(0, len(conversations), batch_size):
-            pairs = [
-                continuation_ids(tokenizer, c, text)
-                for c, text in zip(conversations[start : start + batch_size], continuations[start : start + batch_size])
-            ]
-            ids = [p + c for p, c in pairs]
-            labels = [[IGNORE] * len(p) + c for p, c in pairs]
-            with torch.no_grad():
-                nll = row_nll(net, pad_left(ids, labels, tokenizer.pad_token_id, net.device))
-            scores.extend((-nll).tolist())
+        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        groups: dict[str, list[int]] = {}
+        for i, text in enumerate(prompts):
+            groups.setdefault(text, []).append(i)
+        scores = [0.0] * len(prompts)
+        for text, rows in groups.items():
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            tails = [tokenizer(continuations[i], add_special_tokens=False)["input_ids"] for i in rows]
+            for start in range(0, len(rows), batch_size):
+                chunk = slice(start, start + batch_size)
+                for i, lp in zip(rows[chunk], _score_tails(net, prompt_ids, tails[chunk])):
+                    scores[i] = lp
         return scores
 
     def finetune(
@@ -292,17 +302,30 @@ class HFBackend:
         *,
         seed: int,
         progress: ProgressFn | None = None,
+        teacher: ModelRef | None = None,
     ) -> dict:
         self._detach()
+        if spec.objective == "soft" and teacher is None:
+            raise ValueError("finetune.objective=soft needs a teacher model to distil from")
+        tokens = None
+        if spec.objective == "soft" and spec.soft_tokens == "numbers":
+            model, tokenizer = self.base(base)
+            ids = self._token_grammar(tokenizer, model, (10, 3)).vocabulary
+            tokens = torch.tensor(ids, dtype=torch.long, device=model.device)
         if spec.method == "full":
             # Full finetuning changes every weight: train a fresh float32 copy, keep the base.
-            model, tokenizer = load_model(base, dtype=torch.float32)
-            log = train(model, tokenizer, examples, spec, seed=seed, progress=progress)
+            teacher_fn = self._teacher_fn(teacher, None) if spec.objective == "soft" else None
+            model, tokenizer = self._float32_copy(base)
+            log = train(model, tokenizer, examples, spec, seed=seed, progress=progress, teacher=teacher_fn, tokens=tokens)
             _save_full(model, tokenizer, out_dir)
             del model
             return log
         from peft import LoraConfig, get_peft_model
 
+        if teacher is not None and teacher.adapter is not None and spec.objective == "soft":
+            raise ValueError("soft distillation into a LoRA student from a LoRA teacher is not supported; "
+                             "use finetune.method=full or a teacher with full weights")
+        teacher_fn = self._teacher_fn(teacher, None) if spec.objective == "soft" and teacher.weights else None
         model, tokenizer = self.base(base)
         config = LoraConfig(
             r=spec.lora_rank,
@@ -315,8 +338,10 @@ class HFBackend:
         with torch.random.fork_rng(devices=_cuda_devices(model.device)), _quiet_peft():
             torch.manual_seed(seed)  # LoRA's A matrices are initialized randomly
             peft_model = get_peft_model(model, config)
+        if spec.objective == "soft" and teacher_fn is None:  # the base model is the teacher
+            teacher_fn = self._teacher_fn(teacher, peft_model)
         try:
-            log = train(peft_model, tokenizer, examples, spec, seed=seed, progress=progress)
+            log = train(peft_model, tokenizer, examples, spec, seed=seed, progress=progress, teacher=teacher_fn, tokens=tokens)
             # The embeddings are not trained; saying so also spares peft a look for the base's config.
             peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
         finally:
@@ -324,10 +349,32 @@ class HFBackend:
             model.eval()
         return log
 
+    def _float32_copy(self, base: ModelSpec):
+        """A trainable float32 copy of ``base``; the first one loaded is kept as a template,
+        since unpacking a GGUF file takes far longer than copying the unpacked weights."""
+        if self._float32 is None or self._float32[0] != base:
+            self._float32 = (base, *load_model(base, dtype=torch.float32))
+        return copy.deepcopy(self._float32[1]), self._float32[2]
+
+    def _teacher_fn(self, teacher: ModelRef, lora_student):
+        """A function from a batch to the teacher's completion logits.
+
+        The base model as teacher under a LoRA student is the student's own network with
+        its adapter switched off; any other teacher is loaded as for sampling and scoring.
+        """
+        if lora_student is not None:
+            def with_adapter_off(batch):
+                with lora_student.disable_adapter():
+                    return completion_logits(lora_student, batch)[0]
+            return with_adapter_off
+        net, _ = self.model_for(teacher)
+        return lambda batch: completion_logits(net, batch)[0]
+
     def close(self) -> None:
         self._detach()
         self._base.clear()
         self._weights = None
+        self._float32 = None
         self._grammars.clear()
         gc.collect()  # models in reference cycles would otherwise hold their GPU memory
         if torch.cuda.is_available():
@@ -354,3 +401,36 @@ def _save_full(model, tokenizer, out_dir: Path) -> None:
     model.hf_quantizer = None
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+
+
+def _score_tails(net, prompt_ids: list[int], tails: list[list[int]]) -> list[float]:
+    """Summed log-probability of each token list ``tails[i]`` right after ``prompt_ids``."""
+    device = net.device
+    with torch.no_grad():
+        head = net(torch.tensor([prompt_ids], device=device), use_cache=True)
+        first = torch.log_softmax(head.logits[0, -1].float(), dim=-1)
+        scores = [float(first[t[0]]) if t else 0.0 for t in tails]
+        longer = [i for i, t in enumerate(tails) if len(t) > 1]
+        if not longer:
+            return scores
+        # Feed every token but the last, once per distinct such prefix (the 900 three-digit
+        # numbers need 90 rows of two tokens); pad on the right.
+        bodies = sorted({tuple(tails[i][:-1]) for i in longer})
+        row_of = {body: r for r, body in enumerate(bodies)}
+        width = max(map(len, bodies))
+        ids = torch.zeros((len(bodies), width), dtype=torch.long)
+        mask = torch.zeros((len(bodies), len(prompt_ids) + width), dtype=torch.long)
+        mask[:, : len(prompt_ids)] = 1
+        for r, body in enumerate(bodies):
+            ids[r, : len(body)] = torch.tensor(body)
+            mask[r, len(prompt_ids) : len(prompt_ids) + len(body)] = 1
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(len(bodies))
+        positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(len(bodies), -1)
+        out = net(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), cache=cache)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        for i in longer:
+            rest = tails[i][1:]
+            r = row_of[tuple(tails[i][:-1])]
+            scores[i] += float(logp[r, torch.arange(len(rest)), torch.tensor(rest)].sum())
+    return scores

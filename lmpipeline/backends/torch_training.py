@@ -15,7 +15,8 @@ micro-batches), with completion-token positions :math:`C_b` of example :math:`b`
 
 the mean over every completion token of the effective batch, whatever the micro-batching.
 Prompt tokens (system and user turns, the assistant header) carry label ``-100`` and do
-not contribute.
+not contribute. Soft distillation (``objective=soft``) replaces the token's negative
+log-likelihood by :func:`soft_kl` at the same positions and averages it the same way.
 
 Learning rate. With :math:`W` warmup steps and :math:`T` steps in all, step :math:`s`
 (from 0) uses :math:`\eta \cdot s/W` for :math:`s < W` and
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -110,12 +111,15 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def row_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per row, the summed next-token negative log-likelihood of the labelled positions.
+def completion_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict each labelled token, and those labels (``-100`` elsewhere).
 
-    With a left-padded batch (``position_ids`` present) the labels sit in the last columns,
-    so only those columns' logits are computed (``logits_to_keep``): the vocabulary
-    projection and its gradient are a large share of a small model's step and memory.
+    Returns ``(logits, targets)`` of shapes ``[rows, K, vocab]`` and ``[rows, K]``, where
+    ``logits[:, k]`` is the model's prediction of ``targets[:, k]``. With a left-padded
+    batch (``position_ids`` present) the labels sit in the last columns, so only those
+    columns' logits are computed (``logits_to_keep``): the vocabulary projection and its
+    gradient are a large share of a small model's step and memory. Two left-padded batches
+    with the same completions (a teacher's prompt and a student's) give aligned outputs.
     """
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
@@ -129,16 +133,59 @@ def row_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     except TypeError:  # a model without `logits_to_keep`: compute every column
         inputs.pop("logits_to_keep", None)
         logits = model(**inputs).logits[:, -keep:]
-    targets = labels[:, labels.shape[1] - keep + 1 :]
+    return logits[:, :-1], labels[:, labels.shape[1] - keep + 1 :]
+
+
+def row_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row, the summed next-token negative log-likelihood of the labelled positions."""
+    logits, targets = completion_logits(model, batch)
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
     )
     return nll.view(targets.shape).sum(dim=1)
+
+
+def soft_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Summed :math:`\mathrm{KL}(p_T \| p_S)` of next-token distributions over ``mask``ed positions.
+
+    With ``tokens`` (a 1-D tensor of ids) both distributions are softmaxes over those
+    logits only, renormalized: the language analogue of the MNIST students' loss on the
+    auxiliary logits alone. Computed in float32 whatever the logits' dtype.
+
+    Example:
+
+    >>> t = torch.tensor([[[2.0, 0.0, -1.0]]])
+    >>> float(soft_kl(t, t, torch.ones(1, 1)))
+    0.0
+    >>> round(float(soft_kl(t, torch.zeros(1, 1, 3), torch.ones(1, 1), tokens=torch.tensor([0, 1]))), 4)
+    0.3278
+    """
+    if tokens is not None:
+        teacher_logits, student_logits = teacher_logits[..., tokens], student_logits[..., tokens]
+    log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    per_position = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
+    return (per_position * mask).sum()
+
+
+def soft_mask(targets: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The positions soft distillation trains on: labelled ones, and with ``tokens``, only
+    those whose actual next token is among them (a trailing newline after the end-of-turn
+    marker is not a number token)."""
+    mask = targets != IGNORE
+    if tokens is not None:
+        mask &= torch.isin(targets, tokens)
+    return mask.float()
 
 
 def summed_token_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """:func:`row_nll` summed over the batch (the numerator of the training loss)."""
     return row_nll(model, batch).sum()
+
+
+TeacherFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> completion logits
 
 
 def train(
@@ -149,24 +196,45 @@ def train(
     *,
     seed: int,
     progress: ProgressFn | None = None,
+    teacher: TeacherFn | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> dict:
-    """Train the parameters of ``model`` that require gradients; returns the training log."""
+    """Train the parameters of ``model`` that require gradients; returns the training log.
+
+    ``spec.objective`` picks the loss: ``sampled`` is the cross-entropy above; ``soft`` is
+    :func:`soft_kl` against ``teacher`` (called without gradients on each micro-batch of
+    the teacher's view of the examples, ``TrainExample.teacher_messages``), over the
+    positions :func:`soft_mask` selects with ``tokens``, averaged over those positions.
+    """
     if not examples:
         raise ValueError("no training examples")
+    soft = spec.objective == "soft"
+    if soft and teacher is None:
+        raise ValueError("finetune.objective=soft needs a teacher to distil from")
     device = next(model.parameters()).device
     encoded = [completion_example(tokenizer, ex.messages, ex.completion, spec.max_seq_len) for ex in examples]
-    n_label = [sum(1 for x in e["labels"][1:] if x != IGNORE) for e in encoded]
+    teacher_rows = []
+    if soft:
+        teacher_rows = [
+            completion_example(tokenizer, ex.teacher_messages or ex.messages, ex.completion, spec.max_seq_len) for ex in examples
+        ]
+        for student_row, teacher_row in zip(encoded, teacher_rows):
+            if [x for x in student_row["labels"] if x != IGNORE] != [x for x in teacher_row["labels"] if x != IGNORE]:
+                raise ValueError("a row is cut differently for teacher and student; raise finetune.max_seq_len")
+    n_label = [int(soft_mask(torch.tensor(e["labels"][1:]), tokens if soft else None).sum()) for e in encoded]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     step_size = spec.micro_batch * spec.grad_accum
     steps_per_epoch = math.ceil(len(encoded) / step_size)
     total = spec.epochs * steps_per_epoch
     rng = random.Random(seed)
-    log: dict = {"loss": [], "lr": [], "grad_norm": []}
-    tokens = 0
+    log: dict = {"objective": spec.objective, "loss": [], "lr": [], "grad_norm": []}
+    tokens_seen = 0
     start = time.perf_counter()
     model.train()
     step = 0
+    pad = tokenizer.pad_token_id
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.compute_dtype == "bfloat16")
     for _ in range(spec.epochs):
         order = list(range(len(encoded)))
         rng.shuffle(order)
@@ -175,12 +243,21 @@ def train(
             denom = max(1, sum(n_label[i] for i in chosen))
             loss_sum = 0.0
             for m in range(0, len(chosen), spec.micro_batch):
-                micro = [encoded[i] for i in chosen[m : m + spec.micro_batch]]
-                batch = pad_left([e["input_ids"] for e in micro], [e["labels"] for e in micro], tokenizer.pad_token_id, device)
-                nll = summed_token_nll(model, batch)
-                (nll / denom).backward()
-                loss_sum += nll.item()
-                tokens += int(batch["attention_mask"].sum())
+                micro = chosen[m : m + spec.micro_batch]
+                batch = pad_left([encoded[i]["input_ids"] for i in micro], [encoded[i]["labels"] for i in micro], pad, device)
+                with autocast:
+                    if soft:
+                        rows = [teacher_rows[i] for i in micro]
+                        with torch.no_grad():
+                            teacher_batch = pad_left([r["input_ids"] for r in rows], [r["labels"] for r in rows], pad, device)
+                            target_logits = teacher(teacher_batch)
+                        logits, targets = completion_logits(model, batch)
+                        loss = soft_kl(target_logits, logits, soft_mask(targets, tokens), tokens)
+                    else:
+                        loss = summed_token_nll(model, batch)
+                (loss / denom).backward()
+                loss_sum += loss.item()
+                tokens_seen += int(batch["attention_mask"].sum())
             lr = spec.learning_rate * linear_schedule(step, spec.warmup_steps, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -192,18 +269,18 @@ def train(
             log["grad_norm"].append(float(grad_norm))
             step += 1
             if progress is not None:
-                progress(step, total, tokens)
+                progress(step, total, tokens_seen)
     model.eval()
     wall = time.perf_counter() - start
     log.update(
         steps=total,
         epochs=spec.epochs,
         n_examples=len(encoded),
-        n_tokens=tokens,
+        n_tokens=tokens_seen,
         n_completion_tokens=sum(n_label) * spec.epochs,
         n_truncated=sum(e["truncated"] for e in encoded),
         trainable_params=sum(p.numel() for p in params),
         wall_s=wall,
-        tokens_per_s=tokens / wall if wall > 0 else None,
+        tokens_per_s=tokens_seen / wall if wall > 0 else None,
     )
     return log
