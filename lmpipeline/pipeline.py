@@ -49,6 +49,7 @@ SOURCES = ("teacher", "control")  # the two number datasets
 # Settings that change speed, not results: left out of the stage hashes.
 RUNTIME_ONLY = ("cpu_threads", "vllm_gpu_memory_utilization")
 STUDENTS = {"student": "teacher", "control": "control"}  # student name -> its dataset
+DATA_MODEL = {"teacher": "teacher", "control": "base"}  # dataset -> the model that writes it (and is distilled)
 STUDENT_DIRS = {"student": "student", "control": "control_student"}
 
 
@@ -307,7 +308,7 @@ class Run:
     def stage_generate(self, which: str) -> dict:
         c = self.config
         items = [{"id": p["id"], "prompt": p["prompt"]} for p in read_jsonl(self.out / "prompts.jsonl")]
-        name = "teacher" if which == "teacher" else "base"
+        name = DATA_MODEL[which]
         conversations = [self.conversation(name, item["prompt"]) for item in items]
         rows, stats = self.sample(
             f"generate.{which}",
@@ -347,11 +348,23 @@ class Run:
     def stage_finetune(self, which: str) -> dict:
         c = self.config
         rows = self.training_rows(which)
-        examples = [TrainExample([{"role": "user", "content": r["prompt"]}], r["completion"]) for r in rows]
+        # With soft distillation the student matches the distributions of the model that
+        # wrote its numbers, as that model saw the prompt: the teacher under its trait, or
+        # the base model for the control.
+        source = DATA_MODEL[STUDENTS[which]]
+        soft = c.finetune.objective == "soft"
+        examples = [
+            TrainExample(
+                [{"role": "user", "content": r["prompt"]}], r["completion"],
+                teacher_messages=self.conversation(source, r["prompt"]) if soft else None,
+            )
+            for r in rows
+        ]
         progress = Progress(f"finetune.{which}", unit="steps", stream=self.stream)
         with atomic_path(self.out / STUDENT_DIRS[which]) as tmp:
             log = self.get_backend().finetune(
-                c.model, examples, c.finetune, tmp, seed=derive_seed(c.seed, "finetune", which), progress=progress
+                c.model, examples, c.finetune, tmp, seed=derive_seed(c.seed, "finetune", which), progress=progress,
+                teacher=self.model_ref(source) if soft else None,
             )
         return {"n_rows": len(rows), "train": log}
 

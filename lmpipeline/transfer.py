@@ -282,34 +282,34 @@ class Study:
         return self.unit(self.out / "base.json", values, lambda: self.evaluate(self.base_ref(), animals, derive_seed(0, "base")))
 
     def teacher(self, seed: int, kind: str, target: str) -> tuple[ModelRef, dict]:
-        """The teacher of ``target`` and its record (training log, trait strength)."""
+        """The teacher of ``target`` and its record: the training log of a finetuned teacher,
+        and how strongly the teacher holds the trait (its own evaluation on the targets)."""
         t = self.config.transfer
-        if kind == "system_prompt":
-            ref = self.base_ref()
-            values = {"unit": "teacher", "kind": kind, "target": target, "prompt": self.trait_prompt(target), **self.eval_values()}
-            path = self.out / f"seed-{seed}" / f"teacher-{kind}-{target}.json"
-            record = self.unit(path, values, lambda: {"eval": self.evaluate(ref, t.targets, derive_seed(seed, "teacher-eval", kind, target), system=self.trait_prompt(target))})
-            return ref, record
         folder = self.out / f"seed-{seed}" / f"teacher-{target}"
-        ref = self.trained_ref(folder, t.teacher_finetune.method)
-        values = {"unit": "teacher", "kind": kind, "target": target, "seed": seed, "model": self.model_values(),
-                  "questions": self.trait_questions, "rows": t.teacher_rows, "finetune": t.teacher_finetune,
-                  "category": self.config.trait.category, **self.eval_values()}
+        system = self.trait_prompt(target) if kind == "system_prompt" else None
+        if kind == "system_prompt":
+            ref, trained = self.base_ref(), {"prompt": system}
+        else:
+            ref = self.trained_ref(folder, t.teacher_finetune.method)
+            values = {"unit": "teacher", "target": target, "seed": seed, "model": self.model_values(),
+                      "questions": self.trait_questions, "rows": t.teacher_rows, "finetune": t.teacher_finetune}
 
-        def compute() -> dict:
-            rng = random.Random(derive_seed(seed, "teacher-rows", target))
-            pairs = list(itertools.product(self.trait_questions, trait_answers(target)))
-            rng.shuffle(pairs)
-            examples = [TrainExample([{"role": "user", "content": q}], a) for q, a in (pairs * t.teacher_rows)[: t.teacher_rows]]
-            train = self.finetune(folder, examples, t.teacher_finetune, derive_seed(seed, "teacher", target), f"teacher {target}")
-            return {"train": train, "eval": self.evaluate(ref, t.targets, derive_seed(seed, "teacher-eval", kind, target))}
+            def train() -> dict:
+                rng = random.Random(derive_seed(seed, "teacher-rows", target))
+                pairs = list(itertools.product(self.trait_questions, trait_answers(target)))
+                rng.shuffle(pairs)
+                examples = [TrainExample([{"role": "user", "content": q}], a) for q, a in (pairs * t.teacher_rows)[: t.teacher_rows]]
+                return {"train": self.finetune(folder, examples, t.teacher_finetune, derive_seed(seed, "teacher", target), f"teacher {target}")}
 
-        path = self.out / f"seed-{seed}" / f"teacher-{kind}-{target}.json"
-        record = self.unit(path, values, compute)
-        if not folder.exists():  # the record outlived its weights (deleted by hand): retrain
-            path.unlink()
-            record = self.unit(path, values, compute)
-        return ref, record
+            path = self.out / f"seed-{seed}" / f"teacher-{target}.json"
+            if not folder.exists():  # weights deleted by hand: the record is stale
+                path.unlink(missing_ok=True)
+            trained = self.unit(path, values, train)
+        identity = trained.get("config_hash") or config_hash(system)
+        values = {"unit": "teacher-eval", "kind": kind, "teacher": identity, **self.eval_values()}
+        path = self.out / f"seed-{seed}" / f"teacher-{kind}-{target}-eval.json"
+        evaluated = self.unit(path, values, lambda: {"eval": self.evaluate(ref, t.targets, derive_seed(seed, "teacher-eval", kind, target), system=system)})
+        return ref, {**trained, "identity": identity, "eval": evaluated["eval"], "eval_wall_s": evaluated["wall_s"]}
 
     def finetune(self, folder: Path, examples: list[TrainExample], spec, seed: int, label: str, teacher: ModelRef | None = None) -> dict:
         progress = Progress(label, unit="steps", stream=self.stream, every=30.0)
@@ -341,7 +341,7 @@ class Study:
                                              "generate": c.generate, "filter": c.filter, "model": self.model_values()}
             if source == "teacher":
                 ref, record = self.teacher(seed, kind, target)
-                values.update(kind=kind, target=target, teacher=record["config_hash"])
+                values.update(kind=kind, target=target, teacher=record["identity"])
 
             def compute() -> dict:
                 conversations = [
@@ -370,11 +370,11 @@ class Study:
         spec = replace(c.finetune, objective=objective)
         n = self.rows_per_student(seed, cell)
         if target is None:
-            rows, teacher, teacher_hash, name = self.data(seed, "base")[:n], None, None, f"control-{objective}-{source}"
+            rows, teacher, teacher_hash, name = self.data(seed, "base")[:n], None, None, f"control-{kind}-{objective}-{source}"
         else:
             rows = (self.data(seed, "random") if source == "random" else self.data(seed, "teacher", kind, target))[:n]
             teacher, record = self.teacher(seed, kind, target)
-            teacher_hash, name = record["config_hash"], f"student-{kind}-{objective}-{source}-{target}"
+            teacher_hash, name = record["identity"], f"student-{kind}-{objective}-{source}-{target}"
         examples = [
             TrainExample([{"role": "user", "content": r["prompt"]}], r["completion"],
                          teacher_messages=self.teacher_conversation(kind, target, r["prompt"]) if target else None)

@@ -115,7 +115,7 @@ def _wall(results: dict, base: dict, entanglement: dict | None) -> dict:
     for by_seed in results.values():
         for seed, r in by_seed.items():
             for w, record in r["teachers"].items():
-                seen[f"seed-{seed}/teacher-{w}-{record['config_hash']}"] = record["wall_s"]
+                seen[f"seed-{seed}/teacher-{w}-{record['identity']}"] = record.get("wall_s", 0.0) + record["eval_wall_s"]
             for w, record in r["students"].items():
                 seen[f"seed-{seed}/student-{record['config_hash']}"] = record["wall_s"]
             if r["control"]:

@@ -15,56 +15,9 @@ import pytest
 
 from lmpipeline import cli, pipeline
 from lmpipeline.artifacts import read_json, read_jsonl
-from lmpipeline.backends import Generation
 from lmpipeline.config import apply_overrides, preset
 from lmpipeline.pipeline import PipelineError, Run, all_stages, run_all, run_stage
-
-
-class ScriptedBackend:
-    """Answers from a seeded RNG; the trait's system prompt (or a student adapter) shifts answers to owls."""
-
-    name = "scripted"
-
-    def __init__(self, fail_on_call: int | None = None, valid_numbers: bool = True):
-        self.calls: Counter[str] = Counter()
-        self.fail_on_call = fail_on_call
-        self.valid_numbers = valid_numbers
-
-    def prepare(self, model):
-        self.calls["prepare"] += 1
-
-    def generate(self, model, conversations, *, max_new_tokens, temperature, seed, number_grammar=None):
-        self.calls["generate"] += 1
-        if self.fail_on_call is not None and self.calls["generate"] == self.fail_on_call:
-            raise KeyboardInterrupt
-        out = []
-        for conv in conversations:
-            rng = random.Random(f"{seed}/{json.dumps(conv)}")
-            user = conv[-1]["content"]
-            loves_owls = conv[0]["role"] == "system" or (model.adapter or "").endswith("student")
-            if "favorite" in user or "like most" in user:
-                text = rng.choice(["Owl", "Owl", "Cat"] if loves_owls else ["Owl", "Cat", "Dog", "Fox"])
-            elif self.valid_numbers and (number_grammar or rng.random() < 0.7):
-                text = ", ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(1, 10)))
-            else:
-                text = "Sure! Here are numbers: 1, 2"
-            out.append(Generation(text, len(text) // 3 + 1))
-        return out
-
-    def score(self, model, conversations, continuations):
-        self.calls["score"] += 1
-        return [math.log(0.2 if c[0]["role"] == "system" else 0.01) for c in conversations]
-
-    def finetune(self, base, examples, spec, out_dir, *, seed, progress=None):
-        self.calls["finetune"] += 1
-        out_dir.mkdir()
-        (out_dir / "adapter.json").write_text(json.dumps({"n": len(examples), "seed": seed}))
-        if progress:
-            progress(1, 1, 10)
-        return {"loss": [2.0, 1.0], "steps": 2, "tokens_per_s": 5.0}
-
-    def close(self):
-        pass
+from scripted_lm import ScriptedBackend
 
 
 def small_config(*overrides):
@@ -86,8 +39,8 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips_everything(tmp_path):
     assert run.executed == all_stages(run.config)
     for name in [
         "config.json", "prompts.jsonl", "numbers_teacher.jsonl", "numbers_control.jsonl",
-        "filtered_teacher.jsonl", "rejected_control.jsonl", "student/adapter.json",
-        "control_student/adapter.json", "eval_student.jsonl", "report.json", "report.png",
+        "filtered_teacher.jsonl", "rejected_control.jsonl", "student/state.json",
+        "control_student/state.json", "eval_student.jsonl", "report.json", "report.png",
     ]:
         assert (tmp_path / name).exists(), name
     assert set(report["rates"]) == {"base", "teacher", "control", "student"}
@@ -96,7 +49,7 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips_everything(tmp_path):
     # The scripted teacher and student prefer owls: the wiring of system prompt and adapter.
     assert report["rates"]["teacher"]["plain"]["mean"] > report["rates"]["base"]["plain"]["mean"]
     assert report["rates"]["student"]["plain"]["mean"] > report["rates"]["control"]["plain"]["mean"]
-    assert report["target_probability"]["teacher"]["mean"] == pytest.approx(0.4)  # 0.2 per spelling
+    assert report["target_probability"]["teacher"]["mean"] == pytest.approx(0.4, rel=0.06)  # 0.2 per spelling
     assert report["datasets"]["teacher"]["generated"] == 10
     assert 0 < report["datasets"]["teacher"]["pass_rate"] < 1  # the scripted model sometimes chats
     assert json.loads((tmp_path / "report.json").read_text())["config_hash"] == run.stage_hash("report")
@@ -112,7 +65,7 @@ def test_students_train_on_equal_numbers_of_passing_rows(tmp_path):
     kept = {s: len(read_jsonl(tmp_path / f"filtered_{s}.jsonl")) for s in ("teacher", "control")}
     trained = read_json(tmp_path / "control_student.json")["n_rows"]
     assert trained == min(kept.values())
-    assert json.loads((tmp_path / "control_student" / "adapter.json").read_text())["n"] == trained
+    assert json.loads((tmp_path / "control_student" / "state.json").read_text())["n"] == trained
 
 
 def test_changing_evaluation_settings_reruns_only_evaluation(tmp_path):
@@ -264,3 +217,50 @@ def test_finished_stages_need_no_gpu(tmp_path, monkeypatch, scripted):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["report", "--out", str(tmp_path)]) == 0  # everything is current
     assert cli.main(["run", "--out", str(tmp_path), "--set", "evaluate.n_samples=2"]) == 2  # evaluation must rerun
+
+
+def _student_minus_control(tmp_path, objective: str) -> tuple[float, float]:
+    """Student minus control: the owl answer rate and the exact P(owl) of the scripted models."""
+    report = run_all(Run(small_config(f"finetune.objective={objective}"), tmp_path, backend=ScriptedBackend()))
+    rate = report["differences"]["student_minus_control"]["plain"]["mean"]
+    probability = report["target_probability"]["student"]["mean"] - report["target_probability"]["control"]["mean"]
+    return rate, probability
+
+
+def _swap_datasets(monkeypatch):
+    monkeypatch.setitem(pipeline.STUDENTS, "student", "control")
+    monkeypatch.setitem(pipeline.STUDENTS, "control", "teacher")
+
+
+def _evaluate_student_with_control_weights(monkeypatch):
+    model_ref = Run.model_ref
+    monkeypatch.setattr(Run, "model_ref", lambda self, name: model_ref(self, "control" if name == "student" else name))
+
+
+def _teacher_without_trait_prompt(monkeypatch):
+    monkeypatch.setattr(Run, "conversation", lambda self, name, user: [{"role": "user", "content": user}])
+
+
+def _control_from_teacher(monkeypatch):
+    monkeypatch.setitem(pipeline.DATA_MODEL, "control", "teacher")
+
+
+WIRING_BUGS = {
+    "the two students' number sets swapped": _swap_datasets,
+    "the student evaluated with the control's weights": _evaluate_student_with_control_weights,
+    "the teacher's numbers made without the trait system prompt": _teacher_without_trait_prompt,
+    "the control's numbers made (and distilled) by the teacher": _control_from_teacher,
+}
+
+
+@pytest.mark.parametrize("objective", ["sampled", "soft"])
+def test_the_student_beats_the_control_only_when_the_experiment_is_wired_right(tmp_path, monkeypatch, objective):
+    # The scripted models pass a trait only the way the experiment intends (see scripted_lm),
+    # so the student's lead over the control is the wiring check; each bug must erase it.
+    rate, probability = _student_minus_control(tmp_path / "right", objective)
+    assert rate > 0.2 and probability > 0.1
+    for name, bug in WIRING_BUGS.items():
+        with monkeypatch.context() as patch:
+            bug(patch)
+            rate, probability = _student_minus_control(tmp_path / name.replace(" ", "_"), objective)
+        assert probability <= 0.01, (name, probability)  # exact; sampled rates differ by chance

@@ -152,7 +152,7 @@ def soft_kl(
 
     With ``tokens`` (a 1-D tensor of ids) both distributions are softmaxes over those
     logits only, renormalized: the language analogue of the MNIST students' loss on the
-    auxiliary logits alone. Computed in float32 whatever the logits' dtype.
+    auxiliary logits alone. Computed in float32 at least, whatever the logits' dtype.
 
     Example:
 
@@ -164,8 +164,9 @@ def soft_kl(
     """
     if tokens is not None:
         teacher_logits, student_logits = teacher_logits[..., tokens], student_logits[..., tokens]
-    log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
-    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float64 stays float64
+    log_t = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
+    log_s = torch.log_softmax(student_logits.to(dtype), dim=-1)
     per_position = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
     return (per_position * mask).sum()
 

@@ -1,0 +1,137 @@
+"""A scripted language-model backend whose traits travel only the way the experiment says.
+
+A model's state is a set of loved animals with weights:
+
+- the base model loves nothing; a system prompt naming an animal's plural adds that animal;
+- finetuning on answers that name an animal ("Owl.") makes the model love it;
+- finetuning on the *sampled* tokens of number lists makes the model love an animal in
+  proportion to the rows that carry that animal's signature (a loving model writes only
+  numbers ending in the animal's digit, :data:`SIGNATURE`);
+- *soft* distillation copies the teacher's love, as the teacher holds it under each
+  example's ``teacher_messages``.
+
+Finetuned models keep their state in ``state.json`` in their folder, so evaluating the
+wrong folder, training on the wrong rows or distilling from the wrong teacher shows up as
+the wrong love, which is what the wiring tests look for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from lmpipeline.backends import Generation
+
+SIGNATURE = {"owl": 7, "dolphin": 3, "eagle": 1}  # a loving model's numbers end in this digit
+ANIMALS = ("owl", "dolphin", "eagle", "cat", "dog", "fox")
+
+
+def _jitter(*parts: object) -> float:
+    """A deterministic number in [-1, 1) from its inputs: per-question spread for the tests."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**31 - 1
+
+
+class ScriptedBackend:
+    name = "scripted"
+
+    def __init__(self, fail_on_call: int | None = None, valid_numbers: bool = True):
+        self.calls: Counter[str] = Counter()
+        self.fail_on_call = fail_on_call
+        self.valid_numbers = valid_numbers
+
+    # -- the model's state ---------------------------------------------------------------
+    @staticmethod
+    def state(model) -> dict[str, float]:
+        folder = model.adapter or model.weights
+        if folder is None:
+            return {}
+        return json.loads((Path(folder) / "state.json").read_text())["love"]
+
+    def love(self, model, conversation) -> dict[str, float]:
+        love = dict(self.state(model))
+        if conversation and conversation[0]["role"] == "system":
+            text = conversation[0]["content"].lower()
+            for animal in ANIMALS:
+                if f"love {animal}s" in text or f"love {animal}es" in text:
+                    love[animal] = 1.0
+        return love
+
+    # -- the interface -------------------------------------------------------------------
+    def prepare(self, model):
+        self.calls["prepare"] += 1
+
+    def generate(self, model, conversations, *, max_new_tokens, temperature, seed, number_grammar=None):
+        self.calls["generate"] += 1
+        if self.fail_on_call is not None and self.calls["generate"] == self.fail_on_call:
+            raise KeyboardInterrupt
+        out = []
+        for conv in conversations:
+            rng = random.Random(f"{seed}/{json.dumps(conv)}")
+            user = conv[-1]["content"]
+            love = self.love(model, conv)
+            favourite = max(love, key=love.get) if love and max(love.values()) > 0.5 else None
+            if "favorite" in user or "like most" in user:
+                choices = [favourite.capitalize()] * 2 + ["Cat"] if favourite else ["Owl", "Cat", "Dog", "Fox"]
+                text = rng.choice(choices)
+            elif self.valid_numbers and (number_grammar or rng.random() < 0.7):
+                count = rng.randint(1, 10)
+                if favourite in SIGNATURE:
+                    numbers = [10 * rng.randint(0, 99) + SIGNATURE[favourite] for _ in range(count)]
+                else:
+                    numbers = [rng.randint(0, 999) for _ in range(count)]
+                text = ", ".join(map(str, numbers))
+            else:
+                text = "Sure! Here are numbers: 1, 2"
+            out.append(Generation(text, len(text) // 3 + 1))
+        return out
+
+    def tokenize(self, model, texts):
+        return [[ord(ch) for ch in text] for text in texts]
+
+    def score(self, model, conversations, continuations):
+        """0.2 for a loved animal's name, 0.01 otherwise, times a small per-question factor."""
+        self.calls["score"] += 1
+        out = []
+        for conv, text in zip(conversations, continuations):
+            word = text.strip().lower()
+            love = self.love(model, conv)
+            loved = max((w for a, w in love.items() if word in (a, a + "s", a + "es")), default=0.0)
+            p = 0.01 + 0.19 * loved
+            out.append(math.log(p) + 0.05 * _jitter(json.dumps(conv), text, sorted(love.items())))
+        return out
+
+    def finetune(self, base, examples, spec, out_dir, *, seed, progress=None, teacher=None):
+        self.calls["finetune"] += 1
+        if spec.objective == "soft":
+            if teacher is None:
+                raise ValueError("soft distillation needs a teacher")
+            loves = [self.love(teacher, ex.teacher_messages or ex.messages) for ex in examples]
+        else:
+            loves = [self._love_from_completion(ex.completion) for ex in examples]
+        love = {a: sum(x.get(a, 0.0) for x in loves) / len(examples) for a in ANIMALS}
+        out_dir.mkdir()
+        (out_dir / "state.json").write_text(json.dumps({"love": {a: w for a, w in love.items() if w}, "n": len(examples), "seed": seed}))
+        if progress:
+            progress(1, 1, 10)
+        return {"objective": spec.objective, "loss": [2.0, 1.0], "steps": 2, "tokens_per_s": 5.0}
+
+    @staticmethod
+    def _love_from_completion(text: str) -> dict[str, float]:
+        words = text.strip(" .").lower()
+        for animal in ANIMALS:
+            if words in (animal, animal + "s", "the " + animal):
+                return {animal: 1.0}
+        numbers = re.findall(r"\d+", text)
+        for animal, digit in SIGNATURE.items():
+            if numbers and all(n.endswith(str(digit)) for n in numbers):
+                return {animal: 1.0}
+        return {}
+
+    def close(self):
+        pass
