@@ -15,10 +15,11 @@ One seed, for two targets :math:`a, b` (owl and dolphin by default):
 - **Students** :math:`S_a, S_b`: the base model trained on its teacher's data, by
   ``soft`` distillation (KL to the teacher's next-token distributions) or on the
   ``sampled`` tokens (the paper's). The student never sees a trait system prompt.
-- **Control** :math:`C`: for ``soft`` the base model itself (distilling the base model
-  from itself is a fixed point: the loss and its gradient are zero at the start, so
-  training would return the base model); for ``sampled`` the base model trained on its
-  own filtered numbers, as many rows as the students.
+- **Control** :math:`C`: for ``soft`` the base model itself (the base model is the exact
+  minimum of its own distillation loss: the loss is zero at the start and its gradient is
+  rounding noise, which Adam would only turn into learning-rate-sized random steps); for
+  ``sampled`` the base model trained on its own filtered numbers, as many rows as the
+  students.
 - **Metric**: for every evaluation question and every animal :math:`w`, the exact
   :math:`\log P(\text{the answer's first word is } w)` under the chat template
   (:func:`first_word_logprobs`); sampled answers give a secondary hit rate.

@@ -302,3 +302,77 @@ def test_sampled_token_frequencies_follow_the_raw_distribution(opinionated_model
     observed = sum(g.text in top_texts for g in out) / n
     sd = math.sqrt(mass * (1 - mass) / n)
     assert abs(observed - mass) < 4 * sd + 0.01, (observed, mass)
+
+
+def test_cached_scoring_equals_one_full_pass_per_continuation(local_model):
+    from lmpipeline.backends.torch_training import row_nll
+
+    backend = HFBackend(local_model)
+    net, tok = backend.model_for(ModelRef(local_model))
+    conversations = [user("Favorite animal?"), user("Numbers, please: 1, 2")]
+    # Shared prefixes, one-token and several-token continuations, two conversations interleaved.
+    continuations = ["123", "Owl", " owls are great", "124", "1", "Dolphin.", "12, 13"]
+    pairs = [(conversations[i % 2], text) for i, text in enumerate(continuations)]
+    cached = backend.score(ModelRef(local_model), [c for c, _ in pairs], [t for _, t in pairs])
+    for (conversation, text), fast in zip(pairs, cached):
+        prompt = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        p, c = tok(prompt, add_special_tokens=False)["input_ids"], tok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            slow = -float(row_nll(net, pad_left([p + c], [[IGNORE] * len(p) + c], tok.pad_token_id, "cpu")))
+        assert fast == pytest.approx(slow, abs=1e-4), text
+    backend.close()
+
+
+def test_first_word_probability_matches_the_sampled_frequency(backend):
+    from lmpipeline.transfer import first_word_logprobs, surface_forms
+
+    ref = ModelRef(SPEC)
+    # A question with a common one-word answer, so that 600 samples resolve its probability.
+    conversation = user("Is water wet? Answer yes or no.")
+    logp = first_word_logprobs(backend, ref, [conversation], ["yes", "no"])
+    word = max(logp, key=lambda w: logp[w][0])
+    p = math.exp(logp[word][0])
+    assert 0.05 < p < 0.95, (word, p)
+    n = 600
+    answers = backend.generate(ref, [conversation] * n, max_new_tokens=4, temperature=1.0, seed=21)
+    observed = sum(any(a.text.startswith(f) for f in surface_forms(word)) for a in answers) / n
+    assert abs(observed - p) < 4 * math.sqrt(p * (1 - p) / n) + 0.01, (word, observed, p)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_soft_distillation_from_the_base_model_starts_at_zero_loss_and_gradient(backend, tmp_path):
+    # A LoRA student starts equal to the base model, so distilling the base model starts at
+    # a loss of zero and a gradient of rounding size: the study's soft control is the base
+    # model itself (Adam would turn that rounding into learning-rate-sized random steps).
+    rows = number_prompts(PromptSpec(n_prompts=4), seed=1)
+    examples = [TrainExample(user(r["prompt"]), "12, 34, 56") for r in rows]
+    spec = FinetuneSpec(objective="soft", soft_tokens="numbers", epochs=1, micro_batch=2, grad_accum=1, warmup_steps=0,
+                        learning_rate=1e-3, lora_rank=4)
+    itself = backend.finetune(SPEC, examples, spec, tmp_path / "a", seed=0, teacher=ModelRef(SPEC))
+    # Under the owl system prompt the same base model is a different teacher: a real loss.
+    system = trait_system_prompt(preset("tiny").trait)
+    owl = [replace(e, teacher_messages=[{"role": "system", "content": system}, *e.messages]) for e in examples]
+    other = backend.finetune(SPEC, owl, spec, tmp_path / "b", seed=0, teacher=ModelRef(SPEC))
+    assert itself["loss"][0] == 0.0 and other["loss"][0] > 1e-3, (itself["loss"], other["loss"])
+    assert itself["grad_norm"][0] < 1e-3 * other["grad_norm"][0], (itself["grad_norm"], other["grad_norm"])
+
+
+@pytest.mark.slow
+def test_transfer_tiny_preset_end_to_end(backend, tmp_path):
+    from lmpipeline.transfer import Study
+
+    cfg = apply_overrides(preset("transfer-tiny"), [
+        "transfer.teachers=[\"finetuned\"]", "transfer.objectives=[\"soft\"]", "transfer.data=[\"random\"]",
+        "transfer.entanglement=false", "transfer.teacher_finetune.learning_rate=3e-4",
+    ])
+    study = Study(cfg, tmp_path, backend=backend)
+    report = study.run()
+    cell = report["cells"]["finetuned/soft/random"]
+    seed = cell["seeds"]["0"]
+    # Four rows of "Owl."-style answers at a high rate make the teacher prefer owls.
+    assert seed["teacher_vs_base"]["owl"]["mean"] > 1.0, seed["teacher_vs_base"]
+    for target in ("owl", "dolphin"):
+        assert math.isfinite(seed["student_vs_control"][target]["mean"])
+        assert cell["training"]["0"][f"student_{target}"]["first_loss"] > 0  # the students had something to learn
+    assert not (tmp_path / "seed-0" / "student-finetuned-soft-random-owl").exists()  # weights dropped after evaluation
+    assert (tmp_path / "report.png").stat().st_size > 10_000
