@@ -44,6 +44,10 @@ STAGE_HELP = {
 def _config_options(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     if needs_out:
         p.add_argument("--out", type=Path, required=True, help="run folder (created if missing)")
+        p.add_argument(
+            "--overwrite", action="store_true",
+            help="the folder holds a run with another config: recompute what the changes affect",
+        )
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from this preset")
     p.add_argument("--config", type=Path, help="start from this config JSON (e.g. another run's config.json)")
     p.add_argument(
@@ -116,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
 def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from lmpipeline.pipeline import Run, run_stage
 
+    _check_folder_config(args, cfg)
     run_folder = Run(cfg, args.out)
     if args.action == "run":
         stages = ["report"]
@@ -136,6 +141,41 @@ def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if args.action in ("run", "report"):
         _print_summary(record, args.out)
     return 0
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def _check_folder_config(args: argparse.Namespace, cfg: PipelineConfig) -> None:
+    """Refuse to recompute a finished run's stages for a changed config without --overwrite."""
+    from lmpipeline.pipeline import Run, all_stages
+
+    saved = Path(args.out) / "config.json"
+    if args.overwrite or not saved.exists():
+        return
+    try:
+        old = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{saved}: cannot read the run's config ({error}); pass --overwrite to replace it") from None
+    changes = _changes(old, to_dict(cfg))
+    if not changes:
+        return
+    probe = Run(cfg, args.out, write_config=False)
+    redo = [s for s in all_stages(cfg) if probe.record_path(s).exists() and not probe.is_current(s)]
+    if redo:
+        raise ConfigError(
+            f"{args.out} holds a run with another config ({'; '.join(changes)}); this would recompute "
+            f"{', '.join(redo)}. Pass --overwrite to do so, or choose another --out"
+        )
 
 
 def _transfer(args: argparse.Namespace, cfg: PipelineConfig) -> int:
@@ -172,6 +212,8 @@ def _print_summary(report: dict, out: Path) -> None:
     def fmt(ci: dict) -> str:
         if ci["low"] is None:
             return f"{100 * ci['mean']:.1f}%"
+        if ci["low"] == ci["high"]:  # every question gave the same rate: no interval to show
+            return f"{100 * ci['mean']:.1f}% (same on every question)"
         return f"{100 * ci['mean']:.1f}% [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
 
 
@@ -188,6 +230,7 @@ def _print_summary(report: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmpipeline", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m lmpipeline ARGS`` is ``sublearn llm ARGS``."""
+    from sublearn.cli import main as sublearn_main
+
+    return sublearn_main(["llm", *(sys.argv[1:] if argv is None else argv)])

@@ -122,11 +122,13 @@ class Run:
     backend: Backend | None = None
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     executed: list[str] = field(default_factory=list)  # stages computed (not skipped) by this object
+    write_config: bool = True  # False: only look at the folder (what is current, what is not)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "config.json", to_dict(self.config))
+        if self.write_config:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", to_dict(self.config))
 
     def get_backend(self) -> Backend:
         if self.backend is None:

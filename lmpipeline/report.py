@@ -22,11 +22,18 @@ COMPARISONS = (("student", "control"), ("student", "base"), ("teacher", "base"))
 
 
 def figure_words(target: str, answers: dict[str, list[str]], n_other: int = 4) -> list[str]:
-    """The target, then the ``n_other`` most frequent other one-word answers over all models."""
+    """The target, then the ``n_other`` most frequent other one-word answers over all models.
+
+    A word must be given at least twice: a small model at temperature 1 writes one-off
+    non-words ("seediflimem") that would otherwise fill the chart when answers are few.
+
+    >>> figure_words("owl", {"a": ["Cat", "cat.", "Seediflimem", "Owl", "dog", "Dog"]})
+    ['owl', 'cat', 'dog']
+    """
     counts: Counter[str] = Counter()
     for model_answers in answers.values():
         counts.update(w for w in map(evaluation.one_word, model_answers) if w)
-    others = [w for w, _ in counts.most_common() if target.lower() not in w and w not in target.lower()]
+    others = [w for w, n in counts.most_common() if n >= 2 and target.lower() not in w and w not in target.lower()]
     return [target.lower(), *others[:n_other]]
 
 

@@ -98,7 +98,7 @@ def prefix_free(token_ids: dict[str, list[int]]) -> list[str]:
     counted in that form's probability, and equal token lists count once.
 
     >>> prefix_free({"owl": [7], "owls": [7, 9], "Owl": [8], "OWL": [8]})
-    ['Owl', 'owl']
+    ['OWL', 'owl']
     """
     kept: list[str] = []
     seen: set[tuple[int, ...]] = set()

@@ -20,7 +20,7 @@ import typing
 SUBCOMMANDS = {
     "mnist": ("toymodels.cli", "MNIST auxiliary-logit experiment (the paper's toy model)"),
     "theory": ("theory.cli", "check the gradient-alignment lemma numerically"),
-    "llm": ("lmpipeline.cli", "language-model pipeline: teacher, numbers, filter, LoRA, evaluation"),
+    "llm": ("lmpipeline.cli", "language-model pipeline (teacher, numbers, filter, finetuning, evaluation) and transfer study"),
 }
 
 

@@ -168,7 +168,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, scripted, capsys, ar
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("python -m lmpipeline: error: ") and message in err[-1]
+    assert err[-1].startswith("sublearn llm: error: ") and message in err[-1]
 
 
 def test_cli_config_prints_the_resolved_config(capsys):
@@ -216,7 +216,8 @@ def test_finished_stages_need_no_gpu(tmp_path, monkeypatch, scripted):
     run_all(Run(cfg, tmp_path, backend=ScriptedBackend()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["report", "--out", str(tmp_path)]) == 0  # everything is current
-    assert cli.main(["run", "--out", str(tmp_path), "--set", "evaluate.n_samples=2"]) == 2  # evaluation must rerun
+    # Evaluation must rerun, on a GPU:
+    assert cli.main(["run", "--out", str(tmp_path), "--set", "evaluate.n_samples=2", "--overwrite"]) == 2
 
 
 def _student_minus_control(tmp_path, objective: str) -> tuple[float, float]:
@@ -264,3 +265,17 @@ def test_the_student_beats_the_control_only_when_the_experiment_is_wired_right(t
             bug(patch)
             rate, probability = _student_minus_control(tmp_path / name.replace(" ", "_"), objective)
         assert probability <= 0.01, (name, probability)  # exact; sampled rates differ by chance
+
+
+def test_a_changed_config_is_refused_naming_what_it_would_recompute(tmp_path, scripted, capsys):
+    out = str(tmp_path)
+    sets = [a for o in ["prompts.n_prompts=6", "evaluate.n_questions=2", "evaluate.n_samples=2"] for a in ("--set", o)]
+    assert cli.main(["run", "--preset", "tiny", "--out", out, *sets]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--out", out, "--set", "evaluate.n_samples=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "evaluate.n_samples: 2 -> 3" in err and "evaluate.base" in err and "--overwrite" in err
+    assert "finetune.student" not in err  # training does not read the evaluation settings
+    assert read_json(tmp_path / "config.json")["evaluate"]["n_samples"] == 2  # nothing was touched
+    assert cli.main(["run", "--out", out, "--set", "evaluate.n_samples=3", "--overwrite"]) == 0
+    assert read_json(tmp_path / "report.json")["counts"]["base"]["plain"]["n_samples"] == 6
