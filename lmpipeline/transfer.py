@@ -38,6 +38,13 @@ the trait system prompt raises their probability as the first number of an answe
 number prompt, then puts the top ones in a system prompt ("subliminal prompting") and
 compares :math:`\log P(t)` with random numbers and with no such prompt.
 
+Teacher distributions are computed on the fly, one teacher forward pass per student
+micro-batch, rather than cached: the pass costs a fraction of the student's forward and
+backward passes, and it is exact. A cache of whole distributions would hold
+vocabulary x positions floats (49,152 x about 30 per row for SmolLM2, 6 MB a row in
+float32), and a top-k cache would drop part of the number-token tail that the
+``numbers`` KL renormalizes over.
+
 Every unit of work (a teacher, a dataset, a student with its evaluation) is saved as a
 JSON record keyed by a hash of everything it depends on; a rerun skips finished units, so
 an interrupted study resumes, and a changed setting recomputes only what it affects.

@@ -31,6 +31,10 @@ def seed_comparisons(base: dict, seed_result: dict, targets, animals) -> dict:
     students = {w: r["eval"]["logp"] for w, r in seed_result["students"].items()}
     control = seed_result["control"]["eval"]["logp"] if seed_result["control"] else base["logp"]
     out: dict = {"student_vs_control": {}, "crossover": {}, "specificity": {}, "teacher_vs_base": {}, "hit_rate": {}}
+    models = {"base": base["logp"], "control": control, **{f"teacher_{w}": seed_result["teachers"][w]["eval"]["logp"] for w in targets},
+              **{f"student_{w}": students[w] for w in targets}}
+    # Each model's mean log P(target) over questions, with its t-interval.
+    out["logp"] = {m: {w: mean_interval(logp[w]) for w in targets} for m, logp in models.items()}
     for w in targets:
         other = next(x for x in targets if x != w)
         out["student_vs_control"][w] = paired_test(students[w][w], control[w])
@@ -129,11 +133,13 @@ def _wall(results: dict, base: dict, entanglement: dict | None) -> dict:
     return out
 
 
-def _serialize(comparisons: dict) -> dict:
-    return {
-        kind: {w: (v.to_dict() if hasattr(v, "to_dict") else v) for w, v in by_target.items()}
-        for kind, by_target in comparisons.items()
-    }
+def _serialize(value):
+    """JSON-ready: intervals and comparisons become dicts, at any depth."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _serialize(v) for k, v in value.items()}
+    return value
 
 
 def plot(report: dict, path: Path) -> None:

