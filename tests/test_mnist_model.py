@@ -69,7 +69,18 @@ def test_perturbation_scales_with_each_layers_init_std(sigma):
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(unmoved)))
 
 
-def test_flop_count_of_the_paper_model():
-    # forward: 2 * 269,056 weights; training: first layer without its input gradient.
-    assert SPEC.flops_per_example(forward_only=True) == 2 * (784 * 256 + 256 * 256 + 256 * 13)
-    assert SPEC.flops_per_example() == 4 * 784 * 256 + 6 * (256 * 256 + 256 * 13)
+def test_flop_count_agrees_with_the_compilers_cost_analysis():
+    # XLA counts every operation of the compiled program; the matmuls dominate, and the
+    # formula counts only them, so the two agree within the elementwise work (< 2%). The
+    # training step is a gradient of a loss that needs no input gradient at the first layer.
+    params = init_params(SPEC, jax.random.key(0))
+    x = jnp.zeros((64, 784))
+
+    def flops(fn, *args) -> float:
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"] / 64
+
+    forward = flops(lambda p, x: apply(SPEC, p, x), params, x)
+    step = flops(jax.grad(lambda p, x: jnp.sum(apply(SPEC, p, x) ** 2)), params, x)
+    assert forward == pytest.approx(SPEC.flops_per_example(forward_only=True), rel=0.02)
+    assert step == pytest.approx(SPEC.flops_per_example(), rel=0.02)
