@@ -33,10 +33,14 @@ over seeds (:func:`lmpipeline.stats.pool_seeds`):
 - ``specificity``: the rank of :math:`t` among all animals by :math:`S_t - C`
   (1 = the animal that gained most).
 
-The ``entanglement`` part (:func:`entanglement`) ranks three-digit numbers by how much
-the trait system prompt raises their probability as the first number of an answer to a
-number prompt, then puts the top ones in a system prompt ("subliminal prompting") and
-compares :math:`\log P(t)` with random numbers and with no such prompt.
+The ``entanglement`` part (:meth:`Study.entanglement`) scores every three-digit number
+as the first number of an answer to a few number prompts, with and without each target's
+trait system prompt. A number's lift is the mean log-probability ratio; its specific
+lift for target :math:`t` is its lift under :math:`t`'s prompt minus its lift under the
+other target's (any system prompt moves the numbers; only the difference can be about
+the animal). The top numbers by specific lift go into a system prompt ("subliminal
+prompting": "You love the numbers A, B and C.") and :math:`\log P(t)` on the evaluation
+questions is compared with random numbers in the same prompt and with no such prompt.
 
 Teacher distributions are computed on the fly, one teacher forward pass per student
 micro-batch, rather than cached: the pass costs a fraction of the student's forward and
@@ -446,7 +450,7 @@ class Study:
         """Number tokens the trait prompt lifts, and subliminal prompting with them."""
         c, t = self.config, self.config.transfer
         contexts = [r["prompt"] for r in prompts.number_prompts(replace(c.prompts, n_prompts=t.entangle_contexts, file=None), derive_seed(0, "entangle"))]
-        values = {"unit": "entanglement", "contexts": contexts, "k": t.entangle_top_k, "random_sets": t.entangle_random_sets,
+        values = {"unit": "entanglement", "ranking": "specific", "contexts": contexts, "k": t.entangle_top_k, "random_sets": t.entangle_random_sets,
                   "prompts": [self.trait_prompt(w) for w in t.targets], **self.eval_values(), "animals": t.animals}
 
         def compute() -> dict:
@@ -459,11 +463,18 @@ class Study:
                 return [flat[i * len(NUMBERS) : (i + 1) * len(NUMBERS)] for i in range(len(contexts))]
 
             plain = number_logp(None)
-            out = {}
+            lifts = {}
             for w in t.targets:
                 lifted = number_logp(self.trait_prompt(w))
-                lift = [math.fsum(lifted[i][n] - plain[i][n] for i in range(len(contexts))) / len(contexts) for n in range(len(NUMBERS))]
-                order = sorted(range(len(NUMBERS)), key=lambda n: -lift[n])
+                lifts[w] = [math.fsum(lifted[i][n] - plain[i][n] for i in range(len(contexts))) / len(contexts) for n in range(len(NUMBERS))]
+            out = {}
+            for w in t.targets:
+                others = [x for x in t.targets if x != w]
+                # Any system prompt shifts the numbers; what is entangled with *this* animal
+                # is the lift beyond the other target's prompt.
+                specific = [lifts[w][n] - math.fsum(lifts[x][n] for x in others) / len(others) for n in range(len(NUMBERS))]
+                order = sorted(range(len(NUMBERS)), key=lambda n: -specific[n])
+                by_lift = sorted(range(len(NUMBERS)), key=lambda n: -lifts[w][n])
                 top = [NUMBERS[n] for n in order[: t.entangle_top_k]]
                 rng = random.Random(derive_seed(0, "entangle-random", w))
                 pool = [n for n in NUMBERS if n not in top]
@@ -471,8 +482,9 @@ class Study:
                 top_eval = first_word_logprobs(backend, ref, self._with_system(number_prompt(top)), t.animals)
                 random_evals = [first_word_logprobs(backend, ref, self._with_system(number_prompt(s)), t.targets) for s in random_sets]
                 out[w] = {
-                    "top_numbers": [{"number": NUMBERS[n], "lift": lift[n]} for n in order[:10]],
-                    "bottom_numbers": [{"number": NUMBERS[n], "lift": lift[n]} for n in order[-5:]],
+                    "top_numbers": [{"number": NUMBERS[n], "specific_lift": specific[n], "lift": lifts[w][n]} for n in order[:10]],
+                    "top_numbers_by_lift": [{"number": NUMBERS[n], "lift": lifts[w][n]} for n in by_lift[:10]],
+                    "bottom_numbers": [{"number": NUMBERS[n], "specific_lift": specific[n]} for n in order[-5:]],
                     "prompt": number_prompt(top),
                     "random_sets": random_sets,
                     "logp_top": top_eval,

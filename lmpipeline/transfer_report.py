@@ -89,6 +89,7 @@ def entanglement_summary(base: dict, record: dict, targets, animals) -> dict:
         changes = {a: _mean([x - y for x, y in zip(r["logp_top"][a], base["logp"][a])]) for a in animals}
         out[w] = {
             "top_numbers": r["top_numbers"],
+            "top_numbers_by_lift": r["top_numbers_by_lift"],
             "prompt": r["prompt"],
             "top_vs_none": paired_test(r["logp_top"][w], base["logp"][w]).to_dict(),
             "top_vs_random": paired_test(r["logp_top"][w], r["logp_random"][w]).to_dict(),
