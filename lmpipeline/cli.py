@@ -20,7 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-from lmpipeline.config import EVAL_MODELS, PRESETS, ConfigError, PipelineConfig, apply_overrides, from_dict, preset, to_dict
+from lmpipeline.config import (
+    EVAL_MODELS,
+    PRESETS,
+    ConfigError,
+    PipelineConfig,
+    apply_overrides,
+    from_dict,
+    preset,
+    to_dict,
+)
 
 STAGE_CHOICES = {
     "prompts": None,

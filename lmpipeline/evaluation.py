@@ -24,9 +24,9 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
+from lmpipeline import prompts
 from lmpipeline.config import PromptSpec
 from lmpipeline.filters import contains_word
-from lmpipeline import prompts
 from lmpipeline.stats import mean_interval
 
 VARIANTS = ("plain", "numbers")

@@ -7,17 +7,15 @@ check the pipeline's bookkeeping exactly; ``test_lm_model.py`` runs the real mod
 from __future__ import annotations
 
 import json
-import math
-import random
 from collections import Counter
 
 import pytest
+from scripted_lm import ScriptedBackend
 
 from lmpipeline import cli, pipeline
 from lmpipeline.artifacts import read_json, read_jsonl
 from lmpipeline.config import apply_overrides, preset
 from lmpipeline.pipeline import PipelineError, Run, all_stages, run_all, run_stage
-from scripted_lm import ScriptedBackend
 
 
 def small_config(*overrides):

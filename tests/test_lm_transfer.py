@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 from scipy import stats as scipy_stats
+from scripted_lm import ScriptedBackend
 
 from lmpipeline import cli, transfer
 from lmpipeline.artifacts import read_json
@@ -23,7 +24,6 @@ from lmpipeline.filters import check_numbers
 from lmpipeline.prompts import FORMAT_KINDS, number_prompt
 from lmpipeline.stats import Comparison, mean_interval, one_sample_test, paired_test, pool_seeds, stouffer
 from lmpipeline.transfer import Study, first_word_logprobs, prefix_free, random_completion, surface_forms
-from scripted_lm import ScriptedBackend
 
 
 def small(*overrides):
