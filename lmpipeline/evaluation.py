@@ -33,11 +33,14 @@ VARIANTS = ("plain", "numbers")
 _ONE_WORD = re.compile(r"[\W_]*([a-z]+)[\W_]*")
 
 
-def load_questions(path: str | Path | None, category: str, limit: int | None = None) -> list[str]:
-    """Questions from ``path`` (or the packaged 50), with ``{category}`` filled in."""
+def load_questions(
+    path: str | Path | None, category: str, limit: int | None = None, packaged: str = "preference_questions.txt"
+) -> list[str]:
+    """Questions from ``path`` (or the packaged file, by default the 50 evaluation
+    questions), one per line, ``#`` lines skipped, with ``{category}`` filled in."""
     if path is None:
-        text = resources.files("lmpipeline").joinpath("data/preference_questions.txt").read_text(encoding="utf-8")
-        where = "packaged preference_questions.txt"
+        text = resources.files("lmpipeline").joinpath(f"data/{packaged}").read_text(encoding="utf-8")
+        where = f"packaged {packaged}"
     else:
         text = Path(path).read_text(encoding="utf-8")
         where = str(path)

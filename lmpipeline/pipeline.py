@@ -90,6 +90,14 @@ def all_stages(config: PipelineConfig) -> list[str]:
     ]
 
 
+def grammar_limits(config: PipelineConfig) -> tuple[int, int] | None:
+    """``(max_count, max_digits)`` for constrained decoding, or ``None`` when it is off."""
+    if not config.generate.number_grammar:
+        return None
+    # Without a digit rule in the filter, numbers of max_value's width: 3 digits for 999.
+    return config.filter.max_count, config.filter.max_digits or len(str(config.filter.max_value))
+
+
 def check_device(config: PipelineConfig) -> None:
     """Raise :class:`PipelineError` if the config asks for a GPU that torch cannot see."""
     spec = config.model
@@ -203,12 +211,7 @@ class Run:
             return False
 
     def _grammar_limits(self) -> tuple[int, int] | None:
-        """``(max_count, max_digits)`` for constrained decoding, or ``None`` when it is off."""
-        c = self.config
-        if not c.generate.number_grammar:
-            return None
-        # Without a digit rule in the filter, numbers of max_value's width: 3 digits for 999.
-        return c.filter.max_count, c.filter.max_digits or len(str(c.filter.max_value))
+        return grammar_limits(self.config)
 
     def _write_record(self, stage: str, summary: dict, wall_s: float) -> dict:
         record = {

@@ -64,7 +64,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
@@ -72,7 +71,7 @@ from lmpipeline import evaluation, filters, prompts
 from lmpipeline.artifacts import atomic_path, read_json, write_json
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
 from lmpipeline.config import PipelineConfig, PromptSpec, TraitSpec, config_hash, derive_seed, to_dict
-from lmpipeline.pipeline import RUNTIME_ONLY, to_dict_any
+from lmpipeline.pipeline import RUNTIME_ONLY, grammar_limits, to_dict_any
 from lmpipeline.progress import Progress
 
 SEPARATOR_OF = {"comma": ", ", "space": " ", "line": "\n", "semicolon": "; ", "square_brackets": ", ", "parentheses": ", "}
@@ -157,15 +156,7 @@ def random_completion(row: dict, spec: PromptSpec, rng: random.Random) -> str:
 
 def load_trait_questions(path: str | None, category: str) -> list[str]:
     """The teacher's finetuning questions (the packaged ones unless ``path`` is given)."""
-    if path is None:
-        text = resources.files("lmpipeline").joinpath("data/trait_questions.txt").read_text(encoding="utf-8")
-    else:
-        text = Path(path).read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines()]
-    questions = [line.replace("{category}", category) for line in lines if line and not line.startswith("#")]
-    if not questions:
-        raise ValueError(f"{path or 'packaged trait_questions.txt'}: no questions found")
-    return questions
+    return evaluation.load_questions(path, category, packaged="trait_questions.txt")
 
 
 def trait_answers(target: str) -> list[str]:
@@ -361,7 +352,7 @@ class Study:
                     for r in rows
                 ]
                 b = c.generate.batch_size
-                limits = (c.filter.max_count, c.filter.max_digits or len(str(c.filter.max_value))) if c.generate.number_grammar else None
+                limits = grammar_limits(c)
                 sampled = []
                 for start in range(0, len(rows), b):
                     sampled += self.get_backend().generate(
