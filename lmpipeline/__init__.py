@@ -10,5 +10,9 @@ Modules, in pipeline order: :mod:`~lmpipeline.prompts`, :mod:`~lmpipeline.gramma
 (constrained decoding), :mod:`~lmpipeline.filters`, :mod:`~lmpipeline.evaluation`,
 :mod:`~lmpipeline.stats`, :mod:`~lmpipeline.report`; :mod:`~lmpipeline.pipeline` runs them
 as stages over a run folder, :mod:`~lmpipeline.backends` runs the models, and
-:mod:`~lmpipeline.config` holds the settings and presets. Command line: ``sublearn llm``.
+:mod:`~lmpipeline.config` holds the settings and presets. :mod:`~lmpipeline.transfer`
+(with :mod:`~lmpipeline.transfer_report`) is the small-scale transfer study: finetuned
+or system-prompted teachers, soft or sampled distillation, random or teacher-written
+numbers, an exact metric, crossover controls and seeds. Command line: ``sublearn llm``
+(``sublearn llm transfer`` for the study).
 """

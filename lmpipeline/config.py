@@ -14,6 +14,13 @@ Presets:
   grammar-constrained numbers and small counts, sized to finish in under 25 minutes on
   two CPU cores.
 - ``tiny``: the same model with minimal counts, a smoke test of every stage.
+- ``transfer-cpu``: the small-scale transfer study (``sublearn llm transfer``,
+  :mod:`lmpipeline.transfer`): finetuned owl and dolphin teachers, soft distillation over
+  the number tokens on random number lists, three seeds and the entanglement stage; about
+  36 minutes on two CPU cores.
+- ``transfer-grid``: every cell of the study (system-prompted teachers, the sampled
+  objective, teacher-written data) on one seed.
+- ``transfer-tiny``: the grid with minimal counts, a smoke test.
 
 Example:
 
