@@ -189,6 +189,7 @@ class Study:
     backend: Backend | None = None
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     computed: list[str] = field(default_factory=list)  # units computed (not reused) by this object
+    walls: dict[str, float] = field(default_factory=dict)  # unit -> seconds it took when computed
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -217,6 +218,7 @@ class Study:
             try:
                 record = read_json(path)
                 if record.get("config_hash") == digest:
+                    self.walls[str(path.relative_to(self.out).with_suffix(""))] = record.get("wall_s", 0.0)
                     return record
             except (ValueError, OSError):
                 pass
@@ -227,6 +229,7 @@ class Study:
         record["wall_s"] = round(time.perf_counter() - start, 3)
         write_json(path, record)
         self.computed.append(name)
+        self.walls[name] = record["wall_s"]
         self.log(f"{name} done in {record['wall_s']:.0f} s")
         return record
 
@@ -430,7 +433,7 @@ class Study:
                 teachers = {w: self.teacher(seed, cell[0], w)[1] for w in self.config.transfer.targets}
                 results.setdefault(cell_name(cell), {})[seed] = {"students": students, "control": control, "teachers": teachers}
         entangled = self.entanglement(base) if self.config.transfer.entanglement else None
-        report = transfer_report.build(self.config, base, results, entangled)
+        report = transfer_report.build(self.config, base, results, entangled, self.walls)
         report["wall_s_this_session"] = round(time.perf_counter() - start, 1)
         report["units_computed"] = list(self.computed)
         write_json(self.out / "report.json", report)

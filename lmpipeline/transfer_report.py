@@ -53,7 +53,7 @@ def seed_comparisons(base: dict, seed_result: dict, targets, animals) -> dict:
     return out
 
 
-def build(config: PipelineConfig, base: dict, results: dict, entanglement: dict | None) -> dict:
+def build(config: PipelineConfig, base: dict, results: dict, entanglement: dict | None, walls: dict[str, float]) -> dict:
     """The report of a finished study (``results[cell][seed]`` as :meth:`Study.run` collects)."""
     from lmpipeline.pipeline import versions
 
@@ -77,7 +77,7 @@ def build(config: PipelineConfig, base: dict, results: dict, entanglement: dict 
         }
     if entanglement is not None:
         report["entanglement"] = entanglement_summary(base, entanglement, t.targets, t.animals)
-    report["wall_s"] = _wall(results, base, entanglement)
+    report["wall_s"] = wall_times(walls)
     report["config"] = to_dict(config)
     report["versions"] = versions()
     return report
@@ -114,22 +114,16 @@ def _training(seed_result: dict) -> dict:
     return out
 
 
-def _wall(results: dict, base: dict, entanglement: dict | None) -> dict:
-    """Seconds each kind of unit took when it was computed (reused units keep their time)."""
-    seen: dict[str, float] = {}
-    for by_seed in results.values():
-        for seed, r in by_seed.items():
-            for w, record in r["teachers"].items():
-                seen[f"seed-{seed}/teacher-{w}-{record['identity']}"] = record.get("wall_s", 0.0) + record["eval_wall_s"]
-            for w, record in r["students"].items():
-                seen[f"seed-{seed}/student-{record['config_hash']}"] = record["wall_s"]
-            if r["control"]:
-                seen[f"seed-{seed}/control-{r['control']['config_hash']}"] = r["control"]["wall_s"]
-    teachers = sum(v for k, v in seen.items() if "/teacher-" in k)
-    students = sum(v for k, v in seen.items() if "/teacher-" not in k)
-    out = {"base_eval": base["wall_s"], "teachers": round(teachers, 1), "students": round(students, 1)}
-    if entanglement is not None:
-        out["entanglement"] = entanglement["wall_s"]
+def wall_times(walls: dict[str, float]) -> dict:
+    """Seconds by kind of unit, each unit counted once at the time it took when computed.
+
+    >>> wall_times({"base": 60, "seed-0/teacher-owl": 70, "seed-0/data-random": 0.1, "seed-0/student-x": 200})
+    {'base_eval': 60, 'teachers': 70, 'data': 0.1, 'students': 200, 'entanglement': 0, 'total': 330.1}
+    """
+    kinds = {"base_eval": ("base",), "teachers": ("teacher-",), "data": ("data-",), "students": ("student-", "control-"),
+             "entanglement": ("entanglement",)}
+    out = {kind: round(sum(v for k, v in walls.items() if k.rpartition("/")[2].startswith(prefixes)), 1)
+           for kind, prefixes in kinds.items()}
     out["total"] = round(sum(out.values()), 1)
     return out
 
@@ -153,7 +147,7 @@ def plot(report: dict, path: Path) -> None:
 
     kinds = {"student_vs_control": "student − control", "crossover": "student − other target's student"}
     labels = [(cell, w) for cell in report["cells"] for w in report["targets"]]
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 1.2 * len(labels) + 2), 3.2 * len(kinds)), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(7.0, 1.3 * len(labels) + 2), 3.6 * len(kinds)), squeeze=False)
     for ax, (kind, title) in zip(axes[:, 0], kinds.items()):
         for x, (cell, w) in enumerate(labels):
             seeds = report["cells"][cell]["seeds"]
@@ -174,9 +168,9 @@ def plot(report: dict, path: Path) -> None:
                 ax.annotate(f"p={p:.1g}", (x + 0.3, over["mean"]), xytext=(4, 4), textcoords="offset points", fontsize=7)
         ax.axhline(0, color="#333333", lw=0.8)
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels([f"{cell}\n{w}" for cell, w in labels], fontsize=7)
+        ax.set_xticklabels([f"{cell.replace('/', chr(10), 1)}\n{w}" for cell, w in labels], fontsize=7)
         ax.set_ylabel("Δ log P(target)")
-        ax.set_title(f"{title}: per seed (blue, CI over questions), pooled (orange, CI over seeds)", fontsize=9)
+        ax.set_title(f"{title}\nper seed (blue, 95% CI over questions); pooled (orange, 95% CI over seeds)", fontsize=9)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(f"Subliminal transfer at small scale ({report['preset']} preset)", fontsize=11)
     fig.tight_layout()
