@@ -119,11 +119,16 @@ def student_inputs(
         return noise_images(words, ids, n_pixels, kind, dtype)
     if pool is None:
         raise ValueError(f"--student-data {kind} needs the MNIST training images")
-    x = normalize(pool[ids])
     if kind == "shuffled":
-        x = x[:, pixel_permutation(words, n_pixels)]
-    elif kind == "inverted":
+        # One gather of the permuted pixels from the flattened images: its result is laid out
+        # row-major like any batch, which the bfloat16 products need (a column gather after
+        # the row gather is not, and XLA's CPU backend has no bfloat16 kernel for it).
+        flat = ids.astype(jnp.int32)[:, None] * n_pixels + pixel_permutation(words, n_pixels)[None, :]
+        x = normalize(pool.reshape(-1)[flat])
+    else:
+        x = normalize(pool[ids])
+    if kind == "inverted":
         x = -x
-    elif kind != "mnist":
+    elif kind not in ("mnist", "shuffled"):
         raise ValueError(f"unknown student data {kind!r}")
     return x.astype(dtype)
