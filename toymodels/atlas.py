@@ -36,7 +36,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from toymodels.config import ConfigError, MnistConfig, STUDENT_DATA, tiny
 from toymodels.stats import summarize
@@ -321,10 +321,10 @@ def write_figures(atlas: dict[str, Any], out: Path, chosen: list[Curve]) -> list
     return paths
 
 
-def format_atlas(atlas: dict[str, Any]) -> str:
-    """Every curve's points: aux-only and cross-model mean +- CI, then the anchors."""
+def format_atlas(atlas: dict[str, Any], names: Sequence[str] | None = None) -> str:
+    """Every finished curve's points (or those of ``names``): aux-only and cross-model mean +- CI, then the anchors."""
     rows = []
-    for name in atlas["curves"]:
+    for name in names or atlas["curves"]:
         if not all(p["fingerprint"] in atlas["points"] for p in atlas["curves"][name]["points"]):
             continue
         rows.append(f"{name}:")
