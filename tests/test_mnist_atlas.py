@@ -90,7 +90,10 @@ def test_tiny_atlas_end_to_end_resumes_and_agrees_with_itself(tmp_path, monkeypa
     epoch_1 = curve_sweep(saved, "student_epochs")["points"][0]
     assert epoch_1["value"] == 1
     one_epoch = curve_sweep(saved, "teacher_epochs")["points"][1]
-    assert one_epoch["value"] == 1 and epoch_1["summary"] == one_epoch["summary"]
+    assert one_epoch["value"] == 1
+    for c, s in epoch_1["summary"].items():
+        assert s["mean"] == pytest.approx(one_epoch["summary"][c]["mean"], abs=1e-6)
+        assert s["ci95"] == pytest.approx(one_epoch["summary"][c]["ci95"], abs=1e-6)
     # An untrained teacher teaches nothing: its aux-only students stay at chance.
     assert curve_sweep(saved, "teacher_epochs")["points"][0]["summary"]["student_aux"]["mean"] < 0.2
 
@@ -99,7 +102,7 @@ def test_tiny_atlas_end_to_end_resumes_and_agrees_with_itself(tmp_path, monkeypa
 
     monkeypatch.setattr(sweep, "run_experiment", no_training)
     again = run_atlas(tmp_path, preset="tiny", seeds=2, only=("student_epochs", "teacher_epochs"))
-    assert again["points"] == atlas["points"]
+    assert again["points"] == json.loads(json.dumps(atlas["points"]))
     assert "teacher_epochs:" in format_atlas(again)
 
 
