@@ -5,6 +5,7 @@ imports a subpackage when its subcommand is chosen, so ``sublearn mnist`` never 
 torch and ``sublearn llm`` never loads jax.
 
 - ``sublearn mnist``: the MNIST auxiliary-logit experiment (:mod:`toymodels.cli`).
+- ``sublearn atlas``: the MNIST experiment's curves against each knob (:mod:`toymodels.atlas`).
 - ``sublearn theory``: the gradient-alignment lemma, checked numerically (:mod:`theory.cli`).
 - ``sublearn llm``: the language-model pipeline (:mod:`lmpipeline.cli`).
 """
@@ -19,6 +20,7 @@ import typing
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS = {
     "mnist": ("toymodels.cli", "MNIST auxiliary-logit experiment (the paper's toy model)"),
+    "atlas": ("toymodels.atlas", "the MNIST effect against each knob, with CIs, next to the published numbers"),
     "theory": ("theory.cli", "check the gradient-alignment lemma numerically"),
     "llm": ("lmpipeline.cli", "language-model pipeline (teacher, numbers, filter, finetuning, evaluation) and transfer study"),
 }

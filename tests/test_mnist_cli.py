@@ -14,7 +14,10 @@ TINY = ["--hidden", "32", "32", "--batch-size", "128", "--teacher-epochs", "1", 
         (["--n-aux", "0"], "--n-aux must be at least 1"),
         (["--seeds", "0"], "--seeds must be at least 2"),
         (["--batch-size", "70000"], "--batch-size 70000 is larger"),
+        (["--student-data", "pink"], "invalid choice: 'pink'"),
         (["--noise", "pink"], "invalid choice: 'pink'"),
+        (["--student-data", "mnist", "--n-train", "2048", "--n-noise", "4096"], "--n-noise to at most 2048"),
+        (["--teacher-epochs", "-1"], "--teacher-epochs must be 0"),
         (["--optimizer", "lion"], "invalid choice: 'lion'"),
         (["--data-dir", "/nonexistent"], "not found in /nonexistent"),
         (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
@@ -105,7 +108,7 @@ def test_sweep_option_parsing():
 
     assert parse_sweep("n_aux=1,3,10") == ("n_aux", [1, 3, 10])
     assert parse_sweep("student-init-sigma=0,0.5") == ("student_init_sigma", [0.0, 0.5])
-    assert parse_sweep("noise=uniform,gaussian") == ("noise", ["uniform", "gaussian"])
+    assert parse_sweep("student_data=uniform,mnist") == ("student_data", ["uniform", "mnist"])
     for bad in ("depth=1,2", "n_aux", "n_aux=one"):
         with pytest.raises(ConfigError):
             parse_sweep(bad)

@@ -22,12 +22,12 @@ import typing
 from pathlib import Path
 
 from toymodels.artifacts import check_writable
-from toymodels.config import NOISE_DISTRIBUTIONS, OPTIMIZERS, PRECISIONS, STUDENT_LOSSES, ConfigError, MnistConfig
+from toymodels.config import OPTIMIZERS, PRECISIONS, STUDENT_DATA, STUDENT_LOSSES, ConfigError, MnistConfig
 from toymodels.data import SOURCES, DataError
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.json"
-CHOICES = {"optimizer": OPTIMIZERS, "noise": NOISE_DISTRIBUTIONS, "student_loss": STUDENT_LOSSES, "precision": PRECISIONS}
+CHOICES = {"optimizer": OPTIMIZERS, "student_data": STUDENT_DATA, "student_loss": STUDENT_LOSSES, "precision": PRECISIONS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"default: {field.default}"
         if field.name == "hidden":
             group.add_argument(flag, type=int, nargs="+", default=field.default, metavar="WIDTH", help=help_text)
+        elif field.name == "student_data":  # --noise: its name before MNIST images were an option
+            group.add_argument(flag, "--noise", dest=field.name, choices=CHOICES[field.name], default=field.default, help=help_text)
         elif field.name in CHOICES:
             group.add_argument(flag, choices=CHOICES[field.name], default=field.default, help=help_text)
         elif kind == int | None:

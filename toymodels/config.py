@@ -21,6 +21,9 @@ from typing import Any
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 NOISE_DISTRIBUTIONS = ("uniform", "gaussian")
+# What the students see: generated noise, or MNIST training images (see toymodels.noise.student_inputs).
+IMAGE_DATA = ("mnist", "shuffled", "inverted")
+STUDENT_DATA = NOISE_DISTRIBUTIONS + IMAGE_DATA
 STUDENT_LOSSES = ("kl", "mse")
 PRECISIONS = ("float32", "bf16")
 
@@ -40,10 +43,17 @@ class MnistConfig:
         optimizer: ``adam``, ``adamw`` or ``sgd`` (teacher and students alike).
         learning_rate: step size of the optimizer.
         batch_size: examples per step, for the teacher and for the students.
-        teacher_epochs: passes of the teacher over the training images.
+        teacher_epochs: passes of the teacher over the training images (0: the teacher is
+            its untrained initialization, the point where no trait exists to transfer).
         student_epochs: passes of each student over its noise images.
         n_noise: noise images per student (one fixed set per seed, reshuffled each epoch).
-        noise: ``uniform`` on ``[-1, 1]`` (the paper) or standard ``gaussian``.
+        student_data: the students' inputs. ``uniform`` noise on ``[-1, 1]`` (the paper),
+            standard ``gaussian`` noise, or MNIST training images: ``mnist`` (as they are),
+            ``shuffled`` (every image's pixels permuted by one fixed permutation per seed)
+            or ``inverted`` (negated, white background). With images, student image ``i``
+            is training image ``i``, so ``n_noise`` must not exceed ``n_train``. Called
+            ``noise`` before MNIST images were an option; old results and checkpoints
+            with that name still load and keep their fingerprint.
         student_loss: ``kl`` (``KL(teacher || student)`` of the softmaxes, the paper) or
             ``mse`` (squared error between the logits).
         temperature: softmax temperature of the KL loss.
@@ -81,7 +91,7 @@ class MnistConfig:
     teacher_epochs: int = 5
     student_epochs: int = 5
     n_noise: int = 60_000
-    noise: str = "uniform"
+    student_data: str = "uniform"
     student_loss: str = "kl"
     temperature: float = 1.0
     student_init_sigma: float = 0.0
@@ -105,14 +115,15 @@ class MnistConfig:
             (self.track >= 0, f"--track must be 0 (off) or a positive number of steps (got {self.track})"),
             (self.n_noise <= 2_000_000, f"--n-noise must be at most 2000000 (got {self.n_noise}): noise image ids are 32-bit counters"),
             (self.optimizer in OPTIMIZERS, f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
-            (self.noise in NOISE_DISTRIBUTIONS, f"unknown --noise {self.noise!r}: choose one of {', '.join(NOISE_DISTRIBUTIONS)}"),
+            (self.student_data in STUDENT_DATA, f"unknown --student-data {self.student_data!r}: choose one of {', '.join(STUDENT_DATA)}"),
             (self.precision in PRECISIONS, f"unknown --precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"),
             (self.student_loss in STUDENT_LOSSES, f"unknown --student-loss {self.student_loss!r}: choose one of {', '.join(STUDENT_LOSSES)}"),
             (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
             (self.temperature > 0, f"--temperature must be positive (got {self.temperature})"),
             (self.init_scale > 0, f"--init-scale must be positive (got {self.init_scale})"),
             (self.student_init_sigma >= 0, f"--student-init-sigma must be non-negative (got {self.student_init_sigma})"),
-            (self.teacher_epochs >= 1 and self.student_epochs >= 1, "--teacher-epochs and --student-epochs must be at least 1"),
+            (self.teacher_epochs >= 0, f"--teacher-epochs must be 0 (an untrained teacher) or more (got {self.teacher_epochs})"),
+            (self.student_epochs >= 1, f"--student-epochs must be at least 1 (got {self.student_epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.n_noise >= 1, f"--n-noise must be at least 1 (got {self.n_noise})"),
             (self.n_train is None or 1 <= self.n_train <= 60_000, f"--n-train must be between 1 and 60000 (got {self.n_train})"),
@@ -126,6 +137,11 @@ class MnistConfig:
             if not ok:
                 raise ConfigError(message)
         n_train = 60_000 if self.n_train is None else self.n_train
+        if self.student_data in IMAGE_DATA and self.n_noise > n_train:
+            raise ConfigError(
+                f"--student-data {self.student_data} uses the first --n-noise training images, "
+                f"but there are only {n_train}: lower --n-noise to at most {n_train}"
+            )
         for name, n in (("training images (--n-train)", n_train), ("noise images (--n-noise)", self.n_noise)):
             if self.batch_size > n:
                 raise ConfigError(f"--batch-size {self.batch_size} is larger than the {n} {name}: lower --batch-size")
@@ -137,10 +153,12 @@ class MnistConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MnistConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - {"noise"})
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}: this package knows {sorted(known)}")
         data = dict(data)
+        if "noise" in data:  # the field's name before MNIST images were an option
+            data["student_data"] = data.pop("noise")
         if "hidden" in data:
             data["hidden"] = tuple(data["hidden"])
         return cls(**data)
@@ -149,9 +167,11 @@ class MnistConfig:
         """A short hash of the fields that determine the numbers (all but ``seeds_per_chunk``).
 
         ``track`` enters only when it is on, so a run without tracking keeps the
-        fingerprint (and the checkpoints) it had before the option existed.
+        fingerprint (and the checkpoints) it had before the option existed; likewise
+        ``student_data`` enters under its former name ``noise``.
         """
         fields = {k: v for k, v in self.to_dict().items() if k != "seeds_per_chunk" and not (k == "track" and v == 0)}
+        fields["noise"] = fields.pop("student_data")
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

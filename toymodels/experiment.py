@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from toymodels.artifacts import environment, write_json_atomic
 from toymodels.conditions import AUX_ONLY, CONDITIONS, CROSS_MODEL, PAPER_RESULTS, STUDENT_CONDITIONS, derangement
-from toymodels.config import ConfigError, MnistConfig
+from toymodels.config import IMAGE_DATA, ConfigError, MnistConfig
 from toymodels.data import MNIST, load_mnist, normalize
 from toymodels.losses import logit_mask
 from toymodels.model import init_params, perturb_params
@@ -127,6 +127,7 @@ def train_chunk(
     opt_states = place(jax.vmap(optimizer.init)(teachers))
     order_keys = _purpose_keys(seeds_key, seed_ids, _TEACHER_ORDER)
     train_teachers = teacher_epoch(config, mesh)
+    teacher_loss = jnp.full(len(seed_ids), jnp.nan)  # no epoch, no loss: the teacher stays at its init
     for epoch in range(config.teacher_epochs):
         teachers, opt_states, teacher_loss = train_teachers(
             teachers, opt_states, place(_epoch_keys(order_keys, epoch)), images, labels
@@ -150,6 +151,7 @@ def train_chunk(
     shuffle_keys = _purpose_keys(seeds_key, seed_ids, _STUDENT_ORDER)
     masks = jnp.asarray(_student_masks(config))
     train_students = student_epoch(config, mesh)
+    pool = (images,) if config.student_data in IMAGE_DATA else ()
     if config.track:
         # A copy: the students' buffers are donated to the epoch and overwritten.
         starts = jax.tree.map(jnp.copy, students)
@@ -159,12 +161,12 @@ def train_chunk(
         epoch_keys = place(_epoch_keys(shuffle_keys, epoch))
         if config.track:
             students, student_opt, student_loss, epoch_tracks = train_students(
-                students, student_opt, teachers, words, epoch_keys, starts, reference, masks, *probe
+                students, student_opt, teachers, words, epoch_keys, starts, reference, masks, *probe, *pool
             )
             # An epoch's first point is the previous epoch's last one (the same parameters).
             tracks.append(np.asarray(epoch_tracks)[:, :, (0 if epoch == 0 else 1):])
         else:
-            students, student_opt, student_loss = train_students(students, student_opt, teachers, words, epoch_keys, masks)
+            students, student_opt, student_loss = train_students(students, student_opt, teachers, words, epoch_keys, masks, *pool)
         losses = ", ".join(f"{c} {float(v):.2e}" for c, v in zip(STUDENT_CONDITIONS, jnp.mean(student_loss, axis=0)))
         progress.advance(f"{label}: students epoch {epoch + 1}/{config.student_epochs}, loss {losses}", student_epoch_cost(config))
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt32
+from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8, UInt32
+
+from toymodels.data import normalize
 
 
 def noise_words(key: PRNGKeyArray) -> UInt32[Array, "2"]:
@@ -78,3 +80,55 @@ def noise_images(
         radius = jnp.sqrt(-2.0 * jnp.log1p(-_uniform01(words, counters)))  # log of (0, 1]
         return (radius * jnp.cos(2.0 * jnp.pi * _uniform01(words, counters + 1))).astype(dtype)
     raise ValueError(f"unknown noise distribution {distribution!r}: choose uniform or gaussian")
+
+
+def pixel_permutation(words: UInt32[Array, "2"], n_pixels: int) -> Int[Array, " n_pixels"]:
+    """The fixed pixel permutation of ``--student-data shuffled`` for the set selected by ``words``.
+
+    Hashes of the pixel indices are ranked, so the permutation costs one sort of
+    ``n_pixels`` keys and needs no stored state; the same words give the same permutation.
+    """
+    return jnp.argsort(_uniform01(words, jnp.arange(n_pixels, dtype=jnp.uint32)))
+
+
+def student_inputs(
+    words: UInt32[Array, "2"],
+    ids: Int[Array, " batch"],
+    pool: UInt8[Array, "n n_pixels"] | None,
+    kind: str,
+    n_pixels: int,
+    dtype: jnp.dtype = jnp.float32,
+) -> Float[Array, "batch n_pixels"]:
+    """Student input images ``ids`` of ``kind`` (:data:`toymodels.config.STUDENT_DATA`).
+
+    Noise kinds (``uniform``, ``gaussian``) come from :func:`noise_images`. The image
+    kinds take row ``ids`` of ``pool`` (``uint8`` MNIST training images), scaled to
+    ``[-1, 1]`` like the teacher's inputs, and then:
+
+    - ``mnist``: nothing more; the students see the teacher's own training images.
+    - ``shuffled``: the pixels permuted by one permutation per seed
+      (:func:`pixel_permutation`). One fixed permutation rather than one per image: the
+      images keep MNIST's pixel histogram *and* the correlations between pixels (a fixed
+      relabelling of the inputs, which the MLP's first layer could absorb), and lose only
+      the spatial layout the teacher was trained on; a permutation per image would also
+      destroy the correlations and give sparse noise with MNIST's histogram.
+    - ``inverted``: negated (white background, dark strokes): the digits' structure,
+      at inputs far from anything the teacher saw.
+    """
+    if kind in ("uniform", "gaussian"):
+        return noise_images(words, ids, n_pixels, kind, dtype)
+    if pool is None:
+        raise ValueError(f"--student-data {kind} needs the MNIST training images")
+    if kind == "shuffled":
+        # One gather of the permuted pixels from the flattened images: its result is laid out
+        # row-major like any batch, which the bfloat16 products need (a column gather after
+        # the row gather is not, and XLA's CPU backend has no bfloat16 kernel for it).
+        flat = ids.astype(jnp.int32)[:, None] * n_pixels + pixel_permutation(words, n_pixels)[None, :]
+        x = normalize(pool.reshape(-1)[flat])
+    else:
+        x = normalize(pool[ids])
+    if kind == "inverted":
+        x = -x
+    elif kind not in ("mnist", "shuffled"):
+        raise ValueError(f"unknown student data {kind!r}")
+    return x.astype(dtype)

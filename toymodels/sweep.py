@@ -12,7 +12,7 @@ Example (a quick sweep over the number of auxiliary logits):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
 
@@ -40,14 +40,37 @@ def run_sweep(
     if field not in {f.name for f in dataclasses.fields(MnistConfig)}:
         raise ConfigError(f"cannot sweep unknown config field {field!r}")
     configs = [dataclasses.replace(base, **{field: value}).validate() for value in values]
-    data = data or load_mnist()
-    points = []
-    for value, config in zip(values, configs):
-        if progress is not None:
-            progress.note(f"sweep {field} = {value}")
-        result = run_experiment(config, data=data, progress=progress)
-        points.append({"value": value, "summary": result["summary"], "accuracy": result["accuracy"]})
+    points = run_points(list(zip(values, configs)), data=data, progress=progress, label=field)
     return {"field": field, "values": list(values), "points": points, "base_config": base.to_dict()}
+
+
+def run_points(
+    points: Sequence[tuple[Any, MnistConfig]],
+    *,
+    data: MNIST | None = None,
+    progress: Progress | None = None,
+    label: str = "point",
+    on_point: Callable[[Any, MnistConfig, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run :func:`run_experiment` for every ``(value, config)``; the loop under every sweep.
+
+    ``on_point(value, config, result)`` is called after each point with the full result,
+    so that a caller can save it before the next point starts (the atlas resumes from
+    what it saved).
+
+    Returns:
+        ``[{"value", "summary", "accuracy"}]`` in the order of ``points``.
+    """
+    data = data or load_mnist()
+    out = []
+    for value, config in points:
+        if progress is not None:
+            progress.note(f"sweep {label} = {value}")
+        result = run_experiment(config, data=data, progress=progress)
+        if on_point is not None:
+            on_point(value, config, result)
+        out.append({"value": value, "summary": result["summary"], "accuracy": result["accuracy"]})
+    return out
 
 
 def plot_sweep(sweep: dict[str, Any], conditions: Sequence[str] = ("student_aux", "cross_aux"), *, log_x: bool = False) -> plt.Figure:

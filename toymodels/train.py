@@ -39,7 +39,7 @@ from toymodels.config import MnistConfig
 from toymodels.data import normalize
 from toymodels.losses import STUDENT_LOSSES, digit_cross_entropy
 from toymodels.model import N_DIGITS, MLPSpec, Params, apply
-from toymodels.noise import noise_images
+from toymodels.noise import student_inputs
 from toymodels.precision import compute_dtype
 from toymodels.track import METRICS, steps_per_epoch, track_point, tracked_steps, tree_sub
 
@@ -177,6 +177,12 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     metrics]``: the point at the epoch's start, then its ``P`` tracked points. The
     measurement sits in a ``lax.cond`` on a static per-step flag, so untracked steps pay
     nothing; without tracking the program is the one of a run that never tracks.
+
+    With MNIST images as student data (``config.student_data`` in
+    :data:`toymodels.config.IMAGE_DATA`), both signatures take one more, shared, last
+    argument: the ``uint8`` training images the students' batches are gathered from
+    (:func:`toymodels.noise.student_inputs`). Noise runs do not take it, so their
+    program is unchanged.
     """
     spec = spec_of(config)
     optimizer = make_optimizer(config)
@@ -188,19 +194,19 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     grad_all_conditions = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(0, None, None, None, 0))
     update_all_conditions = jax.vmap(optimizer.update)
 
-    def train_step(students, opt_states, teacher, words, masks, batch):
+    def train_step(students, opt_states, teacher, words, masks, batch, pool):
         ids, weights = batch
-        x = noise_images(words, ids, spec.d_in, config.noise, compute_dtype(config.precision))
+        x = student_inputs(words, ids, pool, config.student_data, spec.d_in, compute_dtype(config.precision))
         teacher_logits = jax.lax.stop_gradient(apply(spec, teacher, x))
         losses, grads = grad_all_conditions(students, x, teacher_logits, weights, masks)
         updates, opt_states = update_all_conditions(grads, opt_states, students)
         return optax.apply_updates(students, updates), opt_states, updates, losses
 
-    def one_seed(students, opt_states, teacher, words, key, masks):
+    def one_seed(students, opt_states, teacher, words, key, masks, *pool):
         plan = epoch_plan(key, config.n_noise, config.batch_size)
 
         def step(carry, batch):
-            students, opt_states, _, losses = train_step(*carry, teacher, words, masks, batch)
+            students, opt_states, _, losses = train_step(*carry, teacher, words, masks, batch, *pool or (None,))
             return (students, opt_states), losses
 
         (students, opt_states), losses = jax.lax.scan(step, (students, opt_states), plan)
@@ -215,7 +221,7 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     flags[tracked] = True
     n_conditions = len(STUDENT_CONDITIONS)
 
-    def one_seed_tracked(students, opt_states, teacher, words, key, starts, reference, masks, probe_images, probe_labels):
+    def one_seed_tracked(students, opt_states, teacher, words, key, starts, reference, masks, probe_images, probe_labels, *pool):
         plan = epoch_plan(key, config.n_noise, config.batch_size)
         direction = jax.lax.stop_gradient(tree_sub(teacher, reference))
         x_probe = normalize(probe_images)
@@ -229,7 +235,7 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
 
         def step(carry, batch_and_flag):
             batch, flag = batch_and_flag
-            students, opt_states, updates, losses = train_step(*carry, teacher, words, masks, batch)
+            students, opt_states, updates, losses = train_step(*carry, teacher, words, masks, batch, *pool or (None,))
             point = jax.lax.cond(
                 flag,
                 lambda: measure(students, starts, updates),
