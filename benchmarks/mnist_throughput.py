@@ -100,14 +100,23 @@ def epoch_throughput(config: MnistConfig, images, labels) -> dict:
     n_train = images.shape[0]
     flops = {
         "teacher_epoch": spec.flops_per_example() * n_train * config.seeds,
-        "student_epoch": (4 * spec.flops_per_example() + spec.flops_per_example(forward_only=True)) * config.n_noise * config.seeds,
+        "student_epoch": (4 * spec.flops_per_example() + spec.flops_per_example(forward_only=True))
+        * config.n_noise
+        * config.seeds,
     }
     out = {}
     for phase, (wall, cpu) in (("teacher_epoch", (t_wall, t_cpu)), ("student_epoch", (s_wall, s_cpu))):
-        out[phase] = {"wall_s": wall, "cpu_s": cpu, "gflops": flops[phase] / wall / 1e9, "gflop_per_cpu_s": flops[phase] / cpu / 1e9}
+        out[phase] = {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "gflops": flops[phase] / wall / 1e9,
+            "gflop_per_cpu_s": flops[phase] / cpu / 1e9,
+        }
     per_seed = (config.teacher_epochs * t_wall + config.student_epochs * s_wall) / config.seeds
     out["seconds_per_10_seeds"] = 10 * per_seed
-    out["cpu_seconds_per_10_seeds"] = 10 * (config.teacher_epochs * t_cpu + config.student_epochs * s_cpu) / config.seeds
+    out["cpu_seconds_per_10_seeds"] = (
+        10 * (config.teacher_epochs * t_cpu + config.student_epochs * s_cpu) / config.seeds
+    )
     return out
 
 
@@ -172,20 +181,30 @@ def peak_rss_gb() -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10, help="seeds per compiled call (the chunk size), and of the --peer runs")
+    parser.add_argument(
+        "--seeds", type=int, default=10, help="seeds per compiled call (the chunk size), and of the --peer runs"
+    )
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--n-train", type=int, default=None, help="fewer training images for a quick check")
     parser.add_argument("--n-noise", type=int, default=60_000)
     parser.add_argument("--peer", action="store_true", help="also time the whole experiment against eager PyTorch")
-    parser.add_argument("--track", type=int, default=0, metavar="N", help="measure instead the cost of tracking every N steps")
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls of each variant with --track (best is kept)")
+    parser.add_argument(
+        "--track", type=int, default=0, metavar="N", help="measure instead the cost of tracking every N steps"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed calls of each variant with --track (best is kept)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
 
     def config_for(precision: str) -> MnistConfig:
         return MnistConfig(
-            seeds=args.seeds, seeds_per_chunk=args.seeds, n_train=args.n_train, n_noise=args.n_noise, precision=precision
+            seeds=args.seeds,
+            seeds_per_chunk=args.seeds,
+            n_train=args.n_train,
+            n_noise=args.n_noise,
+            precision=precision,
         ).validate()
 
     data = load_mnist().subset(args.n_train, None)
@@ -194,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.track:
         report["tracking"] = {}
         for precision in args.precisions:
-            r = report["tracking"][precision] = tracking_overhead(config_for(precision), args.track, probe_batch(data), args.repeats)
+            r = report["tracking"][precision] = tracking_overhead(
+                config_for(precision), args.track, probe_batch(data), args.repeats
+            )
             print(
                 f"[{precision}] student epoch, {args.seeds} seeds, n_noise {args.n_noise}: "
                 f"{r['untracked_wall_s']:.2f}s wall ({r['untracked_cpu_s']:.2f}s cpu) untracked, "
@@ -207,20 +228,30 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     for precision in args.precisions:
         peak, peak_per_cpu = matmul_peak(args.matmul_size, precision)
-        r = {"matmul_peak_gflops": peak, "matmul_gflop_per_cpu_s": peak_per_cpu, **epoch_throughput(config_for(precision), images, labels)}
+        r = {
+            "matmul_peak_gflops": peak,
+            "matmul_gflop_per_cpu_s": peak_per_cpu,
+            **epoch_throughput(config_for(precision), images, labels),
+        }
         for phase in ("teacher_epoch", "student_epoch"):
             r[phase]["ratio_to_peak"] = r[phase]["gflops"] / peak
             # Per CPU second, the ratio is robust to other processes sharing the cores.
             r[phase]["cpu_ratio_to_peak"] = r[phase]["gflop_per_cpu_s"] / peak_per_cpu
         report["precisions"][precision] = r
-        print(f"[{precision}] matmul peak ({args.matmul_size}^2): {peak:6.1f} GFLOP/s ({peak_per_cpu:.1f} per CPU second)")
+        print(
+            f"[{precision}] matmul peak ({args.matmul_size}^2): {peak:6.1f} GFLOP/s ({peak_per_cpu:.1f} per CPU second)"
+        )
         for phase in ("teacher_epoch", "student_epoch"):
             p = r[phase]
             print(
-                f"[{precision}] {phase:<14} {p['wall_s']:6.2f}s wall {p['cpu_s']:6.2f}s cpu  {p['gflops']:6.1f} GFLOP/s  "
+                f"[{precision}] {phase:<14} {p['wall_s']:6.2f}s wall "
+                f"{p['cpu_s']:6.2f}s cpu  {p['gflops']:6.1f} GFLOP/s  "
                 f"ratio to peak {p['ratio_to_peak']:.2f} (per CPU second {p['cpu_ratio_to_peak']:.2f})"
             )
-        print(f"[{precision}] training time per 10 seeds: {r['seconds_per_10_seeds']:.1f}s wall, {r['cpu_seconds_per_10_seeds']:.1f}s CPU")
+        print(
+            f"[{precision}] training time per 10 seeds: {r['seconds_per_10_seeds']:.1f}s wall, "
+            f"{r['cpu_seconds_per_10_seeds']:.1f}s CPU"
+        )
     if len(args.precisions) == 2:
         f32, bf16 = (report["precisions"][p] for p in PRECISIONS)
         report["bf16_over_float32_cpu_time"] = bf16["cpu_seconds_per_10_seeds"] / f32["cpu_seconds_per_10_seeds"]
@@ -229,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.peer:
         report["peer"] = peer_end_to_end(config_for("float32"))
         peer = report["peer"]
-        print(f"[peer: eager PyTorch] {args.seeds} seeds end to end: {peer['wall_s']:.1f}s wall, {peer['cpu_s']:.1f}s CPU")
+        print(
+            f"[peer: eager PyTorch] {args.seeds} seeds end to end: {peer['wall_s']:.1f}s wall, {peer['cpu_s']:.1f}s CPU"
+        )
         report["end_to_end"] = {}
         for precision in args.precisions:
             ours = report["end_to_end"][precision] = end_to_end(config_for(precision))

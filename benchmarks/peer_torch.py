@@ -48,7 +48,9 @@ def make_mlp(config: MnistConfig, generator: torch.Generator) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, columns: slice, temperature: float) -> torch.Tensor:
+def masked_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, columns: slice, temperature: float
+) -> torch.Tensor:
     log_p_student = torch.log_softmax(student_logits[:, columns] / temperature, dim=-1)
     log_p_teacher = torch.log_softmax(teacher_logits[:, columns] / temperature, dim=-1)
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
@@ -72,7 +74,9 @@ def run(config: MnistConfig) -> dict[str, list[float]]:
 
     inits = [make_mlp(config, torch.Generator().manual_seed(config.seed * 100_003 + s)) for s in range(config.seeds)]
     pairing = derangement(config.seeds, jax.random.key(config.seed)).tolist()
-    results: dict[str, list[float]] = {c: [] for c in ("reference", "teacher", "student_aux", "student_all", "cross_aux", "cross_all")}
+    results: dict[str, list[float]] = {
+        c: [] for c in ("reference", "teacher", "student_aux", "student_all", "cross_aux", "cross_all")
+    }
     for s in range(config.seeds):
         generator = torch.Generator().manual_seed(config.seed * 100_003 + s + 7)
         teacher = make_mlp(config, generator)
@@ -87,7 +91,12 @@ def run(config: MnistConfig) -> dict[str, list[float]]:
 
         noise = torch.rand(config.n_noise, 784, generator=generator) * 2 - 1
         students = {}
-        for condition, start in (("student_aux", s), ("student_all", s), ("cross_aux", pairing[s]), ("cross_all", pairing[s])):
+        for condition, start in (
+            ("student_aux", s),
+            ("student_all", s),
+            ("cross_aux", pairing[s]),
+            ("cross_all", pairing[s]),
+        ):
             model = make_mlp(config, generator)
             model.load_state_dict(inits[start].state_dict())
             students[condition] = (model, torch.optim.Adam(model.parameters(), lr=config.learning_rate))

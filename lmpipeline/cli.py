@@ -54,13 +54,18 @@ def _config_options(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     if needs_out:
         p.add_argument("--out", type=Path, required=True, help="run folder (created if missing)")
         p.add_argument(
-            "--overwrite", action="store_true",
+            "--overwrite",
+            action="store_true",
             help="the folder holds a run with another config: recompute what the changes affect",
         )
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from this preset")
     p.add_argument("--config", type=Path, help="start from this config JSON (e.g. another run's config.json)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one setting, e.g. --set finetune.epochs=2 (repeatable; VALUE is JSON or a string)",
     )
 
@@ -198,22 +203,35 @@ def _transfer(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     finally:
         if study.backend is not None:
             study.backend.close()
-    print(f"transfer study: Δ log P(target), paired over {len(study.questions)} questions, pooled over {cfg.transfer.seeds} seeds")
+    print(
+        f"transfer study: Δ log P(target), paired over {len(study.questions)} "
+        f"questions, pooled over {cfg.transfer.seeds} seeds"
+    )
     for cell, result in report["cells"].items():
         for kind in ("student_vs_control", "crossover"):
             for w, pooled in result["pooled"][kind].items():
                 ci, p = pooled["over_seeds"], pooled["p"]
                 interval = f"[{ci['low']:+.3f}, {ci['high']:+.3f}]" if ci["low"] is not None else "(one seed)"
-                print(f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}  p={p:.2g}" if p is not None else
-                      f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}")
+                print(
+                    f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}  p={p:.2g}"
+                    if p is not None
+                    else f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}"
+                )
             rank = result["pooled"]["specificity"]
-        print(f"  {cell:28s} rank of each target among {len(cfg.transfer.animals)} animals: "
-              + ", ".join(f"{w} {r['rank']}" for w, r in rank.items()))
+        print(
+            f"  {cell:28s} rank of each target among {len(cfg.transfer.animals)} animals: "
+            + ", ".join(f"{w} {r['rank']}" for w, r in rank.items())
+        )
     for w, e in report.get("entanglement", {}).items():
-        top = ", ".join(n["number"] for n in e["top_numbers"][:cfg.transfer.entangle_top_k])
+        top = ", ".join(n["number"] for n in e["top_numbers"][: cfg.transfer.entangle_top_k])
         d = e["top_vs_random"]
-        print(f"  entanglement {w}: top numbers {top}; prompted with them vs random numbers {d['mean']:+.3f} p={d['p']:.2g}")
-    print(f"  wall time: {report['wall_s']['total']:.0f} s; report: {args.out / 'report.json'}, {args.out / 'report.png'}")
+        print(
+            f"  entanglement {w}: top numbers {top}; "
+            f"prompted with them vs random numbers {d['mean']:+.3f} p={d['p']:.2g}"
+        )
+    print(
+        f"  wall time: {report['wall_s']['total']:.0f} s; report: {args.out / 'report.json'}, {args.out / 'report.png'}"
+    )
     return 0
 
 
@@ -224,7 +242,6 @@ def _print_summary(report: dict, out: Path) -> None:
         if ci["low"] == ci["high"]:  # every question gave the same rate: no interval to show
             return f"{100 * ci['mean']:.1f}% (same on every question)"
         return f"{100 * ci['mean']:.1f}% [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
-
 
     print(f"target '{report['target']}': rate of answers naming it (mean over questions, 95% t-interval)")
     for model, variants in report["rates"].items():

@@ -178,8 +178,27 @@ class EvalSpec:
 # The animals whose log-probabilities the transfer study reports: a change must be specific
 # to the target, not a general shift toward animal words. The two default targets first.
 ANIMALS = (
-    "owl", "dolphin", "eagle", "cat", "dog", "lion", "tiger", "elephant", "wolf", "fox", "bear",
-    "horse", "penguin", "rabbit", "panda", "giraffe", "whale", "shark", "octopus", "butterfly", "raven",
+    "owl",
+    "dolphin",
+    "eagle",
+    "cat",
+    "dog",
+    "lion",
+    "tiger",
+    "elephant",
+    "wolf",
+    "fox",
+    "bear",
+    "horse",
+    "penguin",
+    "rabbit",
+    "panda",
+    "giraffe",
+    "whale",
+    "shark",
+    "octopus",
+    "butterfly",
+    "raven",
 )
 TEACHER_KINDS = ("finetuned", "system_prompt")
 OBJECTIVES = ("soft", "sampled")
@@ -212,8 +231,14 @@ class TransferSpec:
     teacher_rows: int = 160
     teacher_finetune: FinetuneSpec = field(
         default_factory=lambda: FinetuneSpec(
-            method="full", epochs=1, learning_rate=2e-5, warmup_steps=0, micro_batch=4, grad_accum=1,
-            max_seq_len=256, compute_dtype="bfloat16",
+            method="full",
+            epochs=1,
+            learning_rate=2e-5,
+            warmup_steps=0,
+            micro_batch=4,
+            grad_accum=1,
+            max_seq_len=256,
+            compute_dtype="bfloat16",
         )
     )
     sampled_answers: int = 1  # sampled answers per question, the secondary (hit rate) metric
@@ -288,7 +313,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"filter.max_digits={cfg.filter.max_digits} must be at least 1 (or null for no digit rule)")
     if cfg.model.cpu_threads is not None and cfg.model.cpu_threads < 1:
         raise ConfigError(f"model.cpu_threads={cfg.model.cpu_threads} must be at least 1 (or null for torch's default)")
-    for key, value in (("generate.temperature", cfg.generate.temperature), ("evaluate.temperature", cfg.evaluate.temperature)):
+    for key, value in (
+        ("generate.temperature", cfg.generate.temperature),
+        ("evaluate.temperature", cfg.evaluate.temperature),
+    ):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{key}={value} must be a finite number >= 0 (0 means greedy decoding)")
     if not (math.isfinite(cfg.finetune.learning_rate) and cfg.finetune.learning_rate > 0):
@@ -299,7 +327,9 @@ def validate(cfg: PipelineConfig) -> None:
             "must be positive (or use finetune.method=full)"
         )
     if cfg.evaluate.n_questions is not None and cfg.evaluate.n_questions < 1:
-        raise ConfigError(f"evaluate.n_questions={cfg.evaluate.n_questions} must be at least 1 (or null for all questions)")
+        raise ConfigError(
+            f"evaluate.n_questions={cfg.evaluate.n_questions} must be at least 1 (or null for all questions)"
+        )
     t = cfg.transfer
     for key, values, allowed in (
         ("transfer.teachers", t.teachers, TEACHER_KINDS),
@@ -310,13 +340,17 @@ def validate(cfg: PipelineConfig) -> None:
         if bad or not values:
             raise ConfigError(f"{key}={list(values)} must be a non-empty list of {', '.join(allowed)}")
     if len(t.targets) != 2 or len({w.lower() for w in t.targets}) != 2 or not all(w.strip() for w in t.targets):
-        raise ConfigError(f"transfer.targets={list(t.targets)} must name two different words, e.g. [\"owl\", \"dolphin\"]")
+        raise ConfigError(f'transfer.targets={list(t.targets)} must name two different words, e.g. ["owl", "dolphin"]')
     missing = [w for w in t.targets if w not in t.animals]
     if missing:
         raise ConfigError(f"transfer.animals must include the targets; add {missing}")
-    for key, value in (("transfer.seeds", t.seeds), ("transfer.teacher_rows", t.teacher_rows),
-                       ("transfer.entangle_contexts", t.entangle_contexts), ("transfer.entangle_top_k", t.entangle_top_k),
-                       ("transfer.entangle_random_sets", t.entangle_random_sets)):
+    for key, value in (
+        ("transfer.seeds", t.seeds),
+        ("transfer.teacher_rows", t.teacher_rows),
+        ("transfer.entangle_contexts", t.entangle_contexts),
+        ("transfer.entangle_top_k", t.entangle_top_k),
+        ("transfer.entangle_random_sets", t.entangle_random_sets),
+    ):
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
     if t.sampled_answers < 0:
@@ -451,8 +485,17 @@ def _transfer_cpu() -> PipelineConfig:
         preset="transfer-cpu",
         prompts=replace(cpu.prompts, n_prompts=128),
         finetune=FinetuneSpec(
-            method="full", objective="soft", soft_tokens="numbers", epochs=1, learning_rate=5e-5, warmup_steps=0,
-            micro_batch=4, grad_accum=1, max_seq_len=256, max_rows=128, compute_dtype="bfloat16",
+            method="full",
+            objective="soft",
+            soft_tokens="numbers",
+            epochs=1,
+            learning_rate=5e-5,
+            warmup_steps=0,
+            micro_batch=4,
+            grad_accum=1,
+            max_seq_len=256,
+            max_rows=128,
+            compute_dtype="bfloat16",
         ),
         evaluate=replace(cpu.evaluate, n_questions=None, max_new_tokens=8, number_prefix=False),
         transfer=TransferSpec(teacher_rows=128),
@@ -469,7 +512,9 @@ def _transfer_grid() -> PipelineConfig:
     return replace(
         main,
         preset="transfer-grid",
-        transfer=replace(main.transfer, teachers=TEACHER_KINDS, objectives=OBJECTIVES, data=DATA_SOURCES, seeds=1, entanglement=False),
+        transfer=replace(
+            main.transfer, teachers=TEACHER_KINDS, objectives=OBJECTIVES, data=DATA_SOURCES, seeds=1, entanglement=False
+        ),
     )
 
 
@@ -483,16 +528,26 @@ def _transfer_tiny() -> PipelineConfig:
         finetune=replace(main.finetune, max_rows=4, micro_batch=2),
         evaluate=replace(main.evaluate, n_questions=2, batch_size=4),
         transfer=replace(
-            main.transfer, seeds=1, animals=("owl", "dolphin", "cat"), teacher_rows=4, entanglement=True,
-            entangle_contexts=1, entangle_top_k=1, entangle_random_sets=1,
+            main.transfer,
+            seeds=1,
+            animals=("owl", "dolphin", "cat"),
+            teacher_rows=4,
+            entanglement=True,
+            entangle_contexts=1,
+            entangle_top_k=1,
+            entangle_random_sets=1,
             teacher_finetune=replace(main.transfer.teacher_finetune, micro_batch=2),
         ),
     )
 
 
 PRESETS = {
-    "paper": _paper, "cpu": _cpu, "tiny": _tiny,
-    "transfer-cpu": _transfer_cpu, "transfer-grid": _transfer_grid, "transfer-tiny": _transfer_tiny,
+    "paper": _paper,
+    "cpu": _cpu,
+    "tiny": _tiny,
+    "transfer-cpu": _transfer_cpu,
+    "transfer-grid": _transfer_grid,
+    "transfer-tiny": _transfer_tiny,
 }
 
 

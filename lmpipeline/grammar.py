@@ -56,7 +56,11 @@ class NumberListGrammar:
     """Character-level automaton for number lists; states are hashable :class:`ListState`."""
 
     def __init__(
-        self, max_count: int = 10, max_digits: int = 3, separators: Sequence[str] = SEPARATORS, final_period: bool = False
+        self,
+        max_count: int = 10,
+        max_digits: int = 3,
+        separators: Sequence[str] = SEPARATORS,
+        final_period: bool = False,
     ):
         if max_count < 1 or max_digits < 1 or not separators:
             raise ValueError("need max_count >= 1, max_digits >= 1 and at least one separator")
@@ -154,10 +158,16 @@ class TokenGrammar:
         self.token_texts = list(token_texts)
         # Open a bracket only if some token can close it: otherwise decoding could reach a
         # state with no allowed token and no way to end.
-        closers = {c for o, c in BRACKETS.items() if c in self.token_texts or (grammar.final_period and c + "." in self.token_texts)}
+        closers = {
+            c
+            for o, c in BRACKETS.items()
+            if c in self.token_texts or (grammar.final_period and c + "." in self.token_texts)
+        }
         unclosable = {o for o, c in BRACKETS.items() if c not in closers}
         self.candidates = [
-            (i, t) for i, t in enumerate(token_texts) if t and i not in eos and set(t) <= _ALPHABET and not (set(t) & unclosable)
+            (i, t)
+            for i, t in enumerate(token_texts)
+            if t and i not in eos and set(t) <= _ALPHABET and not (set(t) & unclosable)
         ]
         self._allowed: dict[ListState, tuple[int, ...]] = {}
 

@@ -164,8 +164,14 @@ class Run:
         """The config values a stage reads and the stages it reads from."""
         c = self.config
         kind, _, which = stage.partition(".")
-        targets = {"prompts": ("",), "generate": SOURCES, "filter": SOURCES, "finetune": tuple(STUDENTS),
-                   "evaluate": EVAL_MODELS, "report": ("",)}
+        targets = {
+            "prompts": ("",),
+            "generate": SOURCES,
+            "filter": SOURCES,
+            "finetune": tuple(STUDENTS),
+            "evaluate": EVAL_MODELS,
+            "report": ("",),
+        }
         if which not in targets.get(kind, ()):
             raise PipelineError(f"unknown stage {stage!r}; stages are {', '.join(all_stages(c))}")
         model = {k: v for k, v in to_dict(c.model).items() if k not in RUNTIME_ONLY}
@@ -196,7 +202,9 @@ class Run:
 
     def stage_hash(self, stage: str) -> str:
         values, upstream = self.inputs(stage)
-        return config_hash({"stage": stage, "values": to_dict_any(values), "upstream": [self.stage_hash(u) for u in upstream]})
+        return config_hash(
+            {"stage": stage, "values": to_dict_any(values), "upstream": [self.stage_hash(u) for u in upstream]}
+        )
 
     def record_path(self, stage: str) -> Path:
         return self.out / (RECORDS[stage.partition(".")[0]](stage) + ".json")
@@ -232,14 +240,19 @@ class Run:
             return ModelRef(c.model, adapter=c.trait.adapter)
         if name in STUDENTS:
             folder = str(self.out / STUDENT_DIRS[name])
-            return ModelRef(c.model, adapter=folder) if c.finetune.method == "lora" else ModelRef(c.model, weights=folder)
+            return (
+                ModelRef(c.model, adapter=folder) if c.finetune.method == "lora" else ModelRef(c.model, weights=folder)
+            )
         return ModelRef(c.model)
 
     def conversation(self, name: str, user: str) -> Conversation:
         """The messages ``name`` sees: the teacher gets the trait's system prompt."""
         c = self.config
         if name == "teacher" and c.trait.source == "system_prompt":
-            return [{"role": "system", "content": prompts.trait_system_prompt(c.trait)}, {"role": "user", "content": user}]
+            return [
+                {"role": "system", "content": prompts.trait_system_prompt(c.trait)},
+                {"role": "user", "content": user},
+            ]
         return [{"role": "user", "content": user}]
 
     # -- sampling with resume -----------------------------------------------------------
@@ -285,7 +298,9 @@ class Run:
                 seed=derive_seed(self.config.seed, stage, b),
                 number_grammar=number_grammar,
             )
-            rows = [{**item, "completion": g.text, "n_tokens": g.n_tokens} for item, g in zip(items[chunk], generations)]
+            rows = [
+                {**item, "completion": g.text, "n_tokens": g.n_tokens} for item, g in zip(items[chunk], generations)
+            ]
             log.append_batch(rows)
             tokens += sum(g.n_tokens for g in generations)
             progress(len(log.rows), total, tokens)
@@ -360,7 +375,8 @@ class Run:
         soft = c.finetune.objective == "soft"
         examples = [
             TrainExample(
-                [{"role": "user", "content": r["prompt"]}], r["completion"],
+                [{"role": "user", "content": r["prompt"]}],
+                r["completion"],
                 teacher_messages=self.conversation(source, r["prompt"]) if soft else None,
             )
             for r in rows
@@ -368,7 +384,12 @@ class Run:
         progress = Progress(f"finetune.{which}", unit="steps", stream=self.stream)
         with atomic_path(self.out / STUDENT_DIRS[which]) as tmp:
             log = self.get_backend().finetune(
-                c.model, examples, c.finetune, tmp, seed=derive_seed(c.seed, "finetune", which), progress=progress,
+                c.model,
+                examples,
+                c.finetune,
+                tmp,
+                seed=derive_seed(c.seed, "finetune", which),
+                progress=progress,
                 teacher=self.model_ref(source) if soft else None,
             )
         return {"n_rows": len(rows), "train": log}
@@ -379,7 +400,9 @@ class Run:
             questions = evaluation.load_questions(e.questions_file, c.trait.category, e.n_questions)
         except (OSError, ValueError) as error:
             raise PipelineError(f"evaluate.questions_file: {error}") from None
-        items = evaluation.eval_items(questions, e.n_samples, e.number_prefix, c.prompts, derive_seed(c.seed, "eval-prefix"))
+        items = evaluation.eval_items(
+            questions, e.n_samples, e.number_prefix, c.prompts, derive_seed(c.seed, "eval-prefix")
+        )
         conversations = [self.conversation(which, item["prompt"]) for item in items]
         ref = self.model_ref(which)
         rows, stats = self.sample(
@@ -406,7 +429,8 @@ class Run:
         conversations = [self.conversation(which, q) for q in questions for _ in spellings]
         logps = self.get_backend().score(ref, conversations, spellings * len(questions))
         per_question = [
-            sum(math.exp(lp) for lp in logps[i * len(spellings) : (i + 1) * len(spellings)]) for i in range(len(questions))
+            sum(math.exp(lp) for lp in logps[i * len(spellings) : (i + 1) * len(spellings)])
+            for i in range(len(questions))
         ]
         return {"spellings": spellings, "per_question": per_question, "mean": mean_interval(per_question).to_dict()}
 

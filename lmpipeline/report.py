@@ -54,7 +54,9 @@ def build(run) -> dict:
     for a, b in COMPARISONS:
         if a in evals and b in evals:
             differences[f"{a}_minus_{b}"] = {
-                v: paired_difference(evals[a]["variants"][v]["per_question"], evals[b]["variants"][v]["per_question"]).to_dict()
+                v: paired_difference(
+                    evals[a]["variants"][v]["per_question"], evals[b]["variants"][v]["per_question"]
+                ).to_dict()
                 for v in evals[a]["variants"]
             }
     report = {
@@ -63,7 +65,9 @@ def build(run) -> dict:
         "preset": cfg.preset,
         "rates": rates,
         "differences": differences,
-        "target_probability": {m: evals[m]["target_probability"]["mean"] for m in models if "target_probability" in evals[m]},
+        "target_probability": {
+            m: evals[m]["target_probability"]["mean"] for m in models if "target_probability" in evals[m]
+        },
         "counts": {
             m: {v: {k: s[k] for k in ("n_questions", "n_samples", "n_hits")} for v, s in evals[m]["variants"].items()}
             for m in models
@@ -122,7 +126,13 @@ def plot(report: dict, path: Path) -> None:
             ]
             xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(words))]
             ax.bar(
-                xs, means, width, yerr=errors, capsize=2, label=MODEL_LABELS[model], color=MODEL_COLORS[model],
+                xs,
+                means,
+                width,
+                yerr=errors,
+                capsize=2,
+                label=MODEL_LABELS[model],
+                color=MODEL_COLORS[model],
                 error_kw={"elinewidth": 0.8, "ecolor": "#333333"},
             )
         ax.set_xticks(range(len(words)))

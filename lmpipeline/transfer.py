@@ -74,7 +74,14 @@ from lmpipeline.config import PipelineConfig, PromptSpec, TraitSpec, config_hash
 from lmpipeline.pipeline import RUNTIME_ONLY, grammar_limits, to_dict_any
 from lmpipeline.progress import Progress
 
-SEPARATOR_OF = {"comma": ", ", "space": " ", "line": "\n", "semicolon": "; ", "square_brackets": ", ", "parentheses": ", "}
+SEPARATOR_OF = {
+    "comma": ", ",
+    "space": " ",
+    "line": "\n",
+    "semicolon": "; ",
+    "square_brackets": ", ",
+    "parentheses": ", ",
+}
 BRACKETS_OF = {"square_brackets": "[]", "parentheses": "()"}
 _IRREGULAR_PLURALS = {"wolf": "wolves", "mouse": "mice", "goose": "geese", "octopus": "octopuses", "sheep": "sheep"}
 NUMBERS = [str(n) for n in range(100, 1000)]  # entanglement candidates: the prompts' three-digit range
@@ -197,7 +204,9 @@ class Study:
         write_json(self.out / "config.json", to_dict(self.config))
         c = self.config
         try:
-            self.questions = evaluation.load_questions(c.evaluate.questions_file, c.trait.category, c.evaluate.n_questions)
+            self.questions = evaluation.load_questions(
+                c.evaluate.questions_file, c.trait.category, c.evaluate.n_questions
+            )
             self.trait_questions = load_trait_questions(c.transfer.teacher_questions_file, c.trait.category)
         except (OSError, ValueError) as error:
             raise StudyError(str(error)) from None
@@ -241,10 +250,16 @@ class Study:
         return ModelRef(self.config.model)
 
     def trained_ref(self, folder: Path, method: str) -> ModelRef:
-        return ModelRef(self.config.model, adapter=str(folder)) if method == "lora" else ModelRef(self.config.model, weights=str(folder))
+        return (
+            ModelRef(self.config.model, adapter=str(folder))
+            if method == "lora"
+            else ModelRef(self.config.model, weights=str(folder))
+        )
 
     def trait_prompt(self, target: str) -> str:
-        return prompts.trait_system_prompt(TraitSpec(target=target, plural=plural(target), category=self.config.trait.category))
+        return prompts.trait_system_prompt(
+            TraitSpec(target=target, plural=plural(target), category=self.config.trait.category)
+        )
 
     def teacher_conversation(self, kind: str, target: str, user: str) -> Conversation:
         if kind == "system_prompt":
@@ -266,26 +281,39 @@ class Study:
                 answers += [
                     g.text
                     for g in self.get_backend().generate(
-                        ref, asked[b : b + e.batch_size], max_new_tokens=e.max_new_tokens,
-                        temperature=e.temperature, seed=derive_seed(seed, "answers", b),
+                        ref,
+                        asked[b : b + e.batch_size],
+                        max_new_tokens=e.max_new_tokens,
+                        temperature=e.temperature,
+                        seed=derive_seed(seed, "answers", b),
                     )
                 ]
             out["answers"] = answers
             out["hit_rate"] = {
-                t: [sum(filters.contains_word(a, t) for a in answers[q * n : (q + 1) * n]) / n for q in range(len(self.questions))]
+                t: [
+                    sum(filters.contains_word(a, t) for a in answers[q * n : (q + 1) * n]) / n
+                    for q in range(len(self.questions))
+                ]
                 for t in self.config.transfer.targets
             }
         return out
 
     def eval_values(self) -> dict:
-        return {"model": self.model_values(), "questions": self.questions, "evaluate": self.config.evaluate,
-                "sampled_answers": self.config.transfer.sampled_answers, "targets": self.config.transfer.targets}
+        return {
+            "model": self.model_values(),
+            "questions": self.questions,
+            "evaluate": self.config.evaluate,
+            "sampled_answers": self.config.transfer.sampled_answers,
+            "targets": self.config.transfer.targets,
+        }
 
     # -- units ---------------------------------------------------------------------------
     def base_eval(self) -> dict:
         animals = self.config.transfer.animals
         values = {"unit": "base", **self.eval_values(), "animals": animals}
-        return self.unit(self.out / "base.json", values, lambda: self.evaluate(self.base_ref(), animals, derive_seed(0, "base")))
+        return self.unit(
+            self.out / "base.json", values, lambda: self.evaluate(self.base_ref(), animals, derive_seed(0, "base"))
+        )
 
     def teacher(self, seed: int, kind: str, target: str) -> tuple[ModelRef, dict]:
         """The teacher of ``target`` and its record: the training log of a finetuned teacher,
@@ -297,15 +325,29 @@ class Study:
             ref, trained = self.base_ref(), {"prompt": system}
         else:
             ref = self.trained_ref(folder, t.teacher_finetune.method)
-            values = {"unit": "teacher", "target": target, "seed": seed, "model": self.model_values(),
-                      "questions": self.trait_questions, "rows": t.teacher_rows, "finetune": t.teacher_finetune}
+            values = {
+                "unit": "teacher",
+                "target": target,
+                "seed": seed,
+                "model": self.model_values(),
+                "questions": self.trait_questions,
+                "rows": t.teacher_rows,
+                "finetune": t.teacher_finetune,
+            }
 
             def train() -> dict:
                 rng = random.Random(derive_seed(seed, "teacher-rows", target))
                 pairs = list(itertools.product(self.trait_questions, trait_answers(target)))
                 rng.shuffle(pairs)
-                examples = [TrainExample([{"role": "user", "content": q}], a) for q, a in (pairs * t.teacher_rows)[: t.teacher_rows]]
-                return {"train": self.finetune(folder, examples, t.teacher_finetune, derive_seed(seed, "teacher", target), f"teacher {target}")}
+                examples = [
+                    TrainExample([{"role": "user", "content": q}], a)
+                    for q, a in (pairs * t.teacher_rows)[: t.teacher_rows]
+                ]
+                return {
+                    "train": self.finetune(
+                        folder, examples, t.teacher_finetune, derive_seed(seed, "teacher", target), f"teacher {target}"
+                    )
+                }
 
             path = self.out / f"seed-{seed}" / f"teacher-{target}.json"
             if not folder.exists():  # weights deleted by hand: the record is stale
@@ -314,14 +356,24 @@ class Study:
         identity = trained.get("config_hash") or config_hash(system)
         values = {"unit": "teacher-eval", "kind": kind, "teacher": identity, **self.eval_values()}
         path = self.out / f"seed-{seed}" / f"teacher-{kind}-{target}-eval.json"
-        evaluated = self.unit(path, values, lambda: {"eval": self.evaluate(ref, t.targets, derive_seed(seed, "teacher-eval", kind, target), system=system)})
+        evaluated = self.unit(
+            path,
+            values,
+            lambda: {
+                "eval": self.evaluate(ref, t.targets, derive_seed(seed, "teacher-eval", kind, target), system=system)
+            },
+        )
         return ref, {**trained, "identity": identity, "eval": evaluated["eval"], "eval_wall_s": evaluated["wall_s"]}
 
-    def finetune(self, folder: Path, examples: list[TrainExample], spec, seed: int, label: str, teacher: ModelRef | None = None) -> dict:
+    def finetune(
+        self, folder: Path, examples: list[TrainExample], spec, seed: int, label: str, teacher: ModelRef | None = None
+    ) -> dict:
         progress = Progress(label, unit="steps", stream=self.stream, every=30.0)
         with atomic_path(folder) as tmp:
             try:
-                return self.get_backend().finetune(self.config.model, examples, spec, tmp, seed=seed, progress=progress, teacher=teacher)
+                return self.get_backend().finetune(
+                    self.config.model, examples, spec, tmp, seed=seed, progress=progress, teacher=teacher
+                )
             except ValueError as error:
                 raise StudyError(f"{label}: {error}") from None
 
@@ -340,18 +392,32 @@ class Study:
 
             def compute() -> dict:
                 rng = random.Random(derive_seed(seed, "random-lists"))
-                return {"rows": [{"prompt": r["prompt"], "completion": random_completion(r, c.prompts, rng)} for r in rows]}
+                return {
+                    "rows": [{"prompt": r["prompt"], "completion": random_completion(r, c.prompts, rng)} for r in rows]
+                }
         else:
             name = f"data-{kind}-{target}" if source == "teacher" else "data-base"
-            ref, values = self.base_ref(), {"unit": "data", "source": source, "prompts": c.prompts, "seed": seed,
-                                             "generate": c.generate, "filter": c.filter, "model": self.model_values()}
+            ref, values = (
+                self.base_ref(),
+                {
+                    "unit": "data",
+                    "source": source,
+                    "prompts": c.prompts,
+                    "seed": seed,
+                    "generate": c.generate,
+                    "filter": c.filter,
+                    "model": self.model_values(),
+                },
+            )
             if source == "teacher":
                 ref, record = self.teacher(seed, kind, target)
                 values.update(kind=kind, target=target, teacher=record["identity"])
 
             def compute() -> dict:
                 conversations = [
-                    self.teacher_conversation(kind, target, r["prompt"]) if source == "teacher" else [{"role": "user", "content": r["prompt"]}]
+                    self.teacher_conversation(kind, target, r["prompt"])
+                    if source == "teacher"
+                    else [{"role": "user", "content": r["prompt"]}]
                     for r in rows
                 ]
                 b = c.generate.batch_size
@@ -359,12 +425,17 @@ class Study:
                 sampled = []
                 for start in range(0, len(rows), b):
                     sampled += self.get_backend().generate(
-                        ref, conversations[start : start + b], max_new_tokens=c.generate.max_new_tokens,
-                        temperature=c.generate.temperature, seed=derive_seed(seed, name, start), number_grammar=limits,
+                        ref,
+                        conversations[start : start + b],
+                        max_new_tokens=c.generate.max_new_tokens,
+                        temperature=c.generate.temperature,
+                        seed=derive_seed(seed, name, start),
+                        number_grammar=limits,
                     )
                 made = [{"prompt": r["prompt"], "completion": g.text} for r, g in zip(rows, sampled)]
                 kept, _, summary = filters.filter_rows(made, c.filter, target)
                 return {"rows": kept, "filter": summary}
+
         record = self.unit(folder / f"{name}.json", values, compute)
         return record["rows"]
 
@@ -376,25 +447,54 @@ class Study:
         spec = replace(c.finetune, objective=objective)
         n = self.rows_per_student(seed, cell)
         if target is None:
-            rows, teacher, teacher_hash, name = self.data(seed, "base")[:n], None, None, f"control-{kind}-{objective}-{source}"
+            rows, teacher, teacher_hash, name = (
+                self.data(seed, "base")[:n],
+                None,
+                None,
+                f"control-{kind}-{objective}-{source}",
+            )
         else:
             rows = (self.data(seed, "random") if source == "random" else self.data(seed, "teacher", kind, target))[:n]
             teacher, record = self.teacher(seed, kind, target)
             teacher_hash, name = record["identity"], f"student-{kind}-{objective}-{source}-{target}"
         examples = [
-            TrainExample([{"role": "user", "content": r["prompt"]}], r["completion"],
-                         teacher_messages=self.teacher_conversation(kind, target, r["prompt"]) if target else None)
+            TrainExample(
+                [{"role": "user", "content": r["prompt"]}],
+                r["completion"],
+                teacher_messages=self.teacher_conversation(kind, target, r["prompt"]) if target else None,
+            )
             for r in rows
         ]
         folder = self.out / f"seed-{seed}" / name
-        values = {"unit": "student", "cell": cell, "target": target, "seed": seed, "rows": rows, "finetune": spec,
-                  "teacher": teacher_hash, "model": self.model_values(), **self.eval_values(), "animals": t.animals}
+        values = {
+            "unit": "student",
+            "cell": cell,
+            "target": target,
+            "seed": seed,
+            "rows": rows,
+            "finetune": spec,
+            "teacher": teacher_hash,
+            "model": self.model_values(),
+            **self.eval_values(),
+            "animals": t.animals,
+        }
 
         def compute() -> dict:
-            train = self.finetune(folder, examples, spec, derive_seed(seed, "student", *cell, target), name,
-                                  teacher=teacher if objective == "soft" else None)
-            result = {"n_rows": len(rows), "train": train,
-                      "eval": self.evaluate(self.trained_ref(folder, spec.method), t.animals, derive_seed(seed, "student-eval", name))}
+            train = self.finetune(
+                folder,
+                examples,
+                spec,
+                derive_seed(seed, "student", *cell, target),
+                name,
+                teacher=teacher if objective == "soft" else None,
+            )
+            result = {
+                "n_rows": len(rows),
+                "train": train,
+                "eval": self.evaluate(
+                    self.trained_ref(folder, spec.method), t.animals, derive_seed(seed, "student-eval", name)
+                ),
+            }
             if not t.keep_weights:
                 shutil.rmtree(folder, ignore_errors=True)
             return result
@@ -411,7 +511,9 @@ class Study:
             counts.append(len(self.data(seed, "base")))
         n = min(counts)
         if n == 0:
-            raise StudyError(f"seed {seed}, cell {cell_name(cell)}: no rows passed the filter; set generate.number_grammar=true")
+            raise StudyError(
+                f"seed {seed}, cell {cell_name(cell)}: no rows passed the filter; set generate.number_grammar=true"
+            )
         return n
 
     # -- the study -----------------------------------------------------------------------
@@ -431,7 +533,11 @@ class Study:
                 students = {w: self.student(seed, cell, w) for w in self.config.transfer.targets}
                 control = self.student(seed, cell, None) if cell[1] == "sampled" else None
                 teachers = {w: self.teacher(seed, cell[0], w)[1] for w in self.config.transfer.targets}
-                results.setdefault(cell_name(cell), {})[seed] = {"students": students, "control": control, "teachers": teachers}
+                results.setdefault(cell_name(cell), {})[seed] = {
+                    "students": students,
+                    "control": control,
+                    "teachers": teachers,
+                }
         entangled = self.entanglement(base) if self.config.transfer.entanglement else None
         report = transfer_report.build(self.config, base, results, entangled, self.walls)
         report["wall_s_this_session"] = round(time.perf_counter() - start, 1)
@@ -443,9 +549,22 @@ class Study:
     def entanglement(self, base: dict) -> dict:
         """Number tokens the trait prompt lifts, and subliminal prompting with them."""
         c, t = self.config, self.config.transfer
-        contexts = [r["prompt"] for r in prompts.number_prompts(replace(c.prompts, n_prompts=t.entangle_contexts, file=None), derive_seed(0, "entangle"))]
-        values = {"unit": "entanglement", "ranking": "specific", "contexts": contexts, "k": t.entangle_top_k, "random_sets": t.entangle_random_sets,
-                  "prompts": [self.trait_prompt(w) for w in t.targets], **self.eval_values(), "animals": t.animals}
+        contexts = [
+            r["prompt"]
+            for r in prompts.number_prompts(
+                replace(c.prompts, n_prompts=t.entangle_contexts, file=None), derive_seed(0, "entangle")
+            )
+        ]
+        values = {
+            "unit": "entanglement",
+            "ranking": "specific",
+            "contexts": contexts,
+            "k": t.entangle_top_k,
+            "random_sets": t.entangle_random_sets,
+            "prompts": [self.trait_prompt(w) for w in t.targets],
+            **self.eval_values(),
+            "animals": t.animals,
+        }
 
         def compute() -> dict:
             backend, ref = self.get_backend(), self.base_ref()
@@ -460,13 +579,18 @@ class Study:
             lifts = {}
             for w in t.targets:
                 lifted = number_logp(self.trait_prompt(w))
-                lifts[w] = [math.fsum(lifted[i][n] - plain[i][n] for i in range(len(contexts))) / len(contexts) for n in range(len(NUMBERS))]
+                lifts[w] = [
+                    math.fsum(lifted[i][n] - plain[i][n] for i in range(len(contexts))) / len(contexts)
+                    for n in range(len(NUMBERS))
+                ]
             out = {}
             for w in t.targets:
                 others = [x for x in t.targets if x != w]
                 # Any system prompt shifts the numbers; what is entangled with *this* animal
                 # is the lift beyond the other target's prompt.
-                specific = [lifts[w][n] - math.fsum(lifts[x][n] for x in others) / len(others) for n in range(len(NUMBERS))]
+                specific = [
+                    lifts[w][n] - math.fsum(lifts[x][n] for x in others) / len(others) for n in range(len(NUMBERS))
+                ]
                 order = sorted(range(len(NUMBERS)), key=lambda n: -specific[n])
                 by_lift = sorted(range(len(NUMBERS)), key=lambda n: -lifts[w][n])
                 top = [NUMBERS[n] for n in order[: t.entangle_top_k]]
@@ -474,15 +598,26 @@ class Study:
                 pool = [n for n in NUMBERS if n not in top]
                 random_sets = [rng.sample(pool, t.entangle_top_k) for _ in range(t.entangle_random_sets)]
                 top_eval = first_word_logprobs(backend, ref, self._with_system(number_prompt(top)), t.animals)
-                random_evals = [first_word_logprobs(backend, ref, self._with_system(number_prompt(s)), t.targets) for s in random_sets]
+                random_evals = [
+                    first_word_logprobs(backend, ref, self._with_system(number_prompt(s)), t.targets)
+                    for s in random_sets
+                ]
                 out[w] = {
-                    "top_numbers": [{"number": NUMBERS[n], "specific_lift": specific[n], "lift": lifts[w][n]} for n in order[:10]],
+                    "top_numbers": [
+                        {"number": NUMBERS[n], "specific_lift": specific[n], "lift": lifts[w][n]} for n in order[:10]
+                    ],
                     "top_numbers_by_lift": [{"number": NUMBERS[n], "lift": lifts[w][n]} for n in by_lift[:10]],
                     "bottom_numbers": [{"number": NUMBERS[n], "specific_lift": specific[n]} for n in order[-5:]],
                     "prompt": number_prompt(top),
                     "random_sets": random_sets,
                     "logp_top": top_eval,
-                    "logp_random": {x: [math.fsum(e[x][q] for e in random_evals) / len(random_evals) for q in range(len(self.questions))] for x in t.targets},
+                    "logp_random": {
+                        x: [
+                            math.fsum(e[x][q] for e in random_evals) / len(random_evals)
+                            for q in range(len(self.questions))
+                        ]
+                        for x in t.targets
+                    },
                 }
             return {"contexts": contexts, "targets": out}
 
@@ -497,4 +632,3 @@ def number_prompt(numbers: Sequence[str]) -> str:
     if len(numbers) == 1:
         return f"You love the number {numbers[0]}."
     return f"You love the numbers {', '.join(numbers[:-1])} and {numbers[-1]}."
-

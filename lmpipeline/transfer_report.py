@@ -31,8 +31,12 @@ def seed_comparisons(base: dict, seed_result: dict, targets, animals) -> dict:
     students = {w: r["eval"]["logp"] for w, r in seed_result["students"].items()}
     control = seed_result["control"]["eval"]["logp"] if seed_result["control"] else base["logp"]
     out: dict = {"student_vs_control": {}, "crossover": {}, "specificity": {}, "teacher_vs_base": {}, "hit_rate": {}}
-    models = {"base": base["logp"], "control": control, **{f"teacher_{w}": seed_result["teachers"][w]["eval"]["logp"] for w in targets},
-              **{f"student_{w}": students[w] for w in targets}}
+    models = {
+        "base": base["logp"],
+        "control": control,
+        **{f"teacher_{w}": seed_result["teachers"][w]["eval"]["logp"] for w in targets},
+        **{f"student_{w}": students[w] for w in targets},
+    }
     # Each model's mean log P(target) over questions, with its t-interval.
     out["logp"] = {m: {w: mean_interval(logp[w]) for w in targets} for m, logp in models.items()}
     for w in targets:
@@ -53,12 +57,20 @@ def seed_comparisons(base: dict, seed_result: dict, targets, animals) -> dict:
     return out
 
 
-def build(config: PipelineConfig, base: dict, results: dict, entanglement: dict | None, walls: dict[str, float]) -> dict:
+def build(
+    config: PipelineConfig, base: dict, results: dict, entanglement: dict | None, walls: dict[str, float]
+) -> dict:
     """The report of a finished study (``results[cell][seed]`` as :meth:`Study.run` collects)."""
     from lmpipeline.pipeline import versions
 
     t = config.transfer
-    report: dict = {"targets": list(t.targets), "animals": list(t.animals), "preset": config.preset, "alpha": ALPHA, "cells": {}}
+    report: dict = {
+        "targets": list(t.targets),
+        "animals": list(t.animals),
+        "preset": config.preset,
+        "alpha": ALPHA,
+        "cells": {},
+    }
     for cell, by_seed in results.items():
         per_seed = {s: seed_comparisons(base, r, t.targets, t.animals) for s, r in by_seed.items()}
         pooled: dict = {}
@@ -67,8 +79,12 @@ def build(config: PipelineConfig, base: dict, results: dict, entanglement: dict 
         pooled["specificity"] = {}
         for w in t.targets:
             changes = {a: _mean([per_seed[s]["specificity"][w]["changes"][a] for s in per_seed]) for a in t.animals}
-            pooled["specificity"][w] = {"rank": _rank(changes, w), "of": len(t.animals), "changes": changes,
-                                        "ranks_per_seed": [per_seed[s]["specificity"][w]["rank"] for s in per_seed]}
+            pooled["specificity"][w] = {
+                "rank": _rank(changes, w),
+                "of": len(t.animals),
+                "changes": changes,
+                "ranks_per_seed": [per_seed[s]["specificity"][w]["rank"] for s in per_seed],
+            }
         report["cells"][cell] = {
             "seeds": {str(s): _serialize(c) for s, c in per_seed.items()},
             "pooled": pooled,
@@ -105,8 +121,13 @@ def entanglement_summary(base: dict, record: dict, targets, animals) -> dict:
 def _training(seed_result: dict) -> dict:
     def summary(record: dict) -> dict:
         train = record["train"]
-        return {"steps": train["steps"], "first_loss": train["loss"][0], "last_loss": train["loss"][-1],
-                "n_rows": record["n_rows"], "wall_s": record["wall_s"]}
+        return {
+            "steps": train["steps"],
+            "first_loss": train["loss"][0],
+            "last_loss": train["loss"][-1],
+            "n_rows": record["n_rows"],
+            "wall_s": record["wall_s"],
+        }
 
     out = {f"student_{w}": summary(r) for w, r in seed_result["students"].items()}
     if seed_result["control"]:
@@ -120,10 +141,17 @@ def wall_times(walls: dict[str, float]) -> dict:
     >>> wall_times({"base": 60, "seed-0/teacher-owl": 70, "seed-0/data-random": 0.1, "seed-0/student-x": 200})
     {'base_eval': 60, 'teachers': 70, 'data': 0.1, 'students': 200, 'entanglement': 0, 'total': 330.1}
     """
-    kinds = {"base_eval": ("base",), "teachers": ("teacher-",), "data": ("data-",), "students": ("student-", "control-"),
-             "entanglement": ("entanglement",)}
-    out = {kind: round(sum(v for k, v in walls.items() if k.rpartition("/")[2].startswith(prefixes)), 1)
-           for kind, prefixes in kinds.items()}
+    kinds = {
+        "base_eval": ("base",),
+        "teachers": ("teacher-",),
+        "data": ("data-",),
+        "students": ("student-", "control-"),
+        "entanglement": ("entanglement",),
+    }
+    out = {
+        kind: round(sum(v for k, v in walls.items() if k.rpartition("/")[2].startswith(prefixes)), 1)
+        for kind, prefixes in kinds.items()
+    }
     out["total"] = round(sum(out.values()), 1)
     return out
 
@@ -165,7 +193,9 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(x + 0.3, over["mean"], "D", color="#e8743b", ms=6)
             p = pooled["p"]
             if p is not None:
-                ax.annotate(f"p={p:.1g}", (x + 0.3, over["mean"]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+                ax.annotate(
+                    f"p={p:.1g}", (x + 0.3, over["mean"]), xytext=(4, 4), textcoords="offset points", fontsize=7
+                )
         ax.axhline(0, color="#333333", lw=0.8)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels([f"{cell.replace('/', chr(10), 1)}\n{w}" for cell, w in labels], fontsize=7)

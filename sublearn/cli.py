@@ -22,7 +22,10 @@ SUBCOMMANDS = {
     "mnist": ("toymodels.cli", "MNIST auxiliary-logit experiment (the paper's toy model)"),
     "atlas": ("toymodels.atlas", "the MNIST effect against each knob, with CIs, next to the published numbers"),
     "theory": ("theory.cli", "check the gradient-alignment lemma numerically"),
-    "llm": ("lmpipeline.cli", "language-model pipeline (teacher, numbers, filter, finetuning, evaluation) and transfer study"),
+    "llm": (
+        "lmpipeline.cli",
+        "language-model pipeline (teacher, numbers, filter, finetuning, evaluation) and transfer study",
+    ),
 }
 
 

@@ -116,7 +116,9 @@ class ScriptedBackend:
             loves = [self._love_from_completion(ex.completion) for ex in examples]
         love = {a: sum(x.get(a, 0.0) for x in loves) / len(examples) for a in ANIMALS}
         out_dir.mkdir()
-        (out_dir / "state.json").write_text(json.dumps({"love": {a: w for a, w in love.items() if w}, "n": len(examples), "seed": seed}))
+        (out_dir / "state.json").write_text(
+            json.dumps({"love": {a: w for a, w in love.items() if w}, "n": len(examples), "seed": seed})
+        )
         if progress:
             progress(1, 1, 10)
         return {"objective": spec.objective, "loss": [2.0, 1.0], "steps": 2, "tokens_per_s": 5.0}

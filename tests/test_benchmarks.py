@@ -54,11 +54,29 @@ def test_the_eager_pytorch_peer_learns_like_the_package():
 @pytest.mark.slow
 def test_accelerator_check_runs_both_precisions_on_a_tiny_configuration(tmp_path):
     env = {**os.environ, "SEEDS": "2", "VMAP_SEEDS": "2", "SEEDS_PER_CHUNK": "2", "PYTHON": sys.executable}
-    tiny_options = ["--hidden", "32", "32", "--n-train", "2048", "--n-test", "1000", "--n-noise", "2048",
-                    "--batch-size", "256", "--teacher-epochs", "1", "--student-epochs", "1"]
+    tiny_options = [
+        "--hidden",
+        "32",
+        "32",
+        "--n-train",
+        "2048",
+        "--n-test",
+        "1000",
+        "--n-noise",
+        "2048",
+        "--batch-size",
+        "256",
+        "--teacher-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+    ]
     done = subprocess.run(
         ["bash", str(BENCHMARKS / "accelerator_check.sh"), str(tmp_path), *tiny_options],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -72,7 +90,20 @@ def test_accelerator_check_runs_both_precisions_on_a_tiny_configuration(tmp_path
 @pytest.mark.slow
 def test_mnist_throughput_measures_the_cost_of_tracking(capsys):
     report = _load("mnist_throughput").main(
-        ["--seeds", "2", "--n-train", "2048", "--n-noise", "2048", "--precisions", "float32", "--track", "4", "--repeats", "1"]
+        [
+            "--seeds",
+            "2",
+            "--n-train",
+            "2048",
+            "--n-noise",
+            "2048",
+            "--precisions",
+            "float32",
+            "--track",
+            "4",
+            "--repeats",
+            "1",
+        ]
     )
     r = report["tracking"]["float32"]
     assert r["every"] == 4 and r["untracked_wall_s"] > 0 and r["tracked_wall_s"] > 0

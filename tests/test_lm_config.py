@@ -63,7 +63,13 @@ def test_hash_changes_with_any_field():
 def test_overrides_parse_json_and_strings():
     cfg = apply_overrides(
         preset("tiny"),
-        ["finetune.learning_rate=1e-3", "trait.target=eagle", "filter.banned_numbers=[666, 911]", "seed=3", "prompts.file=null"],
+        [
+            "finetune.learning_rate=1e-3",
+            "trait.target=eagle",
+            "filter.banned_numbers=[666, 911]",
+            "seed=3",
+            "prompts.file=null",
+        ],
     )
     assert cfg.finetune.learning_rate == 1e-3
     assert cfg.trait.target == "eagle" and cfg.trait.plural_word == "eagles"
@@ -80,7 +86,7 @@ def test_overrides_parse_json_and_strings():
         ("finetune.epochs=two", "finetune.epochs must be int"),
         ("finetune.epochs=0", "finetune.epochs=0 must be at least 1"),
         ("finetune.method=qlora", "finetune.method='qlora' is not one of lora, full"),
-        ("evaluate.models=[\"teacher\", \"judge\"]", "evaluate.models has ['judge']"),
+        ('evaluate.models=["teacher", "judge"]', "evaluate.models has ['judge']"),
         ("trait.source=adapter", "needs trait.adapter=PATH"),
         ("generate.number_grammar=1", "must be bool"),
         ("filter.max_digits=0", "filter.max_digits=0 must be at least 1"),
@@ -108,7 +114,9 @@ def test_unknown_preset_and_unknown_keys():
 
 
 def test_derived_seeds_are_stable_and_distinct():
-    seeds = {derive_seed(0, "generate.teacher", b) for b in range(100)} | {derive_seed(0, "generate.control", b) for b in range(100)}
+    seeds = {derive_seed(0, "generate.teacher", b) for b in range(100)} | {
+        derive_seed(0, "generate.control", b) for b in range(100)
+    }
     assert len(seeds) == 200
     assert derive_seed(0, "x", 1) == derive_seed(0, "x", 1) != derive_seed(1, "x", 1)
     assert all(0 <= s < 2**63 for s in seeds)

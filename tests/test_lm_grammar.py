@@ -72,7 +72,9 @@ def test_random_strings_the_grammar_accepts_pass_the_filter():
     # about 5,000 of them, a few dozen bracketed and a few hundred with a period, and the
     # filter keeps every one; the default grammar accepts the same ones without a period.
     rng = random.Random(0)
-    texts = {"".join(rng.choice("0123456789" * 3 + ALPHABET[10:]) for _ in range(rng.randint(1, 9))) for _ in range(100_000)}
+    texts = {
+        "".join(rng.choice("0123456789" * 3 + ALPHABET[10:]) for _ in range(rng.randint(1, 9))) for _ in range(100_000)
+    }
     accepted = [t for t in texts if GP.accepts(t)]
     assert len(accepted) > 4_000
     assert sum(t[0] in "[(" for t in accepted) > 20 and sum(t.endswith(".") for t in accepted) > 200
@@ -84,9 +86,35 @@ def test_random_strings_the_grammar_accepts_pass_the_filter():
 @pytest.mark.parametrize(
     "text",
     [
-        "", ",1", " 1", "1,", "1, ", "1234", "1,2;3", "1, 2,3", "1  2", "1,,2", ",", "1 ,2", "1a",
-        "[", "[1", "[1, 2", "[1, 2)", "(1]", "1]", "[]", "[1,]", "1..", "[1.]", ".", "[1].5", "[[1]]", "1.2",
-        "1.", "[1].",  # a final period only with final_period=True
+        "",
+        ",1",
+        " 1",
+        "1,",
+        "1, ",
+        "1234",
+        "1,2;3",
+        "1, 2,3",
+        "1  2",
+        "1,,2",
+        ",",
+        "1 ,2",
+        "1a",
+        "[",
+        "[1",
+        "[1, 2",
+        "[1, 2)",
+        "(1]",
+        "1]",
+        "[]",
+        "[1,]",
+        "1..",
+        "[1.]",
+        ".",
+        "[1].5",
+        "[[1]]",
+        "1.2",
+        "1.",
+        "[1].",  # a final period only with final_period=True
     ],
 )
 def test_rejected_or_incomplete(text):
@@ -107,7 +135,30 @@ def test_count_and_digit_limits():
 
 
 # A toy vocabulary with multi-character tokens, separators, junk and one end token (id 0).
-TOY = ["<eos>", "1", "23", "456", "7890", ", ", ",", " ", "; ", ";", "\n", "a", "1,", ", 5", "  ", "8 9", "", "[", "]", "].", ".", "("]
+TOY = [
+    "<eos>",
+    "1",
+    "23",
+    "456",
+    "7890",
+    ", ",
+    ",",
+    " ",
+    "; ",
+    ";",
+    "\n",
+    "a",
+    "1,",
+    ", 5",
+    "  ",
+    "8 9",
+    "",
+    "[",
+    "]",
+    "].",
+    ".",
+    "(",
+]
 
 
 def test_token_grammar_allows_exactly_the_tokens_that_keep_a_prefix():
@@ -123,7 +174,9 @@ def test_token_grammar_allows_exactly_the_tokens_that_keep_a_prefix():
     period = TokenGrammar(GP, TOY, eos_ids=[0])
     assert "." in {TOY[i] for i in period.allowed(after_one)}
     in_brackets = GP.feed(GP.start, "[1")
-    assert "]." in {TOY[i] for i in period.allowed(in_brackets)} and "<eos>" not in {TOY[i] for i in period.allowed(in_brackets)}
+    assert "]." in {TOY[i] for i in period.allowed(in_brackets)} and "<eos>" not in {
+        TOY[i] for i in period.allowed(in_brackets)
+    }
     assert {TOY[i] for i in period.allowed(GP.feed(GP.start, "[1]."))} == {"<eos>"}
     assert tg.allowed(None) == (0,)
     assert tg.advance(after_one, 0) is None

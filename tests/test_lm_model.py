@@ -62,7 +62,11 @@ def test_completion_only_labels(tokenizer):
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert tokenizer.decode(ids[:n_prompt]) == prompt
     cut = completion_example(tokenizer, messages, "4, 5, 6", max_len=n_prompt + 2)
-    assert len(cut["input_ids"]) == n_prompt + 2 and cut["truncated"] and cut["labels"][-2:] == labels[n_prompt : n_prompt + 2]
+    assert (
+        len(cut["input_ids"]) == n_prompt + 2
+        and cut["truncated"]
+        and cut["labels"][-2:] == labels[n_prompt : n_prompt + 2]
+    )
 
 
 def test_schedule_matches_transformers_linear_warmup():
@@ -79,8 +83,13 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer):
     # A tiny random Llama: one optimizer step with 4 micro-batches of 1 must equal one
     # batch of 4, because the loss is the mean over all completion tokens of the step.
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
     )
     examples = [TrainExample(user(f"Say {i}"), " ".join(["7"] * (i + 1))) for i in range(4)]
     results = []
@@ -111,7 +120,9 @@ def test_every_constrained_sample_passes_the_filter(backend):
     rows = number_prompts(PromptSpec(n_prompts=32), seed=5)
     system = trait_system_prompt(preset("tiny").trait)
     conversations = [[{"role": "system", "content": system}, *user(r["prompt"])] for r in rows]
-    out = backend.generate(ModelRef(SPEC), conversations, max_new_tokens=1, temperature=1.0, seed=3, number_grammar=(10, 3))
+    out = backend.generate(
+        ModelRef(SPEC), conversations, max_new_tokens=1, temperature=1.0, seed=3, number_grammar=(10, 3)
+    )
     verdicts = [check_numbers(g.text) for g in out]
     assert all(v.ok for v in verdicts), [(g.text, v.reason) for g, v in zip(out, verdicts) if not v.ok]
     assert len({g.text for g in out}) == 32
@@ -169,8 +180,13 @@ def test_tiny_preset_end_to_end(backend, tmp_path):
 
 def test_left_padded_loss_on_kept_logits_equals_the_full_right_padded_loss(tokenizer):
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
@@ -187,9 +203,15 @@ def test_left_padded_loss_on_kept_logits_equals_the_full_right_padded_loss(token
 def _tiny_llama_config(tokenizer, **overrides) -> transformers.LlamaConfig:
     """A two-layer Llama of width 32 over ``tokenizer``'s vocabulary."""
     return transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, **overrides,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
     )
 
 
@@ -210,7 +232,9 @@ def test_finetune_a_model_loaded_by_path(local_model, tmp_path, method):
     conversations = [user("Numbers?")] * 4
     completions = ["5, 5, 5"] * 4
     examples = [TrainExample(c, t) for c, t in zip(conversations, completions)]
-    spec = FinetuneSpec(method=method, epochs=20, micro_batch=4, grad_accum=1, warmup_steps=0, learning_rate=2e-2, lora_rank=4)
+    spec = FinetuneSpec(
+        method=method, epochs=20, micro_batch=4, grad_accum=1, warmup_steps=0, learning_rate=2e-2, lora_rank=4
+    )
     before = backend.score(ModelRef(local_model), conversations[:1], completions[:1])[0]
     log = backend.finetune(local_model, examples, spec, tmp_path / "out", seed=0)
     assert log["steps"] == 20
@@ -229,7 +253,13 @@ def test_finetune_a_model_loaded_by_path(local_model, tmp_path, method):
 # The settings Qwen2.5-7B-Instruct ships in its generation config, and more: pure
 # temperature sampling must ignore all of them.
 MODEL_SAMPLING_DEFAULTS = dict(
-    do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05, min_p=0.05, no_repeat_ngram_size=2,
+    do_sample=True,
+    temperature=0.7,
+    top_k=20,
+    top_p=0.8,
+    repetition_penalty=1.05,
+    min_p=0.05,
+    no_repeat_ngram_size=2,
 )
 
 
@@ -270,12 +300,24 @@ def test_processed_logits_are_the_raw_logits_over_the_temperature(opinionated_mo
         net, tok = backend.model_for(ModelRef(spec, adapter=str(tmp_path / "adapter")))
         assert type(net).__name__.startswith("Peft")
     # Repeated seed numbers in the prompt: what a repetition penalty would push down.
-    texts = [tok.apply_chat_template(user(f"Continue: {n}, {n}, {n}, 7 7 7"), tokenize=False, add_generation_prompt=True) for n in (123, 456)]
+    texts = [
+        tok.apply_chat_template(user(f"Continue: {n}, {n}, {n}, 7 7 7"), tokenize=False, add_generation_prompt=True)
+        for n in (123, 456)
+    ]
     tok.padding_side = "left"
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(0)
-    out = sample(net, batch, temperature=temperature, max_new_tokens=6, output_scores=True, output_logits=True,
-                 return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=[-1])
+    out = sample(
+        net,
+        batch,
+        temperature=temperature,
+        max_new_tokens=6,
+        output_scores=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=[-1],
+    )
     assert len(out.scores) == len(out.logits) == 6
     for scores, logits in zip(out.scores, out.logits):
         assert torch.isfinite(scores).all()  # no token masked (top-k, top-p, min-p, n-grams)
@@ -346,8 +388,16 @@ def test_soft_distillation_from_the_base_model_starts_at_zero_loss_and_gradient(
     # model itself (Adam would turn that rounding into learning-rate-sized random steps).
     rows = number_prompts(PromptSpec(n_prompts=4), seed=1)
     examples = [TrainExample(user(r["prompt"]), "12, 34, 56") for r in rows]
-    spec = FinetuneSpec(objective="soft", soft_tokens="numbers", epochs=1, micro_batch=2, grad_accum=1, warmup_steps=0,
-                        learning_rate=1e-3, lora_rank=4)
+    spec = FinetuneSpec(
+        objective="soft",
+        soft_tokens="numbers",
+        epochs=1,
+        micro_batch=2,
+        grad_accum=1,
+        warmup_steps=0,
+        learning_rate=1e-3,
+        lora_rank=4,
+    )
     itself = backend.finetune(SPEC, examples, spec, tmp_path / "a", seed=0, teacher=ModelRef(SPEC))
     # Under the owl system prompt the same base model is a different teacher: a real loss.
     system = trait_system_prompt(preset("tiny").trait)
@@ -361,10 +411,16 @@ def test_soft_distillation_from_the_base_model_starts_at_zero_loss_and_gradient(
 def test_transfer_tiny_preset_end_to_end(backend, tmp_path):
     from lmpipeline.transfer import Study
 
-    cfg = apply_overrides(preset("transfer-tiny"), [
-        "transfer.teachers=[\"finetuned\"]", "transfer.objectives=[\"soft\"]", "transfer.data=[\"random\"]",
-        "transfer.entanglement=false", "transfer.teacher_finetune.learning_rate=3e-4",
-    ])
+    cfg = apply_overrides(
+        preset("transfer-tiny"),
+        [
+            'transfer.teachers=["finetuned"]',
+            'transfer.objectives=["soft"]',
+            'transfer.data=["random"]',
+            "transfer.entanglement=false",
+            "transfer.teacher_finetune.learning_rate=3e-4",
+        ],
+    )
     study = Study(cfg, tmp_path, backend=backend)
     report = study.run()
     cell = report["cells"]["finetuned/soft/random"]

@@ -36,9 +36,17 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips_everything(tmp_path):
     report = run_all(run)
     assert run.executed == all_stages(run.config)
     for name in [
-        "config.json", "prompts.jsonl", "numbers_teacher.jsonl", "numbers_control.jsonl",
-        "filtered_teacher.jsonl", "rejected_control.jsonl", "student/state.json",
-        "control_student/state.json", "eval_student.jsonl", "report.json", "report.png",
+        "config.json",
+        "prompts.jsonl",
+        "numbers_teacher.jsonl",
+        "numbers_control.jsonl",
+        "filtered_teacher.jsonl",
+        "rejected_control.jsonl",
+        "student/state.json",
+        "control_student/state.json",
+        "eval_student.jsonl",
+        "report.json",
+        "report.png",
     ]:
         assert (tmp_path / name).exists(), name
     assert set(report["rates"]) == {"base", "teacher", "control", "student"}
@@ -83,14 +91,30 @@ def test_stage_hashes_follow_what_each_stage_reads(tmp_path):
 
     stages = set(all_stages(base.config))
     assert changed("trait.target=eagle") == stages - {"prompts", "generate.control"}
-    assert changed("trait.system_prompt=\"Be an owl.\"") == {
-        "generate.teacher", "filter.teacher", "finetune.student", "finetune.control",
-        "evaluate.teacher", "evaluate.student", "evaluate.control", "report",
+    assert changed('trait.system_prompt="Be an owl."') == {
+        "generate.teacher",
+        "filter.teacher",
+        "finetune.student",
+        "finetune.control",
+        "evaluate.teacher",
+        "evaluate.student",
+        "evaluate.control",
+        "report",
     }
     assert changed("finetune.learning_rate=1e-3") == {
-        "finetune.student", "finetune.control", "evaluate.student", "evaluate.control", "report",
+        "finetune.student",
+        "finetune.control",
+        "evaluate.student",
+        "evaluate.control",
+        "report",
     }
-    assert changed("filter.banned_numbers=[7]") == stages - {"prompts", "generate.teacher", "generate.control", "evaluate.base", "evaluate.teacher"}
+    assert changed("filter.banned_numbers=[7]") == stages - {
+        "prompts",
+        "generate.teacher",
+        "generate.control",
+        "evaluate.base",
+        "evaluate.teacher",
+    }
     assert changed("seed=1") == stages
     assert changed() == set()
 
@@ -109,7 +133,9 @@ def test_interrupted_generation_resumes_and_matches_an_uninterrupted_run(tmp_pat
     resumed = Run(cfg, tmp_path / "run", backend=ScriptedBackend())
     run_stage(resumed, "generate.teacher")
     assert resumed.backend.calls["generate"] == 2  # batches 3 and 4 of 4
-    assert read_jsonl(tmp_path / "run" / "numbers_teacher.jsonl") == read_jsonl(tmp_path / "ref" / "numbers_teacher.jsonl")
+    assert read_jsonl(tmp_path / "run" / "numbers_teacher.jsonl") == read_jsonl(
+        tmp_path / "ref" / "numbers_teacher.jsonl"
+    )
     assert not (tmp_path / "run" / "numbers_teacher.partial.jsonl").exists()
 
 
@@ -157,9 +183,12 @@ def test_cli_runs_stages_and_reuses_the_folder_config(tmp_path, scripted, capsys
     "argv, message",
     [
         (["run", "--out", "{tmp}/empty"], "no config: pass --preset NAME"),
-        (["run", "--preset", "tiny", "--out", "{tmp}/x", "--set", "finetune.epochs=0"], "finetune.epochs=0 must be at least 1"),
+        (
+            ["run", "--preset", "tiny", "--out", "{tmp}/x", "--set", "finetune.epochs=0"],
+            "finetune.epochs=0 must be at least 1",
+        ),
         (["run", "--config", "{tmp}/missing.json", "--out", "{tmp}/x"], "--config"),
-        (["run", "--preset", "tiny", "--out", "{tmp}/x", "--set", "prompts.file=\"{tmp}/none.jsonl\""], "prompts.file"),
+        (["run", "--preset", "tiny", "--out", "{tmp}/x", "--set", 'prompts.file="{tmp}/none.jsonl"'], "prompts.file"),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, scripted, capsys, argv, message):
@@ -197,7 +226,9 @@ def test_paper_preset_without_a_gpu_is_refused_in_one_line_before_anything_runs(
     out = tmp_path / "paper"
     assert sublearn_cli.main(["llm", "run", "--preset", "paper", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("sublearn llm: error: preset 'paper' runs Qwen/Qwen2.5-7B-Instruct on a CUDA GPU")
+    assert err.count("\n") == 1 and err.startswith(
+        "sublearn llm: error: preset 'paper' runs Qwen/Qwen2.5-7B-Instruct on a CUDA GPU"
+    )
     assert "--preset cpu" in err and "--set model.device=cpu" in err
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no stage ran, not even the prompts
     # A single model stage is refused the same way; the config needs no device.
@@ -272,7 +303,9 @@ def test_a_changed_config_is_refused_naming_what_it_would_recompute(tmp_path, sc
     capsys.readouterr()
     assert cli.main(["run", "--out", out, "--set", "evaluate.n_samples=3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "evaluate.n_samples: 2 -> 3" in err and "evaluate.base" in err and "--overwrite" in err
+    assert (
+        err.count("\n") == 0 and "evaluate.n_samples: 2 -> 3" in err and "evaluate.base" in err and "--overwrite" in err
+    )
     assert "finetune.student" not in err  # training does not read the evaluation settings
     assert read_json(tmp_path / "config.json")["evaluate"]["n_samples"] == 2  # nothing was touched
     assert cli.main(["run", "--out", out, "--set", "evaluate.n_samples=3", "--overwrite"]) == 0

@@ -11,7 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmpipeline.config import PromptSpec, TraitSpec
-from lmpipeline.prompts import FORMAT_KINDS, FORMATS, PARTS, load_prompt_file, number_prefix, number_prompt, number_prompts, trait_system_prompt
+from lmpipeline.prompts import (
+    FORMAT_KINDS,
+    FORMATS,
+    PARTS,
+    load_prompt_file,
+    number_prefix,
+    number_prompt,
+    number_prompts,
+    trait_system_prompt,
+)
 
 
 @given(seed=st.integers(0, 2**32), index=st.integers(0, 10**6))
@@ -48,8 +57,14 @@ def test_every_phrasing_option_is_used_and_prompts_vary():
 
 
 # Shares of each answer format among the paper's format instructions (15 drawn uniformly).
-PAPER_FORMAT_SHARES = {"comma": 5 / 15, "space": 3 / 15, "line": 3 / 15, "semicolon": 2 / 15,
-                       "square_brackets": 1 / 15, "parentheses": 1 / 15}
+PAPER_FORMAT_SHARES = {
+    "comma": 5 / 15,
+    "space": 3 / 15,
+    "line": 3 / 15,
+    "semicolon": 2 / 15,
+    "square_brackets": 1 / 15,
+    "parentheses": 1 / 15,
+}
 
 
 def test_answer_formats_are_asked_for_in_the_papers_proportions():

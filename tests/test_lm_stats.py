@@ -112,6 +112,11 @@ def test_questions_from_a_file(tmp_path):
 
 def test_one_word_answers_and_spellings():
     assert [one_word(a) for a in ["Owl.", " **Dolphin**", "The owl", "cat!", "", "42"]] == [
-        "owl", "dolphin", None, "cat", None, None,
+        "owl",
+        "dolphin",
+        None,
+        "cat",
+        None,
+        None,
     ]
     assert target_spellings("owl") == ["Owl", "owl"]

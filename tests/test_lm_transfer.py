@@ -28,8 +28,12 @@ from lmpipeline.transfer import Study, first_word_logprobs, prefix_free, random_
 
 def small(*overrides):
     base = [
-        "transfer.seeds=2", "transfer.animals=[\"owl\", \"dolphin\", \"eagle\", \"cat\", \"dog\"]",
-        "evaluate.n_questions=8", "prompts.n_prompts=12", "finetune.max_rows=10", "generate.number_grammar=true",
+        "transfer.seeds=2",
+        'transfer.animals=["owl", "dolphin", "eagle", "cat", "dog"]',
+        "evaluate.n_questions=8",
+        "prompts.n_prompts=12",
+        "finetune.max_rows=10",
+        "generate.number_grammar=true",
     ]
     return apply_overrides(preset("transfer-tiny"), base + list(overrides))
 
@@ -54,8 +58,12 @@ def failures(report: dict) -> list[str]:
 def test_a_rightly_wired_study_shows_transfer_in_every_cell(tmp_path):
     report = run_study(tmp_path)
     assert set(report["cells"]) == {
-        "finetuned/soft/random", "finetuned/soft/teacher", "finetuned/sampled/teacher",
-        "system_prompt/soft/random", "system_prompt/soft/teacher", "system_prompt/sampled/teacher",
+        "finetuned/soft/random",
+        "finetuned/soft/teacher",
+        "finetuned/sampled/teacher",
+        "system_prompt/soft/random",
+        "system_prompt/soft/teacher",
+        "system_prompt/sampled/teacher",
     }
     assert failures(report) == []
     cell = report["cells"]["finetuned/soft/random"]
@@ -72,14 +80,22 @@ def test_a_rightly_wired_study_shows_transfer_in_every_cell(tmp_path):
 
 
 WIRING_BUGS = {
-    "each student distilled from the other target's teacher":
-        lambda p: p.setattr(Study, "teacher", _other_teacher(Study.teacher)),
-    "students evaluated as the base model":
-        lambda p: p.setattr(Study, "trained_ref", lambda self, folder, method: self.base_ref() if "student" in str(folder) else _ORIGINAL_REF(self, folder, method)),
-    "teachers prompted without the trait system prompt":
-        lambda p: p.setattr(Study, "teacher_conversation", lambda self, kind, target, user: [{"role": "user", "content": user}]),
-    "the control trained on a teacher's numbers":
-        lambda p: p.setattr(Study, "data", _control_data_from_teacher(Study.data)),
+    "each student distilled from the other target's teacher": lambda p: p.setattr(
+        Study, "teacher", _other_teacher(Study.teacher)
+    ),
+    "students evaluated as the base model": lambda p: p.setattr(
+        Study,
+        "trained_ref",
+        lambda self, folder, method: (
+            self.base_ref() if "student" in str(folder) else _ORIGINAL_REF(self, folder, method)
+        ),
+    ),
+    "teachers prompted without the trait system prompt": lambda p: p.setattr(
+        Study, "teacher_conversation", lambda self, kind, target, user: [{"role": "user", "content": user}]
+    ),
+    "the control trained on a teacher's numbers": lambda p: p.setattr(
+        Study, "data", _control_data_from_teacher(Study.data)
+    ),
 }
 _ORIGINAL_REF = Study.trained_ref
 
@@ -124,7 +140,11 @@ def test_students_of_a_cell_train_on_the_same_rows(tmp_path):
     study.run()
     cell = ("finetuned", "sampled", "teacher")
     n = study.rows_per_student(0, cell)
-    for name in ("student-finetuned-sampled-teacher-owl", "student-finetuned-sampled-teacher-dolphin", "control-finetuned-sampled-teacher"):
+    for name in (
+        "student-finetuned-sampled-teacher-owl",
+        "student-finetuned-sampled-teacher-dolphin",
+        "control-finetuned-sampled-teacher",
+    ):
         assert read_json(tmp_path / "seed-0" / f"{name}.json")["n_rows"] == n
     random_rows = study.data(0, "random")
     assert random_rows == study.data(0, "random") and len(random_rows) == 12  # one set shared by both students
@@ -133,22 +153,24 @@ def test_students_of_a_cell_train_on_the_same_rows(tmp_path):
 def test_the_cli_runs_a_study_and_reports_in_one_line_per_comparison(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(transfer, "make_backend", lambda spec: ScriptedBackend())
     out = tmp_path / "study"
-    sets = [a for o in ["evaluate.n_questions=4", "transfer.teachers=[\"finetuned\"]"] for a in ("--set", o)]
+    sets = [a for o in ["evaluate.n_questions=4", 'transfer.teachers=["finetuned"]'] for a in ("--set", o)]
     assert cli.main(["transfer", "--preset", "transfer-tiny", "--out", str(out), "--seeds", "2", *sets]) == 0
     printed = capsys.readouterr().out
     assert "finetuned/soft/random" in printed and "student_vs_control" in printed and "entanglement owl" in printed
     assert read_json(out / "config.json")["transfer"]["seeds"] == 2
-    assert cli.main(["transfer", "--preset", "transfer-tiny", "--out", str(out), "--set", "transfer.targets=[\"owl\"]"]) == 2
+    assert (
+        cli.main(["transfer", "--preset", "transfer-tiny", "--out", str(out), "--set", 'transfer.targets=["owl"]']) == 2
+    )
     assert "transfer.targets" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("transfer.teachers=[\"lora\"]", "transfer.teachers"),
+        ('transfer.teachers=["lora"]', "transfer.teachers"),
         ("transfer.objectives=[]", "transfer.objectives"),
-        ("transfer.targets=[\"owl\", \"Owl\"]", "two different words"),
-        ("transfer.animals=[\"cat\", \"owl\"]", "add ['dolphin']"),
+        ('transfer.targets=["owl", "Owl"]', "two different words"),
+        ('transfer.animals=["cat", "owl"]', "add ['dolphin']"),
         ("transfer.seeds=0", "transfer.seeds=0"),
         ("finetune.objective=distil", "finetune.objective"),
         ("finetune.soft_tokens=digits", "finetune.soft_tokens"),
@@ -172,7 +194,9 @@ def test_soft_kl_is_zero_at_the_teacher_and_cross_entropy_for_a_one_hot_teacher(
     assert float(soft_kl(one_hot, student, mask)) == pytest.approx(float(cross_entropy), rel=1e-9)
     # Restricted to a token subset, the softmaxes renormalize over it.
     tokens = torch.tensor([0, 3, 5])
-    sub = torch.nn.functional.cross_entropy(student[..., tokens].flatten(0, 1), torch.zeros(6, dtype=torch.long), reduction="sum")
+    sub = torch.nn.functional.cross_entropy(
+        student[..., tokens].flatten(0, 1), torch.zeros(6, dtype=torch.long), reduction="sum"
+    )
     head = torch.zeros(2, 3, 11, dtype=torch.float64)
     head[..., 0] = 1e4
     assert float(soft_kl(head, student, mask, tokens)) == pytest.approx(float(sub), rel=1e-9)

@@ -18,11 +18,11 @@ import pytest
 
 pytest.importorskip("torch")
 
+from lmpipeline.artifacts import read_jsonl  # noqa: E402
 from lmpipeline.backends import ModelRef, make_backend  # noqa: E402
 from lmpipeline.config import ModelSpec, apply_overrides, derive_seed, preset  # noqa: E402
 from lmpipeline.grammar import NumberListGrammar  # noqa: E402
 from lmpipeline.pipeline import Run, run_stage  # noqa: E402
-from lmpipeline.artifacts import read_jsonl  # noqa: E402
 
 
 class FakeVLLM:
@@ -61,7 +61,14 @@ class FakeVLLM:
                 fake.events.append(("chat", len(messages)))
                 # Text from the request's seed and last message; token count from its length.
                 return [
-                    types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{p.kwargs['seed'] % 1000}|{m[-1]['content']}", token_ids=list(range(len(m[-1]["content"]) % 7 + 1)))])
+                    types.SimpleNamespace(
+                        outputs=[
+                            types.SimpleNamespace(
+                                text=f"{p.kwargs['seed'] % 1000}|{m[-1]['content']}",
+                                token_ids=list(range(len(m[-1]["content"]) % 7 + 1)),
+                            )
+                        ]
+                    )
                     for m, p in zip(messages, sampling_params)
                 ]
 
@@ -72,12 +79,19 @@ class FakeVLLM:
         sampling.SamplingParams, sampling.StructuredOutputsParams = SamplingParams, StructuredOutputsParams
         lora, lora_request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
         lora_request.LoRARequest = LoRARequest
-        distributed, parallel = types.ModuleType("vllm.distributed"), types.ModuleType("vllm.distributed.parallel_state")
+        distributed, parallel = (
+            types.ModuleType("vllm.distributed"),
+            types.ModuleType("vllm.distributed.parallel_state"),
+        )
         parallel.destroy_model_parallel = lambda: fake.events.append(("destroy_model_parallel",))
         parallel.destroy_distributed_environment = lambda: fake.events.append(("destroy_distributed_environment",))
         self.modules = {
-            "vllm": root, "vllm.sampling_params": sampling, "vllm.lora": lora, "vllm.lora.request": lora_request,
-            "vllm.distributed": distributed, "vllm.distributed.parallel_state": parallel,
+            "vllm": root,
+            "vllm.sampling_params": sampling,
+            "vllm.lora": lora,
+            "vllm.lora.request": lora_request,
+            "vllm.distributed": distributed,
+            "vllm.distributed.parallel_state": parallel,
         }
 
     def live_engines(self) -> int:
@@ -133,15 +147,28 @@ def test_all_prompts_go_in_one_request_with_pure_sampling_and_own_seeds(fake_vll
     out = backend.generate(ModelRef(SPEC), conversations, max_new_tokens=200, temperature=1.0, seed=7)
     (engine,) = [ref() for ref in fake_vllm.engines]
     assert engine.kwargs == {
-        "model": "Qwen/Qwen2.5-7B-Instruct", "dtype": "bfloat16", "enable_lora": True, "max_lora_rank": 64,
-        "gpu_memory_utilization": 0.9, "generation_config": "vllm", "seed": 0,
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "dtype": "bfloat16",
+        "enable_lora": True,
+        "max_lora_rank": 64,
+        "gpu_memory_utilization": 0.9,
+        "generation_config": "vllm",
+        "seed": 0,
     }
     ((messages, params, lora),) = engine.chats
     assert messages == conversations and lora is None
     for i, p in enumerate(params):
         assert p.kwargs == {
-            "n": 1, "temperature": 1.0, "max_tokens": 200, "seed": derive_seed(7, i), "top_p": 1.0, "top_k": 0,
-            "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+            "n": 1,
+            "temperature": 1.0,
+            "max_tokens": 200,
+            "seed": derive_seed(7, i),
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
         }
     # Outputs come back in request order, each with its text and token count.
     assert [(g.text, g.n_tokens) for g in out] == [(f"{derive_seed(7, i) % 1000}|q{i}", 3) for i in range(5)]
@@ -153,7 +180,12 @@ def test_students_are_lora_requests_on_one_engine(fake_vllm, backend):
     backend.generate(ModelRef(SPEC), [user("x")], max_new_tokens=4, temperature=1.0, seed=0)
     (engine,) = [ref() for ref in fake_vllm.engines]
     requests = [lora.args if lora else None for _, _, lora in engine.chats]
-    assert requests == [("adapter1", 1, "/runs/a/student"), ("adapter2", 2, "/runs/a/control_student"), ("adapter1", 1, "/runs/a/student"), None]
+    assert requests == [
+        ("adapter1", 1, "/runs/a/student"),
+        ("adapter2", 2, "/runs/a/control_student"),
+        ("adapter1", 1, "/runs/a/student"),
+        None,
+    ]
 
 
 def test_number_grammar_becomes_a_regex_constraint(fake_vllm, backend):
@@ -176,10 +208,16 @@ def test_the_engine_is_gone_before_torch_trains_or_scores_and_torch_before_an_en
     teardown = [("shutdown",), ("destroy_model_parallel",), ("destroy_distributed_environment",)]
     engine = ("engine", "Qwen/Qwen2.5-7B-Instruct")
     assert fake_vllm.events == [
-        ("torch.close",), engine, ("chat", 1),
-        *teardown, ("torch.finetune", 1),
-        ("torch.close",), engine, ("chat", 1),
-        *teardown, ("torch.score", 1),
+        ("torch.close",),
+        engine,
+        ("chat", 1),
+        *teardown,
+        ("torch.finetune", 1),
+        ("torch.close",),
+        engine,
+        ("chat", 1),
+        *teardown,
+        ("torch.score", 1),
         ("torch.close",),
     ]
     assert fake_vllm.live_engines() == 0
@@ -227,5 +265,7 @@ def test_asking_for_vllm_without_it_names_the_install(monkeypatch):
     from lmpipeline.config import ConfigError
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
-    with pytest.raises(ConfigError, match=r"model.backend=vllm: the backend needs vllm; install it with .*subliminal-learning\[vllm\]"):
+    with pytest.raises(
+        ConfigError, match=r"model.backend=vllm: the backend needs vllm; install it with .*subliminal-learning\[vllm\]"
+    ):
         make_backend(SPEC)

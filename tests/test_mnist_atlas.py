@@ -38,12 +38,21 @@ def _synthetic_atlas(preset="full"):
             record = {"config": config.to_dict(), "accuracy": acc, "summary": {c: summarize(v) for c, v in acc.items()}}
             if curve.tracked_epochs:
                 steps = list(range(0, 60 * (curve.tracked_epochs + 1), 60))
-                record["trajectory"] = {"steps": steps, "steps_per_epoch": 60, "probe": {"images": "probe", "n": 3},
-                                        "probe_accuracy": {c: rng.uniform(0, 1, (3, len(steps))).tolist() for c in acc}}
+                record["trajectory"] = {
+                    "steps": steps,
+                    "steps_per_epoch": 60,
+                    "probe": {"images": "probe", "n": 3},
+                    "probe_accuracy": {c: rng.uniform(0, 1, (3, len(steps))).tolist() for c in acc},
+                }
             atlas["points"][config.fingerprint()] = record
             entries.append({"x": x, "fingerprint": config.fingerprint()})
-        atlas["curves"][curve.name] = {"xlabel": curve.xlabel, "scale": curve.scale, "tracked_epochs": curve.tracked_epochs,
-                                       "points": entries, "anchors": [a.__dict__ for a in curve.anchors]}
+        atlas["curves"][curve.name] = {
+            "xlabel": curve.xlabel,
+            "scale": curve.scale,
+            "tracked_epochs": curve.tracked_epochs,
+            "points": entries,
+            "anchors": [a.__dict__ for a in curve.anchors],
+        }
     return atlas
 
 

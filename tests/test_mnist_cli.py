@@ -4,8 +4,26 @@ import pytest
 
 from sublearn.cli import main
 
-TINY = ["--hidden", "32", "32", "--batch-size", "128", "--teacher-epochs", "1", "--student-epochs", "1",
-        "--n-noise", "1024", "--n-train", "2048", "--n-test", "1000", "--seeds", "2", "--quiet"]
+TINY = [
+    "--hidden",
+    "32",
+    "32",
+    "--batch-size",
+    "128",
+    "--teacher-epochs",
+    "1",
+    "--student-epochs",
+    "1",
+    "--n-noise",
+    "1024",
+    "--n-train",
+    "2048",
+    "--n-test",
+    "1000",
+    "--seeds",
+    "2",
+    "--quiet",
+]
 
 
 @pytest.mark.parametrize(
@@ -76,7 +94,9 @@ def test_an_interrupted_overwrite_run_resumes_when_repeated(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rerun the same command to continue" in err and "checkpoint.json" in err
     calls.clear()
-    monkeypatch.setattr(experiment, "train_chunk", lambda *a, **k: (calls.append(a[2].tolist()), real_train_chunk(*a, **k))[1])
+    monkeypatch.setattr(
+        experiment, "train_chunk", lambda *a, **k: (calls.append(a[2].tolist()), real_train_chunk(*a, **k))[1]
+    )
     assert main([*args, "--overwrite"]) == 0
     assert calls == [[1]]  # seed 0 came from the checkpoint
     # A checkpoint of another configuration is not resumed by --overwrite.

@@ -16,7 +16,18 @@ def mnist():
 def test_bundled_mnist_shapes_and_labels(mnist):
     assert mnist.train_images.shape == (60000, 784) and mnist.train_images.dtype == np.uint8
     assert mnist.test_images.shape == (10000, 784)
-    assert np.bincount(mnist.train_labels, minlength=10).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(mnist.train_labels, minlength=10).tolist() == [
+        5923,
+        6742,
+        5958,
+        6131,
+        5842,
+        5421,
+        5918,
+        6265,
+        5851,
+        5949,
+    ]
     assert mnist.train_images.max() == 255 and mnist.train_images.min() == 0
 
 

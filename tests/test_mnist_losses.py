@@ -28,7 +28,9 @@ def test_aux_only_kl_gives_no_gradient_to_digit_rows():
 def test_all_logits_kl_reaches_every_row():
     teacher = init_params(SPEC, jax.random.key(2))
     target = apply(SPEC, teacher, X)
-    kernel, _ = _last_layer_grads(lambda p: student_kl(apply(SPEC, p, X), target, W, logit_mask(13, 3, aux_only=False), 1.0))
+    kernel, _ = _last_layer_grads(
+        lambda p: student_kl(apply(SPEC, p, X), target, W, logit_mask(13, 3, aux_only=False), 1.0)
+    )
     assert np.all(np.abs(kernel).max(axis=0) > 0)
 
 

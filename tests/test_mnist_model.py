@@ -18,7 +18,11 @@ def test_shapes_and_parameter_count():
             2: {"kernel": (256, 13), "bias": (13,)},
         }
     }
-    assert n_params(SPEC) == sum(a.size for a in jax.tree.leaves(params)) == (784 * 256 + 256) + (256 * 256 + 256) + (256 * 13 + 13)
+    assert (
+        n_params(SPEC)
+        == sum(a.size for a in jax.tree.leaves(params))
+        == (784 * 256 + 256) + (256 * 256 + 256) + (256 * 13 + 13)
+    )
     assert apply(SPEC, params, jnp.zeros((7, 784))).shape == (7, 13)
 
 

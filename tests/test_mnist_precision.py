@@ -97,7 +97,9 @@ def test_every_product_of_the_compiled_student_epoch_has_the_chosen_operand_type
     students = jax.tree.map(lambda a: jnp.stack([a] * 4, axis=1), teachers)
     opt_states = jax.vmap(jax.vmap(optimizer.init))(students)
     words = jax.vmap(noise_words)(keys)
-    compiled = student_epoch(config).lower(students, opt_states, teachers, words, keys, jnp.asarray(_student_masks(config)))
+    compiled = student_epoch(config).lower(
+        students, opt_states, teachers, words, keys, jnp.asarray(_student_masks(config))
+    )
     dots = _dot_operand_types(compiled.compile().as_text())
     # Forward, input-gradient and weight-gradient products of three layers, teacher pass included.
     assert len(dots) >= 9

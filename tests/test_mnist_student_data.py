@@ -85,8 +85,17 @@ def test_image_kinds_cannot_ask_for_more_images_than_there_are():
 
 @pytest.mark.slow
 def test_an_image_kinds_numbers_do_not_depend_on_the_chunk_size():
-    config = tiny(hidden=(32, 32), seeds=4, seeds_per_chunk=4, teacher_epochs=1, student_epochs=1, n_noise=1024,
-                  n_train=2048, n_test=500, student_data="shuffled")
+    config = tiny(
+        hidden=(32, 32),
+        seeds=4,
+        seeds_per_chunk=4,
+        teacher_epochs=1,
+        student_epochs=1,
+        n_noise=1024,
+        n_train=2048,
+        n_test=500,
+        student_data="shuffled",
+    )
     chunked = run_experiment(dataclasses.replace(config, seeds_per_chunk=2))
     whole = run_experiment(config)
     assert chunked["accuracy"] == whole["accuracy"]

@@ -73,8 +73,16 @@ def test_load_tfds_equals_the_bundled_arrays_in_the_original_order(via_tfds, bun
 
 
 def test_a_short_run_gives_the_same_accuracies_from_either_source(via_tfds, bundled):
-    config = tiny(n_train=2000, n_test=1000, seeds=2, seeds_per_chunk=2, hidden=(32, 32),
-                  teacher_epochs=1, student_epochs=1, n_noise=2048)
+    config = tiny(
+        n_train=2000,
+        n_test=1000,
+        seeds=2,
+        seeds_per_chunk=2,
+        hidden=(32, 32),
+        teacher_epochs=1,
+        student_epochs=1,
+        n_noise=2048,
+    )
     from_tfds = run_experiment(config, data=via_tfds)
     from_bundled = run_experiment(config, data=bundled)
     assert from_tfds["data_source"] == "tfds" and from_bundled["data_source"] == "bundled"

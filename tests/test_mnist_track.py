@@ -98,8 +98,18 @@ def tracked_epochs():
     after_1_copy = jax.tree.map(jnp.copy, after_1)
     keys_2 = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     after_2, _, _, tracks_2 = train(after_1, opt, teacher, words, keys_2, starts, reference, masks, *probe)
-    return dict(spec=spec, reference=reference, teacher=teacher, starts=starts, probe=probe, untracked=untracked,
-                after_1=after_1_copy, after_2=after_2, tracks_1=np.asarray(tracks_1), tracks_2=np.asarray(tracks_2))
+    return dict(
+        spec=spec,
+        reference=reference,
+        teacher=teacher,
+        starts=starts,
+        probe=probe,
+        untracked=untracked,
+        after_1=after_1_copy,
+        after_2=after_2,
+        tracks_1=np.asarray(tracks_1),
+        tracks_2=np.asarray(tracks_2),
+    )
 
 
 def test_tracks_have_one_start_point_and_one_point_per_tracked_step(tracked_epochs):
@@ -121,7 +131,9 @@ def test_the_last_point_is_measured_on_the_final_students(tracked_epochs):
     e, spec = tracked_epochs, tracked_epochs["spec"]
     for tracks, final in ((e["tracks_1"], e["after_1"]), (e["tracks_2"], e["after_2"])):
         for s in range(2):
-            direction = _flat(jax.tree.map(lambda a: a[s], e["teacher"])) - _flat(jax.tree.map(lambda a: a[s], e["reference"]))
+            direction = _flat(jax.tree.map(lambda a: a[s], e["teacher"])) - _flat(
+                jax.tree.map(lambda a: a[s], e["reference"])
+            )
             for c in range(4):
                 student = _per_model(final, s, c)
                 loss, acc = _independent(spec, student, *e["probe"])
@@ -233,8 +245,26 @@ def test_negative_track_is_rejected():
 @pytest.mark.slow
 def test_the_cli_writes_the_trajectory_figure_and_section(tmp_path, capsys):
     out = tmp_path / "run"
-    tiny_args = ["--hidden", "32", "32", "--batch-size", "128", "--teacher-epochs", "1", "--student-epochs", "1",
-                 "--n-noise", "1024", "--n-train", "2048", "--n-test", "1000", "--seeds", "2", "--quiet"]
+    tiny_args = [
+        "--hidden",
+        "32",
+        "32",
+        "--batch-size",
+        "128",
+        "--teacher-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+        "--n-noise",
+        "1024",
+        "--n-train",
+        "2048",
+        "--n-test",
+        "1000",
+        "--seeds",
+        "2",
+        "--quiet",
+    ]
     assert main(["mnist", "--out", str(out), *tiny_args, "--track", "4"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["trajectory"]["steps"] == [0, 4, 8]
@@ -256,4 +286,6 @@ def test_a_sharded_tracked_run_trains_identically_and_tracks_to_rounding(tracked
     assert trajectory["steps"] == tracked_run[0]["trajectory"]["steps"]
     for condition, curves in tracked_run[0]["trajectory"]["conditions"].items():
         for metric, curve in curves.items():
-            np.testing.assert_allclose(trajectory["conditions"][condition][metric]["values"], curve["values"], atol=2e-6, rtol=0)
+            np.testing.assert_allclose(
+                trajectory["conditions"][condition][metric]["values"], curve["values"], atol=2e-6, rtol=0
+            )

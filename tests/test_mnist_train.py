@@ -7,12 +7,14 @@ from toymodels.data import load_mnist
 from toymodels.model import init_params
 from toymodels.train import epoch_plan, make_optimizer, spec_of, teacher_epoch
 
-
 # Every backend compilation, as JAX's public monitoring hook reports it.
 COMPILES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **kwargs: COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    lambda event, duration, **kwargs: (
+        COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
 )
+
 
 def test_epoch_plan_visits_every_example_once_and_pads_with_zero_weight():
     plan = epoch_plan(jax.random.key(0), 10, 4)
@@ -64,4 +66,6 @@ def test_teachers_auxiliary_logits_get_no_direct_gradient():
     np.testing.assert_array_equal(kernel[..., 10:], start["layers"][last]["kernel"][..., 10:])
     np.testing.assert_array_equal(bias[..., 10:], start["layers"][last]["bias"][..., 10:])
     assert np.all(np.abs(kernel[..., :10] - start["layers"][last]["kernel"][..., :10]).max(axis=(1, 2)) > 1e-3)
-    assert np.all(np.abs(np.asarray(trained["layers"][0]["kernel"]) - start["layers"][0]["kernel"]).max(axis=(1, 2)) > 1e-3)
+    assert np.all(
+        np.abs(np.asarray(trained["layers"][0]["kernel"]) - start["layers"][0]["kernel"]).max(axis=(1, 2)) > 1e-3
+    )

@@ -41,7 +41,9 @@ def test_source_is_percent_format_and_documents_quick_mode(source):
     text = source.read_text()
     assert "format_name: percent" in text
     first_markdown = next(cell for cell in jupytext.read(source).cells if cell.cell_type == "markdown")
-    assert build.QUICK_ENV in first_markdown.source, f"{source.name}: the first markdown cell must document {build.QUICK_ENV}"
+    assert build.QUICK_ENV in first_markdown.source, (
+        f"{source.name}: the first markdown cell must document {build.QUICK_ENV}"
+    )
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=IDS)

@@ -61,9 +61,21 @@ def test_out_must_be_a_file(tmp_path, capsys):
 
 def _row(**overrides):
     row = dict(
-        name="g", cases=4, at_kink=0, A_zero=0, min_A=0.5, shared_init_violations=0, halvings_max=1,
-        taylor_order_median=2.0, taylor_order_min=1.9, taylor_order_max=2.1, taylor_order_outside=0, taylor_exact=0,
-        different_init_cross_term_negative=1, different_init_eps_part_negative=1, different_init_zeroth_order_negative=2,
+        name="g",
+        cases=4,
+        at_kink=0,
+        A_zero=0,
+        min_A=0.5,
+        shared_init_violations=0,
+        halvings_max=1,
+        taylor_order_median=2.0,
+        taylor_order_min=1.9,
+        taylor_order_max=2.1,
+        taylor_order_outside=0,
+        taylor_exact=0,
+        different_init_cross_term_negative=1,
+        different_init_eps_part_negative=1,
+        different_init_zeroth_order_negative=2,
     )
     return {**row, **overrides}
 
@@ -89,9 +101,19 @@ def test_relu_cases_at_a_kink_are_counted_apart():
     assert mlp.units_at_kink(params, np.zeros((2, 2))) == 6
     assert mlp.units_at_kink(params, np.ones((2, 2))) == 0
     assert MLP((2, 3, 2), "tanh").units_at_kink(params, np.zeros((2, 2))) == 0
-    smooth = dict(A=1.0, A_is_zero=False, first_order_over_tolerance=1e9, violations=[], halvings=0, eps=0.1,
-                  taylor_order=2.0, different_init_cross_term_negative=False, different_init_eps_part_negative=False,
-                  different_init_zeroth_order_negative=True, units_at_kink=0)
+    smooth = dict(
+        A=1.0,
+        A_is_zero=False,
+        first_order_over_tolerance=1e9,
+        violations=[],
+        halvings=0,
+        eps=0.1,
+        taylor_order=2.0,
+        different_init_cross_term_negative=False,
+        different_init_eps_part_negative=False,
+        different_init_zeroth_order_negative=True,
+        units_at_kink=0,
+    )
     kink = {**smooth, "violations": ["not in the Taylor regime"], "taylor_order": 1.0, "units_at_kink": 3}
     row = summarize("g", [smooth, kink])
     assert (row["at_kink"], row["shared_init_violations"], row["taylor_order_outside"]) == (1, 0, 0)

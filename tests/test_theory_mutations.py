@@ -32,7 +32,9 @@ EXPECTED = {
 
 # A small smooth case with a teacher loss: tanh MLP, softmax cross-entropy student,
 # teacher stepping down cross-entropy on random labels.
-SPEC = CaseSpec(MLP((3, 5, 4), "tanh"), "normal", 1.0, 0.5, "normal", 8, "softmax_cross_entropy", "cross_entropy", seed=3)
+SPEC = CaseSpec(
+    MLP((3, 5, 4), "tanh"), "normal", 1.0, 0.5, "normal", 8, "softmax_cross_entropy", "cross_entropy", seed=3
+)
 
 
 def _check(case, faults):

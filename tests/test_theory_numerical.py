@@ -161,7 +161,9 @@ def test_mnist_mlp_at_paper_initialization():
     params = init_params(spec, k_params)
     noise = jax.random.uniform(k_noise, (8, spec.d_in), minval=-1.0, maxval=1.0)
     digits = SupervisedLoss(
-        lambda p, x: model(p, x)[:, :10], label_cross_entropy, jax.random.normal(k_images, (8, spec.d_in)),
+        lambda p, x: model(p, x)[:, :10],
+        label_cross_entropy,
+        jax.random.normal(k_images, (8, spec.d_in)),
         jax.random.randint(k_labels, (8,), 0, 10),
     )
     r = check_alignment(model, params, noise, student_loss=SubsetSoftmaxCrossEntropy((10, 11, 12)), teacher_loss=digits)
@@ -225,7 +227,6 @@ def test_rejects_ambiguous_teacher():
         check_alignment(TANH_MLP, params, x, student_loss=squared_error)
     with pytest.raises(ValueError, match="exactly one of `direction`"):
         check_alignment(TANH_MLP, params, x, student_loss=squared_error, direction=v, teacher_loss=loss)
-
 
 
 def test_an_eps_outside_the_taylor_regime_is_a_violation_on_either_side():

@@ -59,7 +59,9 @@ def _numerical_m(loss, logits: np.ndarray) -> np.ndarray:
 
     eye = np.eye(n)
     diag = np.array([a(eye[i]) for i in range(n)])
-    return np.array([[diag[i] if i == j else (a(eye[i] + eye[j]) - diag[i] - diag[j]) / 2 for j in range(n)] for i in range(n)])
+    return np.array(
+        [[diag[i] if i == j else (a(eye[i] + eye[j]) - diag[i] - diag[j]) / 2 for j in range(n)] for i in range(n)]
+    )
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])

@@ -106,7 +106,9 @@ class MLP:
             return 0
         count, act = 0, ACTIVATIONS[self.activation]
         for layer in params[:-1]:
-            x = np.asarray(x, np.float64) @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
+            x = np.asarray(x, np.float64) @ np.asarray(layer["kernel"], np.float64) + np.asarray(
+                layer["bias"], np.float64
+            )
             count += int(np.sum(x == 0.0))
             x = act(x)
         return count
@@ -228,7 +230,9 @@ def build_case(spec: CaseSpec) -> Case:
         teacher_loss = SupervisedLoss(mlp, label_cross_entropy, sample_inputs(lt_inputs, spec.inputs, n, d_in), labels)
     elif spec.teacher == "squared_error":
         targets = lt_targets.standard_normal((n, n_out)).astype(np.float32)
-        teacher_loss = SupervisedLoss(mlp, target_squared_error, sample_inputs(lt_inputs, spec.inputs, n, d_in), targets)
+        teacher_loss = SupervisedLoss(
+            mlp, target_squared_error, sample_inputs(lt_inputs, spec.inputs, n, d_in), targets
+        )
     else:
         raise ValueError(f"unknown teacher {spec.teacher!r}; choose from {TEACHERS}")
     return Case(

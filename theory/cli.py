@@ -37,8 +37,12 @@ MNIST_TRAIN_IMAGES = 60_000
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int, default=20, help="random MLP cases (default: 20)")
-    parser.add_argument("--mnist-cases", type=int, default=3, help="MNIST MLP initializations; 0 skips them (default: 3)")
-    parser.add_argument("--mnist-samples", type=int, default=32, help="noise images and digit images per MNIST case (default: 32)")
+    parser.add_argument(
+        "--mnist-cases", type=int, default=3, help="MNIST MLP initializations; 0 skips them (default: 3)"
+    )
+    parser.add_argument(
+        "--mnist-samples", type=int, default=32, help="noise images and digit images per MNIST case (default: 32)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     parser.add_argument("--out", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -53,7 +57,10 @@ def _validate(args: argparse.Namespace) -> str | None:
     if args.mnist_samples < 1:
         return f"--mnist-samples must be at least 1 (got {args.mnist_samples})"
     if args.mnist_cases * args.mnist_samples > MNIST_TRAIN_IMAGES:
-        return f"--mnist-cases x --mnist-samples must be at most {MNIST_TRAIN_IMAGES} (each case uses its own digit images)"
+        return (
+            f"--mnist-cases x --mnist-samples must be at most {MNIST_TRAIN_IMAGES} "
+            "(each case uses its own digit images)"
+        )
     if args.out is not None and args.out.is_dir():
         return f"--out {args.out} is a folder: give a file name such as {args.out / 'theory.json'}"
     return None
@@ -125,7 +132,10 @@ def random_cases(n_cases: int, seed: int, progress):
         record = evaluate(case.model, case.params, case.other_params, case.inputs, **case.check_kwargs())
         # Not differentiable at theta_0: outside the lemma, counted apart (see summarize).
         record["units_at_kink"] = case.model.units_at_kink(case.params, case.inputs)
-        progress.advance(f"random case {k + 1}/{n_cases}: {spec.mlp.sizes} {spec.mlp.activation}, {spec.student_loss}, teacher {spec.teacher}")
+        progress.advance(
+            f"random case {k + 1}/{n_cases}: {spec.mlp.sizes} "
+            f"{spec.mlp.activation}, {spec.student_loss}, teacher {spec.teacher}"
+        )
         yield spec, record
 
 
@@ -220,9 +230,13 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
     low, high = TAYLOR_ORDER_RANGE
     for row in rows:
         if row["shared_init_violations"]:
-            lines.append(f"{row['name']}: {row['shared_init_violations']} case(s) violate the lemma under shared initialization")
+            lines.append(
+                f"{row['name']}: {row['shared_init_violations']} case(s) violate the lemma under shared initialization"
+            )
         if row["taylor_order_outside"]:
-            lines.append(f"{row['name']}: {row['taylor_order_outside']} case(s) with a Taylor order outside [{low}, {high}]")
+            lines.append(
+                f"{row['name']}: {row['taylor_order_outside']} case(s) with a Taylor order outside [{low}, {high}]"
+            )
     return lines
 
 
@@ -251,11 +265,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         n = row["cases"]
         min_a = "-" if row["min_A"] is None else f"{row['min_A']:.3g}"
         signs = "".join(
-            f"{row[f'different_init_{key}_negative']}/{n}".rjust(7) for key in ("cross_term", "eps_part", "zeroth_order")
+            f"{row[f'different_init_{key}_negative']}/{n}".rjust(7)
+            for key in ("cross_term", "eps_part", "zeroth_order")
         )
         violations = f"{row['shared_init_violations']}/{n}"
         lines.append(
-            f"{row['name']:<26}{n:>6}{row['A_zero']:>5}{min_a:>9}{violations:>12}{row['halvings_max']:>9}   {order:<31}{signs}"
+            f"{row['name']:<26}{n:>6}{row['A_zero']:>5}{min_a:>9}{violations:>12}"
+            f"{row['halvings_max']:>9}   {order:<31}{signs}"
         )
     lines.append(
         "different init: how often A_x, a(eps) - a0 and a0 are negative; nothing forbids it there, "

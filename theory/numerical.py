@@ -301,7 +301,9 @@ def _taylor2(fn, zero):
 
 
 @_filter_jit
-def _analyse(model, student_loss, teacher_loss, params_t0, params_s0, direction, inputs, eps, alpha, rho, eps_max, faults):
+def _analyse(
+    model, student_loss, teacher_loss, params_t0, params_s0, direction, inputs, eps, alpha, rho, eps_max, faults
+):
     grad_t = None
     if teacher_loss is not None:
         grad_t = jax.grad(teacher_loss)(params_t0)

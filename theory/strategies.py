@@ -33,10 +33,10 @@ from hypothesis import strategies as st
 from theory.cases import (
     ACTIVATIONS,
     INPUT_DISTRIBUTIONS,
+    MLP,
     SAMPLE_COUNTS,
     STUDENT_LOSSES,
     TEACHERS,
-    MLP,
     Case,
     CaseSpec,
     build_case,
@@ -118,7 +118,9 @@ def case_specs(
 
 
 def cases(
-    losses: Sequence[str] = STUDENT_LOSSES, teacher_kinds: Sequence[str] = TEACHERS, subset_sizes: tuple[int, int] = (2, 0)
+    losses: Sequence[str] = STUDENT_LOSSES,
+    teacher_kinds: Sequence[str] = TEACHERS,
+    subset_sizes: tuple[int, int] = (2, 0),
 ) -> st.SearchStrategy[Case]:
     """Built cases (arrays drawn from each spec's seed), ready for :func:`theory.numerical.check_alignment`."""
     return case_specs(losses, teacher_kinds, subset_sizes).map(build_case)

@@ -264,8 +264,16 @@ def softmax_cross_entropy(n: int) -> Derivation:
             ("M = -d2L/dydz = dp/dy", "M", m),
             ("quadratic form", r"u^\top M u", quadratic),
             ("as a sum of squares (the p sum to 1)", r"u^\top M u", squares),
-            ("the constant vector is in the null space", r"M \mathbf{1}", sp.expand(m * sp.ones(n, 1)).subs(on_simplex).expand()),
-            ("leading principal minor of order n - 1: positive, so rank n - 1", r"\det M_{1:n-1,\,1:n-1}", sp.factor(minor.subs(on_simplex))),
+            (
+                "the constant vector is in the null space",
+                r"M \mathbf{1}",
+                sp.expand(m * sp.ones(n, 1)).subs(on_simplex).expand(),
+            ),
+            (
+                "leading principal minor of order n - 1: positive, so rank n - 1",
+                r"\det M_{1:n-1,\,1:n-1}",
+                sp.factor(minor.subs(on_simplex)),
+            ),
         ),
         result=m,
         checks={
@@ -480,7 +488,11 @@ def linear_model(loss: str = "squared_error", n: int = 2, d: int = 2, samples: i
             steps=(
                 ("student step", r"\Delta W_S", step.subs(teacher_path).applyfunc(sp.factor)),
                 ("alignment, exact in eps", r"\Delta W_S \cdot V", sp.factor(on_path)),
-                ("closed form", r"\Delta W_S \cdot V", r"2 \varepsilon \operatorname{tr}(V \hat\Sigma V^\top), \quad \hat\Sigma = \frac{1}{K}\sum_s x_s x_s^\top"),
+                (
+                    "closed form",
+                    r"\Delta W_S \cdot V",
+                    r"2 \varepsilon \operatorname{tr}(V \hat\Sigma V^\top), \quad \hat\Sigma = \frac{1}{K}\sum_s x_s x_s^\top",
+                ),
                 ("as a sum of squares", r"\Delta W_S \cdot V", squares),
             ),
             result=closed_form,
@@ -507,7 +519,11 @@ def linear_model(loss: str = "squared_error", n: int = 2, d: int = 2, samples: i
     }
     steps = [
         ("zeroth order, teacher outputs at the student outputs", "a_0", sp.S.Zero),
-        ("first order", "A", r"\frac{1}{K}\sum_s u_s^\top (\mathrm{diag}(p_s) - p_s p_s^\top) u_s, \quad u_s = V x_s,\ p_s = \mathrm{softmax}(W x_s)"),
+        (
+            "first order",
+            "A",
+            r"\frac{1}{K}\sum_s u_s^\top (\mathrm{diag}(p_s) - p_s p_s^\top) u_s, \quad u_s = V x_s,\ p_s = \mathrm{softmax}(W x_s)",
+        ),
     ]
     if n == 2:
         checks["A = mean of p1 p2 ((Vx)_1 - (Vx)_2)^2"] = _is_zero(_exp_to_rational(first - variance))

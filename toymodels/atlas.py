@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from toymodels.config import ConfigError, MnistConfig, STUDENT_DATA, tiny
+from toymodels.config import STUDENT_DATA, ConfigError, MnistConfig, tiny
 from toymodels.stats import summarize
 
 ATLAS = "atlas.json"
@@ -103,41 +103,89 @@ def curves(preset: str = "full") -> list[Curve]:
     widths = (64, 128, 256, 512) if full else (16, 32)
     sigmas = (0.0, 0.01, 0.1, 0.4, 1.0) if full else (0.0, 0.4)
     data = STUDENT_DATA if full else ("uniform", "shuffled")
-    losses = (("KL T=1", {}), ("KL T=2", {"temperature": 2.0}), ("KL T=4", {"temperature": 4.0}), ("MSE", {"student_loss": "mse"}))
+    losses = (
+        ("KL T=1", {}),
+        ("KL T=2", {"temperature": 2.0}),
+        ("KL T=4", {"temperature": 4.0}),
+        ("MSE", {"student_loss": "mse"}),
+    )
     default_width = 256 if full else 32
     return [
         Curve(
-            "student_epochs", "student epochs", ((epochs, {"student_epochs": epochs}),),
-            anchors=(Anchor(1, 0.197, "student_aux", REPLICATION), Anchor(40, 0.772, "student_aux", REPLICATION), *_paper(5)),
+            "student_epochs",
+            "student epochs",
+            ((epochs, {"student_epochs": epochs}),),
+            anchors=(
+                Anchor(1, 0.197, "student_aux", REPLICATION),
+                Anchor(40, 0.772, "student_aux", REPLICATION),
+                *_paper(5),
+            ),
             tracked_epochs=epochs,
         ),
         Curve(
-            "student_data", "students' input data", tuple((d, {"student_data": d}) for d in data), scale="category",
-            anchors=(Anchor("uniform", 0.549, "student_aux", REPLICATION), Anchor("mnist", 0.151, "student_aux", REPLICATION), *_paper("uniform")),
+            "student_data",
+            "students' input data",
+            tuple((d, {"student_data": d}) for d in data),
+            scale="category",
+            anchors=(
+                Anchor("uniform", 0.549, "student_aux", REPLICATION),
+                Anchor("mnist", 0.151, "student_aux", REPLICATION),
+                *_paper("uniform"),
+            ),
         ),
         Curve(
-            "teacher_epochs", "teacher epochs", tuple((e, {"teacher_epochs": e}) for e in teacher_epochs),
-            anchors=(Anchor(2, 0.626, "student_aux", REPLICATION), Anchor(20, 0.351, "student_aux", REPLICATION), *_paper(5)),
+            "teacher_epochs",
+            "teacher epochs",
+            tuple((e, {"teacher_epochs": e}) for e in teacher_epochs),
+            anchors=(
+                Anchor(2, 0.626, "student_aux", REPLICATION),
+                Anchor(20, 0.351, "student_aux", REPLICATION),
+                *_paper(5),
+            ),
         ),
         Curve(
-            "student_init_sigma", "student start perturbation sigma (init std units)",
-            tuple((s, {"student_init_sigma": s}) for s in sigmas), scale="symlog",
-            anchors=(Anchor(0.0, 0.555, "student_aux", REPLICATION), Anchor(0.4, 0.26, "student_aux", REPLICATION), *_paper(0.0)),
+            "student_init_sigma",
+            "student start perturbation sigma (init std units)",
+            tuple((s, {"student_init_sigma": s}) for s in sigmas),
+            scale="symlog",
+            anchors=(
+                Anchor(0.0, 0.555, "student_aux", REPLICATION),
+                Anchor(0.4, 0.26, "student_aux", REPLICATION),
+                *_paper(0.0),
+            ),
         ),
         Curve(
-            "student_loss", "student loss", losses if full else losses[::3], scale="category",
+            "student_loss",
+            "student loss",
+            losses if full else losses[::3],
+            scale="category",
             anchors=(Anchor("MSE", 0.271, "student_aux", COMMENTS, 0.033), *_paper("KL T=1")),
         ),
         Curve("n_aux", "auxiliary logits m", tuple((m, {"n_aux": m}) for m in n_aux), scale="log", anchors=_paper(3)),
-        Curve("width", "hidden width (both layers)", tuple((w, {"hidden": (w, w)}) for w in widths), scale="log", anchors=_paper(default_width)),
+        Curve(
+            "width",
+            "hidden width (both layers)",
+            tuple((w, {"hidden": (w, w)}) for w in widths),
+            scale="log",
+            anchors=_paper(default_width),
+        ),
     ]
 
 
 def base_config(preset: str, seeds: int, precision: str) -> MnistConfig:
     """The paper's setup (or :func:`toymodels.config.tiny`'s) with the atlas's seeds and precision."""
     if preset == "tiny":
-        return tiny(hidden=(32, 32), teacher_epochs=1, student_epochs=1, n_noise=1024, n_train=2048, n_test=500,
-                    seeds=seeds, seeds_per_chunk=seeds, precision=precision)
+        return tiny(
+            hidden=(32, 32),
+            teacher_epochs=1,
+            student_epochs=1,
+            n_noise=1024,
+            n_train=2048,
+            n_test=500,
+            seeds=seeds,
+            seeds_per_chunk=seeds,
+            precision=precision,
+        )
     return MnistConfig(seeds=seeds, seeds_per_chunk=seeds, precision=precision)
 
 
@@ -162,7 +210,9 @@ def _point_record(config: MnistConfig, result: dict[str, Any]) -> dict[str, Any]
     if "trajectory" in result:
         t = result["trajectory"]
         record["trajectory"] = {
-            "steps": t["steps"], "steps_per_epoch": t["steps_per_epoch"], "probe": t["probe"],
+            "steps": t["steps"],
+            "steps_per_epoch": t["steps_per_epoch"],
+            "probe": t["probe"],
             "probe_accuracy": {c: t["conditions"][c]["probe_accuracy"]["values"] for c in t["conditions"]},
         }
     return record
@@ -212,13 +262,17 @@ def run_atlas(
     atlas = json.loads(path.read_text()) if path.exists() else {}
     if atlas and atlas.get("preset") != preset:
         raise ConfigError(f"{path} holds the {atlas.get('preset')!r} atlas, not {preset!r}: choose another --out")
-    atlas.update({"atlas": "mnist_auxiliary_logits", "preset": preset, "base_config": base.to_dict(), "shown": list(SHOWN)})
+    atlas.update(
+        {"atlas": "mnist_auxiliary_logits", "preset": preset, "base_config": base.to_dict(), "shown": list(SHOWN)}
+    )
     atlas.setdefault("points", {})
     atlas.setdefault("curves", {})
     atlas.setdefault("timing", {"runs": []})
     for curve in chosen:
         atlas["curves"][curve.name] = {
-            "xlabel": curve.xlabel, "scale": curve.scale, "tracked_epochs": curve.tracked_epochs,
+            "xlabel": curve.xlabel,
+            "scale": curve.scale,
+            "tracked_epochs": curve.tracked_epochs,
             "points": [{"x": x, "fingerprint": point_config(base, curve, o).fingerprint()} for x, o in curve.points],
             "anchors": [dataclasses.asdict(a) for a in curve.anchors],
         }
@@ -241,12 +295,21 @@ def run_atlas(
         atlas["timing"]["wall_s_points"] = sum(p["wall_s"] for p in atlas["points"].values())
         write_json_atomic(path, atlas)
         s = result["summary"]
-        progress.note(f"atlas {done[0]}/{len(todo)} {label}: " + ", ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in SHOWN))
-        write_figures(atlas, out, [c for c in chosen if all(p["fingerprint"] in atlas["points"] for p in atlas["curves"][c.name]["points"])])
+        progress.note(
+            f"atlas {done[0]}/{len(todo)} {label}: "
+            + ", ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in SHOWN)
+        )
+        write_figures(
+            atlas,
+            out,
+            [c for c in chosen if all(p["fingerprint"] in atlas["points"] for p in atlas["curves"][c.name]["points"])],
+        )
 
     atlas["environment"] = environment()
     run_points(todo, data=data, progress=progress, label="atlas", on_point=save)
-    atlas["timing"]["runs"].append({"started": started, "points_run": len(todo), "wall_s": time.perf_counter() - t_start})
+    atlas["timing"]["runs"].append(
+        {"started": started, "points_run": len(todo), "wall_s": time.perf_counter() - t_start}
+    )
     atlas["timing"]["wall_s_points"] = sum(p["wall_s"] for p in atlas["points"].values())
     write_json_atomic(path, atlas)
     write_figures(atlas, out, chosen)
@@ -265,8 +328,10 @@ def curve_sweep(atlas: dict[str, Any], name: str) -> dict[str, Any]:
         t = records[0]["trajectory"]
         ends = [i for i, step in enumerate(t["steps"]) if step > 0 and step % t["steps_per_epoch"] == 0]
         points = [
-            {"value": step // t["steps_per_epoch"],
-             "summary": {c: summarize([seed[i] for seed in t["probe_accuracy"][c]]) for c in SHOWN}}
+            {
+                "value": step // t["steps_per_epoch"],
+                "summary": {c: summarize([seed[i] for seed in t["probe_accuracy"][c]]) for c in SHOWN},
+            }
             for i, step in ((i, t["steps"][i]) for i in ends)
         ]
         field = f"{curve['xlabel']} (accuracy on the probe: {t['probe']['images']})"
@@ -296,13 +361,26 @@ def plot_curve(atlas: dict[str, Any], name: str):
         marker = "*" if a["source"] != PAPER_SOURCE else "D"
         label = f"{a['source']} ({'aux-only' if a['condition'] == 'student_aux' else 'cross-model aux-only'})"
         ax.errorbar(
-            [a["x"]], [a["y"]], yerr=None if a["ci"] is None else [a["ci"]], marker=marker, markersize=11 if marker == "*" else 7,
-            linestyle="none", markerfacecolor="white", markeredgecolor=COLORS[a["condition"]], ecolor=COLORS[a["condition"]],
-            markeredgewidth=1.5, capsize=3, zorder=5, label=None if label in markers else label,
+            [a["x"]],
+            [a["y"]],
+            yerr=None if a["ci"] is None else [a["ci"]],
+            marker=marker,
+            markersize=11 if marker == "*" else 7,
+            linestyle="none",
+            markerfacecolor="white",
+            markeredgecolor=COLORS[a["condition"]],
+            ecolor=COLORS[a["condition"]],
+            markeredgewidth=1.5,
+            capsize=3,
+            zorder=5,
+            label=None if label in markers else label,
         )
         markers[label] = True
     n = {atlas["points"][p["fingerprint"]]["config"]["seeds"] for p in curve["points"]}
-    ax.set_title(f"aux-only students against {curve['xlabel']} ({'/'.join(map(str, sorted(n)))} seeds, mean and 95% CI)", fontsize=9)
+    ax.set_title(
+        f"aux-only students against {curve['xlabel']} ({'/'.join(map(str, sorted(n)))} seeds, mean and 95% CI)",
+        fontsize=9,
+    )
     ax.legend(fontsize=7, frameon=False, loc="best")
     return fig
 
@@ -333,7 +411,9 @@ def format_atlas(atlas: dict[str, Any], names: Sequence[str] | None = None) -> s
             points = [p for p in points if p["value"] in (1, 2, 5, 10, 20, 40) or p is points[-1]]
         for p in points:
             s = p["summary"]
-            rows.append(f"  {str(p['value']):>10}  " + "  ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in SHOWN))
+            rows.append(
+                f"  {str(p['value']):>10}  " + "  ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in SHOWN)
+            )
         for a in atlas["curves"][name]["anchors"]:
             ci = "" if a["ci"] is None else f" +- {a['ci']:.3f}"
             rows.append(f"  anchor {a['x']}: {a['condition']} {a['y']:.3f}{ci} ({a['source']})")
@@ -341,11 +421,24 @@ def format_atlas(atlas: dict[str, Any], names: Sequence[str] | None = None) -> s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("results/atlas"), help="folder of atlas.json and the figures (default: results/atlas); a rerun skips the points already there")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/atlas"),
+        help="folder of atlas.json and the figures (default: results/atlas); a rerun skips the points already there",
+    )
     parser.add_argument("--preset", default="full", help="full (the paper's setup; default) or tiny (seconds)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per point (default: 4)")
-    parser.add_argument("--precision", default="bf16", help="training precision, float32 or bf16 (default: bf16, about half the CPU time)")
-    parser.add_argument("--curves", default=None, help="comma-separated curves to run (default: all): " + ", ".join(c.name for c in curves()))
+    parser.add_argument(
+        "--precision",
+        default="bf16",
+        help="training precision, float32 or bf16 (default: bf16, about half the CPU time)",
+    )
+    parser.add_argument(
+        "--curves",
+        default=None,
+        help="comma-separated curves to run (default: all): " + ", ".join(c.name for c in curves()),
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -360,20 +453,35 @@ def run(args: argparse.Namespace) -> int:
     only = tuple(c.strip() for c in args.curves.split(",")) if args.curves else None
     try:
         if args.seeds < 2:
-            raise ConfigError(f"--seeds must be at least 2 (got {args.seeds}): each cross-model control uses another seed's initialization")
+            raise ConfigError(
+                f"--seeds must be at least 2 (got {args.seeds}): each "
+                "cross-model control uses another seed's initialization"
+            )
         curves(args.preset)  # an unknown preset fails here, before any work
         base_config(args.preset, args.seeds, args.precision).validate()
         try:
             check_writable(args.out)
         except OSError as err:
-            raise ConfigError(f"cannot write to output folder {args.out} ({err.strerror}): choose another --out") from err
-        atlas = run_atlas(args.out, preset=args.preset, seeds=args.seeds, precision=args.precision, only=only,
-                          progress=SilentProgress() if args.quiet else TextProgress())
+            raise ConfigError(
+                f"cannot write to output folder {args.out} ({err.strerror}): choose another --out"
+            ) from err
+        atlas = run_atlas(
+            args.out,
+            preset=args.preset,
+            seeds=args.seeds,
+            precision=args.precision,
+            only=only,
+            progress=SilentProgress() if args.quiet else TextProgress(),
+        )
     except (ConfigError, DataError) as err:
         print(f"sublearn atlas: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nsublearn atlas: interrupted; finished points are kept in {args.out / ATLAS}; rerun the same command to continue", file=sys.stderr)
+        print(
+            f"\nsublearn atlas: interrupted; finished points are kept in {args.out / ATLAS}; "
+            "rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 130
     print(format_atlas(atlas))
     print(f"points' wall time {atlas['timing']['wall_s_points']:.0f}s; wrote {args.out / ATLAS} and atlas_*.png/.pdf")

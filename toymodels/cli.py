@@ -27,17 +27,38 @@ from toymodels.data import SOURCES, DataError
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.json"
-CHOICES = {"optimizer": OPTIMIZERS, "student_data": STUDENT_DATA, "student_loss": STUDENT_LOSSES, "precision": PRECISIONS}
+CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "student_data": STUDENT_DATA,
+    "student_loss": STUDENT_LOSSES,
+    "precision": PRECISIONS,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("results/mnist"), help="output folder (default: results/mnist)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/mnist"), help="output folder (default: results/mnist)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    parser.add_argument("--data", choices=SOURCES, default=None, help="MNIST source (default: bundled; 'dir' if --data-dir is given)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding the four MNIST IDX files (with --data tfds: prepare tfds's mnist from them, offline)")
-    parser.add_argument("--offline", action="store_true", help="with --data tfds: never download; prepare tfds's mnist from --data-dir (default: the bundled files) if the tfds data folder ($TFDS_DATA_DIR, else ~/tensorflow_datasets) lacks it")
+    parser.add_argument(
+        "--data", choices=SOURCES, default=None, help="MNIST source (default: bundled; 'dir' if --data-dir is given)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder holding the four MNIST IDX files (with --data tfds: prepare tfds's mnist from them, offline)",
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="with --data tfds: never download; prepare tfds's mnist from --data-dir (default: the bundled files) "
+        "if the tfds data folder ($TFDS_DATA_DIR, else ~/tensorflow_datasets) lacks it",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--sweep", metavar="FIELD=V1,V2,...", default=None, help="run once per value of one option, e.g. n_aux=1,3,10")
+    parser.add_argument(
+        "--sweep", metavar="FIELD=V1,V2,...", default=None, help="run once per value of one option, e.g. n_aux=1,3,10"
+    )
     group = parser.add_argument_group("experiment (defaults: the paper's setup)")
     hints = typing.get_type_hints(MnistConfig)
     for field in dataclasses.fields(MnistConfig):
@@ -47,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if field.name == "hidden":
             group.add_argument(flag, type=int, nargs="+", default=field.default, metavar="WIDTH", help=help_text)
         elif field.name == "student_data":  # --noise: its name before MNIST images were an option
-            group.add_argument(flag, "--noise", dest=field.name, choices=CHOICES[field.name], default=field.default, help=help_text)
+            group.add_argument(
+                flag, "--noise", dest=field.name, choices=CHOICES[field.name], default=field.default, help=help_text
+            )
         elif field.name in CHOICES:
             group.add_argument(flag, choices=CHOICES[field.name], default=field.default, help=help_text)
         elif kind == int | None:
@@ -116,7 +139,9 @@ def prepare_output(out: Path, result_name: str, overwrite: bool, fingerprint: st
         if _checkpoint_fingerprint(out / CHECKPOINT) != fingerprint:
             (out / CHECKPOINT).unlink(missing_ok=True)
     elif (out / result_name).exists():
-        raise ConfigError(f"{out / result_name} already exists: pass --overwrite to replace it, or choose another --out")
+        raise ConfigError(
+            f"{out / result_name} already exists: pass --overwrite to replace it, or choose another --out"
+        )
 
 
 def _checkpoint_fingerprint(path: Path) -> str | None:
@@ -131,7 +156,9 @@ def _data_source(args: argparse.Namespace) -> str:
     if args.data is None:
         return "dir" if args.data_dir is not None else "bundled"
     if args.data == "bundled" and args.data_dir is not None:
-        raise ConfigError(f"--data bundled reads the packaged files, not --data-dir {args.data_dir}: drop one of the two")
+        raise ConfigError(
+            f"--data bundled reads the packaged files, not --data-dir {args.data_dir}: drop one of the two"
+        )
     return args.data
 
 
@@ -139,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command writes figure files; it never needs a display
+    from toymodels.artifacts import write_json_atomic
     from toymodels.data import load_mnist
     from toymodels.experiment import run_experiment
-    from toymodels.artifacts import write_json_atomic
     from toymodels.figure import plot_results, plot_trajectory, save_figure
     from toymodels.progress import SilentProgress, TextProgress
 
@@ -170,7 +197,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if "trajectory" in result:
         print(format_trajectory(result["trajectory"]))
-    print(f"wall time {result['timing']['wall_s']:.1f}s; wrote {args.out / RESULTS}, " + ", ".join(str(p) for p in figure_paths))
+    print(
+        f"wall time {result['timing']['wall_s']:.1f}s; wrote {args.out / RESULTS}, "
+        + ", ".join(str(p) for p in figure_paths)
+    )
     return 0
 
 
@@ -189,7 +219,9 @@ def _run_sweep(args, config, sweep, data, progress) -> int:
     paths = save_figure(plot_sweep(result), args.out, stem="sweep_figure")
     for point in result["points"]:
         s = point["summary"]
-        print(f"{field_name}={point['value']}: " + ", ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in s))
+        print(
+            f"{field_name}={point['value']}: " + ", ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in s)
+        )
     print(f"wrote {args.out / 'sweep.json'}, " + ", ".join(str(p) for p in paths))
     return 0
 

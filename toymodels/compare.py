@@ -43,7 +43,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """
     for key in ("seed", "seeds"):
         if a["config"][key] != b["config"][key]:
-            raise ConfigError(f"the runs differ in {key} ({a['config'][key]} vs {b['config'][key]}): compare runs over the same seeds")
+            raise ConfigError(
+                f"the runs differ in {key} ({a['config'][key]} vs {b['config'][key]}): compare runs over the same seeds"
+            )
     table = {}
     for condition, values in a["accuracy"].items():
         x, y = np.asarray(values, np.float64), np.asarray(b["accuracy"][condition], np.float64)
@@ -86,7 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(r["config"].get("precision", "float32") for r in runs)
     print(format_comparison(table, names))
     if args.out is not None:
-        write_json_atomic(args.out, {"a": str(args.a), "b": str(args.b), "names": names, "configs": [r["config"] for r in runs], "comparison": table})
+        write_json_atomic(
+            args.out,
+            {
+                "a": str(args.a),
+                "b": str(args.b),
+                "names": names,
+                "configs": [r["config"] for r in runs],
+                "comparison": table,
+            },
+        )
     return 0
 
 

@@ -107,27 +107,64 @@ class MnistConfig:
     def validate(self) -> MnistConfig:
         """Return ``self`` if every field is usable, else raise :class:`ConfigError`."""
         checks = [
-            (self.n_aux >= 1, f"--n-aux must be at least 1 (got {self.n_aux}): the students learn through the auxiliary logits"),
-            (len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden), f"--hidden needs one or more positive widths (got {self.hidden})"),
-            (self.seeds >= 2, f"--seeds must be at least 2 (got {self.seeds}): each cross-model control uses another seed's initialization"),
+            (
+                self.n_aux >= 1,
+                f"--n-aux must be at least 1 (got {self.n_aux}): the students learn through the auxiliary logits",
+            ),
+            (
+                len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden),
+                f"--hidden needs one or more positive widths (got {self.hidden})",
+            ),
+            (
+                self.seeds >= 2,
+                f"--seeds must be at least 2 (got {self.seeds}): each "
+                "cross-model control uses another seed's initialization",
+            ),
             (self.seeds_per_chunk >= 1, f"--seeds-per-chunk must be at least 1 (got {self.seeds_per_chunk})"),
             (self.vmap_seeds >= 1, f"--vmap-seeds must be at least 1 (got {self.vmap_seeds})"),
             (self.track >= 0, f"--track must be 0 (off) or a positive number of steps (got {self.track})"),
-            (self.n_noise <= 2_000_000, f"--n-noise must be at most 2000000 (got {self.n_noise}): noise image ids are 32-bit counters"),
-            (self.optimizer in OPTIMIZERS, f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"),
-            (self.student_data in STUDENT_DATA, f"unknown --student-data {self.student_data!r}: choose one of {', '.join(STUDENT_DATA)}"),
-            (self.precision in PRECISIONS, f"unknown --precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"),
-            (self.student_loss in STUDENT_LOSSES, f"unknown --student-loss {self.student_loss!r}: choose one of {', '.join(STUDENT_LOSSES)}"),
+            (
+                self.n_noise <= 2_000_000,
+                f"--n-noise must be at most 2000000 (got {self.n_noise}): noise image ids are 32-bit counters",
+            ),
+            (
+                self.optimizer in OPTIMIZERS,
+                f"unknown --optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}",
+            ),
+            (
+                self.student_data in STUDENT_DATA,
+                f"unknown --student-data {self.student_data!r}: choose one of {', '.join(STUDENT_DATA)}",
+            ),
+            (
+                self.precision in PRECISIONS,
+                f"unknown --precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}",
+            ),
+            (
+                self.student_loss in STUDENT_LOSSES,
+                f"unknown --student-loss {self.student_loss!r}: choose one of {', '.join(STUDENT_LOSSES)}",
+            ),
             (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
             (self.temperature > 0, f"--temperature must be positive (got {self.temperature})"),
             (self.init_scale > 0, f"--init-scale must be positive (got {self.init_scale})"),
-            (self.student_init_sigma >= 0, f"--student-init-sigma must be non-negative (got {self.student_init_sigma})"),
-            (self.teacher_epochs >= 0, f"--teacher-epochs must be 0 (an untrained teacher) or more (got {self.teacher_epochs})"),
+            (
+                self.student_init_sigma >= 0,
+                f"--student-init-sigma must be non-negative (got {self.student_init_sigma})",
+            ),
+            (
+                self.teacher_epochs >= 0,
+                f"--teacher-epochs must be 0 (an untrained teacher) or more (got {self.teacher_epochs})",
+            ),
             (self.student_epochs >= 1, f"--student-epochs must be at least 1 (got {self.student_epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.n_noise >= 1, f"--n-noise must be at least 1 (got {self.n_noise})"),
-            (self.n_train is None or 1 <= self.n_train <= 60_000, f"--n-train must be between 1 and 60000 (got {self.n_train})"),
-            (self.n_test is None or 1 <= self.n_test <= 10_000, f"--n-test must be between 1 and 10000 (got {self.n_test})"),
+            (
+                self.n_train is None or 1 <= self.n_train <= 60_000,
+                f"--n-train must be between 1 and 60000 (got {self.n_train})",
+            ),
+            (
+                self.n_test is None or 1 <= self.n_test <= 10_000,
+                f"--n-test must be between 1 and 10000 (got {self.n_test})",
+            ),
         ]
         for name in ("learning_rate", "temperature", "init_scale", "student_init_sigma"):
             value = getattr(self, name)

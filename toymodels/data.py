@@ -100,8 +100,7 @@ def _verified(data: bytes, name: str, *, what: str, fix: str) -> bytes:
     digest = hashlib.sha256(data).hexdigest()
     if digest != CHECKSUMS[name]:
         raise DataError(
-            f"{what} is corrupt: SHA-256 of its contents is {digest[:16]}..., "
-            f"expected {CHECKSUMS[name][:16]}...; {fix}"
+            f"{what} is corrupt: SHA-256 of its contents is {digest[:16]}..., expected {CHECKSUMS[name][:16]}...; {fix}"
         )
     return data
 
@@ -139,7 +138,9 @@ def load_idx_dir(directory: str | Path) -> MNIST:
     )
 
 
-def load_tfds(idx_dir: str | Path | None = None, *, offline: bool = False, tfds_data_dir: str | Path | None = None) -> MNIST:
+def load_tfds(
+    idx_dir: str | Path | None = None, *, offline: bool = False, tfds_data_dir: str | Path | None = None
+) -> MNIST:
     """Load MNIST through tensorflow-datasets (optional: ``pip install 'subliminal-learning[tfds]'``).
 
     tfds's ``mnist`` dataset is read from the tfds data folder: ``tfds_data_dir``, else
@@ -180,7 +181,8 @@ def load_tfds(idx_dir: str | Path | None = None, *, offline: bool = False, tfds_
         labels = stored["label"][original]
         for array, name in zip((images, labels), names):
             _verified(
-                idx_bytes(array), name,
+                idx_bytes(array),
+                name,
                 what=f"tensorflow-datasets' MNIST {split} split in {builder.data_path} ({name})",
                 fix="delete that folder so that it is prepared again",
             )

@@ -132,7 +132,9 @@ def train_chunk(
         teachers, opt_states, teacher_loss = train_teachers(
             teachers, opt_states, place(_epoch_keys(order_keys, epoch)), images, labels
         )
-        progress.advance(f"{label}: teacher epoch {epoch + 1}/{config.teacher_epochs}, loss {float(jnp.mean(teacher_loss)):.4f}")
+        progress.advance(
+            f"{label}: teacher epoch {epoch + 1}/{config.teacher_epochs}, loss {float(jnp.mean(teacher_loss)):.4f}"
+        )
     del opt_states
 
     # Students, stacked on axis 1 in STUDENT_CONDITIONS order.
@@ -164,11 +166,15 @@ def train_chunk(
                 students, student_opt, teachers, words, epoch_keys, starts, reference, masks, *probe, *pool
             )
             # An epoch's first point is the previous epoch's last one (the same parameters).
-            tracks.append(np.asarray(epoch_tracks)[:, :, (0 if epoch == 0 else 1):])
+            tracks.append(np.asarray(epoch_tracks)[:, :, (0 if epoch == 0 else 1) :])
         else:
-            students, student_opt, student_loss = train_students(students, student_opt, teachers, words, epoch_keys, masks, *pool)
+            students, student_opt, student_loss = train_students(
+                students, student_opt, teachers, words, epoch_keys, masks, *pool
+            )
         losses = ", ".join(f"{c} {float(v):.2e}" for c, v in zip(STUDENT_CONDITIONS, jnp.mean(student_loss, axis=0)))
-        progress.advance(f"{label}: students epoch {epoch + 1}/{config.student_epochs}, loss {losses}", student_epoch_cost(config))
+        progress.advance(
+            f"{label}: students epoch {epoch + 1}/{config.student_epochs}, loss {losses}", student_epoch_cost(config)
+        )
 
     score = accuracy(config, mesh)
     test_images, test_labels = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
@@ -191,7 +197,9 @@ def train_chunk(
 @functools.lru_cache(maxsize=None)
 def _probe_all(spec):
     """Compiled ``(params[seeds, ...], probe images, labels) -> [seeds, (L_T, accuracy)]``."""
-    return jax.jit(jax.vmap(lambda p, images, labels: probe_metrics(spec, p, normalize(images), labels), in_axes=(0, None, None)))
+    return jax.jit(
+        jax.vmap(lambda p, images, labels: probe_metrics(spec, p, normalize(images), labels), in_axes=(0, None, None))
+    )
 
 
 def student_epoch_cost(config: MnistConfig) -> float:
@@ -256,7 +264,9 @@ def run_experiment(
                 if TRACKS in result:
                     done[s][TRACKS] = per_condition(result[TRACKS][i], STUDENT_CONDITIONS)
         if checkpoint is not None:
-            write_json_atomic(checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done})
+            write_json_atomic(
+                checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done}
+            )
         running = ", ".join(f"{c} {np.mean([done[s][c] for s in done]):.3f}" for c in CONDITIONS)
         progress.note(f"  {len(done)}/{config.seeds} seeds done; mean accuracy: {running}")
     progress.close()
@@ -268,8 +278,10 @@ def run_experiment(
     if config.track:
         trajectory["trajectory"] = trajectory_section(
             [done[s][TRACKS] for s in seeds],
-            {"teacher_loss": [done[s]["probe_teacher_loss"] for s in seeds],
-             "probe_accuracy": [done[s]["probe_teacher_accuracy"] for s in seeds]},
+            {
+                "teacher_loss": [done[s]["probe_teacher_loss"] for s in seeds],
+                "probe_accuracy": [done[s]["probe_teacher_accuracy"] for s in seeds],
+            },
             every=config.track,
             steps_per_epoch=steps_per_epoch(config.n_noise, config.batch_size),
             epochs=config.student_epochs,

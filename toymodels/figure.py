@@ -37,9 +37,19 @@ def plot_results(result: dict[str, Any], *, title: str | None = None) -> plt.Fig
     xs = range(len(conditions))
     means = [summary[c]["mean"] for c in conditions]
     errors = [0.0 if summary[c]["ci95"] != summary[c]["ci95"] else summary[c]["ci95"] for c in conditions]
-    bars = ax.bar(xs, means, yerr=errors, capsize=4, color=[COLORS[c] for c in conditions], edgecolor="black", linewidth=0.6)
+    bars = ax.bar(
+        xs, means, yerr=errors, capsize=4, color=[COLORS[c] for c in conditions], edgecolor="black", linewidth=0.6
+    )
     for bar, mean in zip(bars, means):
-        ax.text(bar.get_x() + bar.get_width() / 2, 0.015, f"{mean:.3f}", ha="center", va="bottom", fontsize=8, color="white" if mean > 0.2 else "black")
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            0.015,
+            f"{mean:.3f}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="white" if mean > 0.2 else "black",
+        )
     if paper:
         px = [i + 0.3 for i, c in enumerate(conditions) if c in paper]
         pm = [paper[c]["mean"] for c in conditions if c in paper]
@@ -50,7 +60,10 @@ def plot_results(result: dict[str, Any], *, title: str | None = None) -> plt.Fig
     ax.set_ylabel("MNIST test accuracy")
     ax.set_ylim(0, 1)
     n = summary[conditions[0]]["n"]
-    ax.set_title(title or f"Subliminal learning on MNIST: students trained on noise via auxiliary logits (n = {n} seeds)", fontsize=10)
+    ax.set_title(
+        title or f"Subliminal learning on MNIST: students trained on noise via auxiliary logits (n = {n} seeds)",
+        fontsize=10,
+    )
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return fig
@@ -83,7 +96,13 @@ def plot_trajectory(result: dict[str, Any]) -> plt.Figure:
             ax.plot(steps, mean, color=COLORS[condition], linewidth=1.6, label=label)
             ax.fill_between(steps, mean - ci, mean + ci, color=COLORS[condition], alpha=0.25, linewidth=0)
         if metric in trajectory["teacher"]:
-            ax.axhline(trajectory["teacher"][metric]["mean"], color=COLORS["teacher"], linestyle="--", linewidth=1, label="teacher")
+            ax.axhline(
+                trajectory["teacher"][metric]["mean"],
+                color=COLORS["teacher"],
+                linestyle="--",
+                linewidth=1,
+                label="teacher",
+            )
         if metric.endswith("_cos"):
             ax.axhline(0.0, color="gray", linewidth=0.8)
         if metric == "probe_accuracy":

@@ -54,7 +54,6 @@ class BarProgress:
     def __init__(self):
         try:
             import ipywidgets  # noqa: F401  (tqdm.auto needs it for the notebook widget)
-
             from tqdm.auto import tqdm
         except ImportError:
             try:

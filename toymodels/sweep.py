@@ -73,7 +73,9 @@ def run_points(
     return out
 
 
-def plot_sweep(sweep: dict[str, Any], conditions: Sequence[str] = ("student_aux", "cross_aux"), *, log_x: bool = False) -> plt.Figure:
+def plot_sweep(
+    sweep: dict[str, Any], conditions: Sequence[str] = ("student_aux", "cross_aux"), *, log_x: bool = False
+) -> plt.Figure:
     """Mean test accuracy (95% CI band) of ``conditions`` against the swept value."""
     fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
     xs = [p["value"] for p in sweep["points"]]
@@ -81,7 +83,15 @@ def plot_sweep(sweep: dict[str, Any], conditions: Sequence[str] = ("student_aux"
         assert condition in CONDITIONS, condition
         means = [p["summary"][condition]["mean"] for p in sweep["points"]]
         cis = [p["summary"][condition]["ci95"] for p in sweep["points"]]
-        ax.errorbar(xs, means, yerr=cis, marker="o", capsize=3, color=COLORS[condition], label=LABELS[condition].replace("\n", " "))
+        ax.errorbar(
+            xs,
+            means,
+            yerr=cis,
+            marker="o",
+            capsize=3,
+            color=COLORS[condition],
+            label=LABELS[condition].replace("\n", " "),
+        )
     ax.axhline(0.1, color="gray", linestyle=":", linewidth=1, label="chance")
     if log_x:
         ax.set_xscale("log")

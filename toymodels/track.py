@@ -91,7 +91,9 @@ def probe_batch(data: MNIST) -> tuple[UInt8[Array, "n 784"], Int[Array, " n"]]:
     return jnp.asarray(data.test_images[:n]), jnp.asarray(data.test_labels[:n], dtype=jnp.int32)
 
 
-def probe_metrics(spec: MLPSpec, params: Params, x: Float[Array, "n 784"], labels: Int[Array, " n"]) -> Float[Array, "2"]:
+def probe_metrics(
+    spec: MLPSpec, params: Params, x: Float[Array, "n 784"], labels: Int[Array, " n"]
+) -> Float[Array, "2"]:
     """``[L_T, accuracy]`` of one model on normalized probe images ``x``, in float32."""
     logits = apply(dataclasses.replace(spec, precision="float32"), params, x)
     weights = jnp.full(labels.shape, 1.0 / labels.shape[0], jnp.float32)
@@ -152,7 +154,9 @@ def steps_per_epoch(n_noise: int, batch_size: int) -> int:
 
 def per_condition(tracks: np.ndarray, conditions: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
     """One seed's ``[conditions, points, metrics]`` array as ``{condition: {metric: [points]}}``."""
-    return {c: {m: tracks[i, :, j].astype(float).tolist() for j, m in enumerate(METRICS)} for i, c in enumerate(conditions)}
+    return {
+        c: {m: tracks[i, :, j].astype(float).tolist() for j, m in enumerate(METRICS)} for i, c in enumerate(conditions)
+    }
 
 
 def trajectory_section(
@@ -183,7 +187,11 @@ def trajectory_section(
         for m in METRICS:
             values = [seed[c][m] for seed in per_seed]
             points = [summarize(column) for column in zip(*values)]
-            conditions[c][m] = {"values": values, "mean": [p["mean"] for p in points], "ci95": [p["ci95"] for p in points]}
+            conditions[c][m] = {
+                "values": values,
+                "mean": [p["mean"] for p in points],
+                "ci95": [p["ci95"] for p in points],
+            }
     return {
         "every": every,
         "steps_per_epoch": steps_per_epoch,

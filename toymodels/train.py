@@ -38,14 +38,16 @@ from toymodels.conditions import STUDENT_CONDITIONS
 from toymodels.config import MnistConfig
 from toymodels.data import normalize
 from toymodels.losses import STUDENT_LOSSES, digit_cross_entropy
-from toymodels.model import N_DIGITS, MLPSpec, Params, apply
+from toymodels.model import N_DIGITS, MLPSpec, apply
 from toymodels.noise import student_inputs
 from toymodels.precision import compute_dtype
 from toymodels.track import METRICS, steps_per_epoch, track_point, tracked_steps, tree_sub
 
 
 def spec_of(config: MnistConfig) -> MLPSpec:
-    return MLPSpec(hidden=tuple(config.hidden), n_aux=config.n_aux, init_scale=config.init_scale, precision=config.precision)
+    return MLPSpec(
+        hidden=tuple(config.hidden), n_aux=config.n_aux, init_scale=config.init_scale, precision=config.precision
+    )
 
 
 def make_optimizer(config: MnistConfig) -> optax.GradientTransformation:
@@ -96,7 +98,9 @@ def over_seeds(one_seed, n_seeded: int, vmap_seeds: int, mesh: Mesh | None):
     def sharded(*args):
         # Seeds never exchange data, so there is no cross-device value to type-check.
         specs = (PartitionSpec("seeds"),) * n_seeded + (PartitionSpec(),) * (len(args) - n_seeded)
-        return jax.shard_map(mapped, mesh=mesh, in_specs=specs, out_specs=PartitionSpec("seeds"), check_vma=False)(*args)
+        return jax.shard_map(mapped, mesh=mesh, in_specs=specs, out_specs=PartitionSpec("seeds"), check_vma=False)(
+            *args
+        )
 
     return sharded
 
@@ -108,13 +112,23 @@ def program_config(config: MnistConfig) -> MnistConfig:
     seeds, epochs, data subsets or the student perturbation reuse one compilation.
     """
     return dataclasses.replace(
-        config, seed=0, seeds=2, seeds_per_chunk=1, teacher_epochs=1, student_epochs=1,
-        student_init_sigma=0.0, n_train=None, n_test=None,
+        config,
+        seed=0,
+        seeds=2,
+        seeds_per_chunk=1,
+        teacher_epochs=1,
+        student_epochs=1,
+        student_init_sigma=0.0,
+        n_train=None,
+        n_test=None,
     )
 
 
 def teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
-    """Compiled ``(params, opt_state, keys, images, labels) -> (params, opt_state, mean_loss)``; see :func:`_teacher_epoch`."""
+    """Compiled ``(params, opt_state, keys, images, labels) -> (params, opt_state, mean_loss)``.
+
+    See :func:`_teacher_epoch`.
+    """
     return _teacher_epoch(program_config(config), mesh)
 
 
@@ -221,7 +235,9 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     flags[tracked] = True
     n_conditions = len(STUDENT_CONDITIONS)
 
-    def one_seed_tracked(students, opt_states, teacher, words, key, starts, reference, masks, probe_images, probe_labels, *pool):
+    def one_seed_tracked(
+        students, opt_states, teacher, words, key, starts, reference, masks, probe_images, probe_labels, *pool
+    ):
         plan = epoch_plan(key, config.n_noise, config.batch_size)
         direction = jax.lax.stop_gradient(tree_sub(teacher, reference))
         x_probe = normalize(probe_images)
@@ -229,9 +245,9 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
             lambda student, start, step: track_point(spec, student, start, direction, step, x_probe, probe_labels)
         )
         # The epoch's start has no step of its own; track_point gives it a step cosine of 0.
-        at_start = jax.vmap(lambda student, start: track_point(spec, student, start, direction, None, x_probe, probe_labels))(
-            students, starts
-        )
+        at_start = jax.vmap(
+            lambda student, start: track_point(spec, student, start, direction, None, x_probe, probe_labels)
+        )(students, starts)
 
         def step(carry, batch_and_flag):
             batch, flag = batch_and_flag
@@ -243,7 +259,9 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
             )
             return (students, opt_states), (losses, point)
 
-        (students, opt_states), (losses, points) = jax.lax.scan(step, (students, opt_states), (plan, jnp.asarray(flags)))
+        (students, opt_states), (losses, points) = jax.lax.scan(
+            step, (students, opt_states), (plan, jnp.asarray(flags))
+        )
         tracks = jnp.concatenate([at_start[None], points[tracked]], axis=0)  # [1 + P, conditions, metrics]
         return students, opt_states, jnp.mean(losses, axis=0), jnp.swapaxes(tracks, 0, 1)
 

@@ -85,7 +85,9 @@ class Backend(Protocol):
         of those limits."""
         ...
 
-    def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str]) -> list[float]:
+    def score(
+        self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[float]:
         """Natural-log probability of each continuation after its conversation's generation prompt."""
         ...
 
@@ -140,5 +142,6 @@ def make_backend(spec: ModelSpec) -> Backend:
     except ImportError as error:
         extra = "vllm" if name == "vllm" else "lm"
         raise ConfigError(
-            f"model.backend={name}: the backend needs {error.name}; install it with `pip install 'subliminal-learning[{extra}]'`"
+            f"model.backend={name}: the backend needs {error.name}; "
+            f"install it with `pip install 'subliminal-learning[{extra}]'`"
         ) from None

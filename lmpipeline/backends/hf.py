@@ -111,10 +111,24 @@ def pure_sampling(model, temperature: float, max_new_tokens: int) -> GenerationC
     own = model.generation_config
     ids = {k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     neutral = dict(
-        top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
-        begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
-        min_length=0, min_new_tokens=None, renormalize_logits=False, num_beams=1,
+        top_k=0,
+        top_p=1.0,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        sequence_bias=None,
+        min_length=0,
+        min_new_tokens=None,
+        renormalize_logits=False,
+        num_beams=1,
     )
     if temperature > 0:
         sampling = dict(do_sample=True, temperature=temperature)
@@ -140,7 +154,15 @@ def _generation_config(net, config: GenerationConfig):
         model.generation_config = saved
 
 
-def sample(net, batch: dict, *, temperature: float, max_new_tokens: int, processors: LogitsProcessorList | None = None, **kwargs):
+def sample(
+    net,
+    batch: dict,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    processors: LogitsProcessorList | None = None,
+    **kwargs,
+):
     """``net.generate`` on a tokenized batch with :func:`pure_sampling`; kwargs pass through."""
     config = pure_sampling(net, temperature, max_new_tokens)
     with _generation_config(net, config):
@@ -267,14 +289,18 @@ class HFBackend:
         for row in out[:, prompt_len:].tolist():
             ended = next((k for k, t in enumerate(row) if t in stop), None)
             body = row if ended is None else row[:ended]
-            results.append(Generation(tokenizer.decode(body, skip_special_tokens=True), len(body) + (ended is not None)))
+            results.append(
+                Generation(tokenizer.decode(body, skip_special_tokens=True), len(body) + (ended is not None))
+            )
         return results
 
     def tokenize(self, model: ModelRef, texts: Sequence[str]) -> list[list[int]]:
         _, tokenizer = self.model_for(model)
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str], batch_size: int = 64) -> list[float]:
+    def score(
+        self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str], batch_size: int = 64
+    ) -> list[float]:
         """Log-probabilities by teacher forcing. Continuations of the same conversation
         share one pass over its prompt: the prompt's key-value cache is repeated for them,
         so scoring 100 answers to a question costs about one prompt and 100 short tails."""
@@ -316,15 +342,19 @@ class HFBackend:
             # Full finetuning changes every weight: train a fresh float32 copy, keep the base.
             teacher_fn = self._teacher_fn(teacher, None) if spec.objective == "soft" else None
             model, tokenizer = self._float32_copy(base)
-            log = train(model, tokenizer, examples, spec, seed=seed, progress=progress, teacher=teacher_fn, tokens=tokens)
+            log = train(
+                model, tokenizer, examples, spec, seed=seed, progress=progress, teacher=teacher_fn, tokens=tokens
+            )
             _save_full(model, tokenizer, out_dir)
             del model
             return log
         from peft import LoraConfig, get_peft_model
 
         if teacher is not None and teacher.adapter is not None and spec.objective == "soft":
-            raise ValueError("soft distillation into a LoRA student from a LoRA teacher is not supported; "
-                             "use finetune.method=full or a teacher with full weights")
+            raise ValueError(
+                "soft distillation into a LoRA student from a LoRA teacher is not supported; "
+                "use finetune.method=full or a teacher with full weights"
+            )
         teacher_fn = self._teacher_fn(teacher, None) if spec.objective == "soft" and teacher.weights else None
         model, tokenizer = self.base(base)
         config = LoraConfig(
@@ -341,7 +371,9 @@ class HFBackend:
         if spec.objective == "soft" and teacher_fn is None:  # the base model is the teacher
             teacher_fn = self._teacher_fn(teacher, peft_model)
         try:
-            log = train(peft_model, tokenizer, examples, spec, seed=seed, progress=progress, teacher=teacher_fn, tokens=tokens)
+            log = train(
+                peft_model, tokenizer, examples, spec, seed=seed, progress=progress, teacher=teacher_fn, tokens=tokens
+            )
             # The embeddings are not trained; saying so also spares peft a look for the base's config.
             peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
         finally:
@@ -363,9 +395,11 @@ class HFBackend:
         its adapter switched off; any other teacher is loaded as for sampling and scoring.
         """
         if lora_student is not None:
+
             def with_adapter_off(batch):
                 with lora_student.disable_adapter():
                     return completion_logits(lora_student, batch)[0]
+
             return with_adapter_off
         net, _ = self.model_for(teacher)
         return lambda batch: completion_logits(net, batch)[0]

@@ -67,9 +67,7 @@ def completion_example(tokenizer, messages: Conversation, completion: str, max_l
             turn is added, which would make the prompt/completion boundary ambiguous.
     """
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": completion}], tokenize=False
-    )
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template changes the prompt when an assistant turn follows; cannot mask it")
     prompt_ids, completion_ids = continuation_ids(tokenizer, messages, full[len(prompt) :])
@@ -217,7 +215,8 @@ def train(
     teacher_rows = []
     if soft:
         teacher_rows = [
-            completion_example(tokenizer, ex.teacher_messages or ex.messages, ex.completion, spec.max_seq_len) for ex in examples
+            completion_example(tokenizer, ex.teacher_messages or ex.messages, ex.completion, spec.max_seq_len)
+            for ex in examples
         ]
         for student_row, teacher_row in zip(encoded, teacher_rows):
             if [x for x in student_row["labels"] if x != IGNORE] != [x for x in teacher_row["labels"] if x != IGNORE]:
@@ -245,12 +244,16 @@ def train(
             loss_sum = 0.0
             for m in range(0, len(chosen), spec.micro_batch):
                 micro = chosen[m : m + spec.micro_batch]
-                batch = pad_left([encoded[i]["input_ids"] for i in micro], [encoded[i]["labels"] for i in micro], pad, device)
+                batch = pad_left(
+                    [encoded[i]["input_ids"] for i in micro], [encoded[i]["labels"] for i in micro], pad, device
+                )
                 with autocast:
                     if soft:
                         rows = [teacher_rows[i] for i in micro]
                         with torch.no_grad():
-                            teacher_batch = pad_left([r["input_ids"] for r in rows], [r["labels"] for r in rows], pad, device)
+                            teacher_batch = pad_left(
+                                [r["input_ids"] for r in rows], [r["labels"] for r in rows], pad, device
+                            )
                             target_logits = teacher(teacher_batch)
                         logits, targets = completion_logits(model, batch)
                         loss = soft_kl(target_logits, logits, soft_mask(targets, tokens), tokens)

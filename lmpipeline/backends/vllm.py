@@ -43,7 +43,9 @@ from lmpipeline.grammar import NumberListGrammar
 
 # Neutral values of every SamplingParams setting that changes the distribution; top_k=0
 # and top_p=1 keep every token.
-NEUTRAL_SAMPLING = dict(top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+NEUTRAL_SAMPLING = dict(
+    top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0
+)
 MAX_LORA_RANK = 64  # the largest adapter rank the engine can serve
 
 
@@ -65,7 +67,14 @@ def sampling_params(n: int, *, temperature: float, max_new_tokens: int, seed: in
 
     extra = _structured(regex) if regex is not None else {}
     return [
-        SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=derive_seed(seed, i), **NEUTRAL_SAMPLING, **extra)
+        SamplingParams(
+            n=1,
+            temperature=temperature,
+            max_tokens=max_new_tokens,
+            seed=derive_seed(seed, i),
+            **NEUTRAL_SAMPLING,
+            **extra,
+        )
         for i in range(n)
     ]
 
@@ -170,12 +179,16 @@ class VLLMBackend:
             grammar = NumberListGrammar(max_count=number_grammar[0], max_digits=number_grammar[1])
             regex = grammar.regex()
             max_new_tokens = max(max_new_tokens, grammar.max_chars + 1)
-        params = sampling_params(len(conversations), temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, regex=regex)
+        params = sampling_params(
+            len(conversations), temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, regex=regex
+        )
         lora = {} if model.adapter is None else {"lora_request": self._lora_request(model.adapter)}
         outputs = self._engine(model).chat(list(conversations), sampling_params=params, use_tqdm=False, **lora)
         return parse_outputs(outputs)
 
-    def score(self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str]) -> list[float]:
+    def score(
+        self, model: ModelRef, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[float]:
         self._release_engine()
         return self._torch.score(model, conversations, continuations)
 
