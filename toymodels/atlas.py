@@ -25,7 +25,7 @@ Example:
 
     >>> from toymodels.atlas import curves
     >>> [c.name for c in curves("tiny")][:3]
-    ['student_epochs', 'teacher_epochs', 'n_aux']
+    ['student_epochs', 'student_data', 'teacher_epochs']
 """
 
 from __future__ import annotations
