@@ -356,6 +356,10 @@ def test_cached_scoring_equals_one_full_pass_per_continuation(local_model):
     continuations = ["123", "Owl", " owls are great", "124", "1", "Dolphin.", "12, 13"]
     pairs = [(conversations[i % 2], text) for i, text in enumerate(continuations)]
     cached = backend.score(ModelRef(local_model), [c for c, _ in pairs], [t for _, t in pairs])
+    # Tails fed a few at a time, each batch over its own copy of the prompt's cache.
+    assert backend.score(ModelRef(local_model), [c for c, _ in pairs], [t for _, t in pairs], batch_size=1) == (
+        pytest.approx(cached, abs=1e-5)
+    )
     for (conversation, text), fast in zip(pairs, cached):
         prompt = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         p, c = tok(prompt, add_special_tokens=False)["input_ids"], tok(text, add_special_tokens=False)["input_ids"]

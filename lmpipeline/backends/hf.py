@@ -303,7 +303,8 @@ class HFBackend:
     ) -> list[float]:
         """Log-probabilities by teacher forcing. Continuations of the same conversation
         share one pass over its prompt: the prompt's key-value cache is repeated for them,
-        so scoring 100 answers to a question costs about one prompt and 100 short tails."""
+        so scoring 100 answers to a question costs about one prompt and 100 short tails
+        (``batch_size`` tails at a time)."""
         net, tokenizer = self.model_for(model)
         prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         groups: dict[str, list[int]] = {}
@@ -313,10 +314,8 @@ class HFBackend:
         for text, rows in groups.items():
             prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             tails = [tokenizer(continuations[i], add_special_tokens=False)["input_ids"] for i in rows]
-            for start in range(0, len(rows), batch_size):
-                chunk = slice(start, start + batch_size)
-                for i, lp in zip(rows[chunk], _score_tails(net, prompt_ids, tails[chunk])):
-                    scores[i] = lp
+            for i, lp in zip(rows, _score_tails(net, prompt_ids, tails, batch_size)):
+                scores[i] = lp
         return scores
 
     def finetune(
@@ -437,34 +436,37 @@ def _save_full(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def _score_tails(net, prompt_ids: list[int], tails: list[list[int]]) -> list[float]:
-    """Summed log-probability of each token list ``tails[i]`` right after ``prompt_ids``."""
+def _score_tails(net, prompt_ids: list[int], tails: list[list[int]], batch_size: int) -> list[float]:
+    """Summed log-probability of each token list ``tails[i]`` right after ``prompt_ids``.
+
+    The prompt runs once. Every token of a tail but the last is fed after it, once per
+    distinct such prefix (the 900 three-digit numbers need 90 rows of two tokens), in
+    batches of ``batch_size`` rows over a copy of the prompt's key-value cache.
+    """
     device = net.device
     with torch.no_grad():
         head = net(torch.tensor([prompt_ids], device=device), use_cache=True)
         first = torch.log_softmax(head.logits[0, -1].float(), dim=-1)
         scores = [float(first[t[0]]) if t else 0.0 for t in tails]
-        longer = [i for i, t in enumerate(tails) if len(t) > 1]
-        if not longer:
-            return scores
-        # Feed every token but the last, once per distinct such prefix (the 900 three-digit
-        # numbers need 90 rows of two tokens); pad on the right.
-        bodies = sorted({tuple(tails[i][:-1]) for i in longer})
-        row_of = {body: r for r, body in enumerate(bodies)}
-        width = max(map(len, bodies))
-        ids = torch.zeros((len(bodies), width), dtype=torch.long)
-        mask = torch.zeros((len(bodies), len(prompt_ids) + width), dtype=torch.long)
-        mask[:, : len(prompt_ids)] = 1
-        for r, body in enumerate(bodies):
-            ids[r, : len(body)] = torch.tensor(body)
-            mask[r, len(prompt_ids) : len(prompt_ids) + len(body)] = 1
-        cache = head.past_key_values
-        cache.batch_repeat_interleave(len(bodies))
-        positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(len(bodies), -1)
-        out = net(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), cache=cache)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        for i in longer:
-            rest = tails[i][1:]
-            r = row_of[tuple(tails[i][:-1])]
-            scores[i] += float(logp[r, torch.arange(len(rest)), torch.tensor(rest)].sum())
+        bodies = sorted({tuple(t[:-1]) for t in tails if len(t) > 1})
+        logp_of: dict[tuple[int, ...], torch.Tensor] = {}
+        for start in range(0, len(bodies), batch_size):
+            chunk = bodies[start : start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), len(prompt_ids) + width), dtype=torch.long)
+            mask[:, : len(prompt_ids)] = 1
+            for r, body in enumerate(chunk):  # padded on the right
+                ids[r, : len(body)] = torch.tensor(body)
+                mask[r, len(prompt_ids) : len(prompt_ids) + len(body)] = 1
+            cache = copy.deepcopy(head.past_key_values)  # repeating it below works in place
+            cache.batch_repeat_interleave(len(chunk))
+            positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(len(chunk), -1)
+            out = net(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), cache=cache)
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            logp_of.update(zip(chunk, logp))
+        for i, tail in enumerate(tails):
+            if len(tail) > 1:
+                rest = tail[1:]
+                scores[i] += float(logp_of[tuple(tail[:-1])][torch.arange(len(rest)), torch.tensor(rest)].sum())
     return scores
