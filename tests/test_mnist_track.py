@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_mnist_cli import TINY
 
 from sublearn.cli import main
 from toymodels.config import MnistConfig, tiny
@@ -245,27 +246,7 @@ def test_negative_track_is_rejected():
 @pytest.mark.slow
 def test_the_cli_writes_the_trajectory_figure_and_section(tmp_path, capsys):
     out = tmp_path / "run"
-    tiny_args = [
-        "--hidden",
-        "32",
-        "32",
-        "--batch-size",
-        "128",
-        "--teacher-epochs",
-        "1",
-        "--student-epochs",
-        "1",
-        "--n-noise",
-        "1024",
-        "--n-train",
-        "2048",
-        "--n-test",
-        "1000",
-        "--seeds",
-        "2",
-        "--quiet",
-    ]
-    assert main(["mnist", "--out", str(out), *tiny_args, "--track", "4"]) == 0
+    assert main(["mnist", "--out", str(out), *TINY, "--track", "4"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["trajectory"]["steps"] == [0, 4, 8]
     assert len(result["trajectory"]["conditions"]["cross_aux"]["step_cos"]["values"]) == 2
