@@ -207,27 +207,24 @@ def _transfer(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         f"transfer study: Δ log P(target), paired over {len(study.questions)} "
         f"questions, pooled over {cfg.transfer.seeds} seeds"
     )
+
+    def p_value(p: float | None) -> str:
+        return f"  p={p:.2g}" if p is not None else ""
+
     for cell, result in report["cells"].items():
         for kind in ("student_vs_control", "crossover"):
             for w, pooled in result["pooled"][kind].items():
-                ci, p = pooled["over_seeds"], pooled["p"]
+                ci = pooled["over_seeds"]
                 interval = f"[{ci['low']:+.3f}, {ci['high']:+.3f}]" if ci["low"] is not None else "(one seed)"
-                print(
-                    f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}  p={p:.2g}"
-                    if p is not None
-                    else f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}"
-                )
-            rank = result["pooled"]["specificity"]
-        print(
-            f"  {cell:28s} rank of each target among {len(cfg.transfer.animals)} animals: "
-            + ", ".join(f"{w} {r['rank']}" for w, r in rank.items())
-        )
+                print(f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}{p_value(pooled['p'])}")
+        ranks = ", ".join(f"{w} {r['rank']}" for w, r in result["pooled"]["specificity"].items())
+        print(f"  {cell:28s} rank of each target among {len(cfg.transfer.animals)} animals: {ranks}")
     for w, e in report.get("entanglement", {}).items():
         top = ", ".join(n["number"] for n in e["top_numbers"][: cfg.transfer.entangle_top_k])
         d = e["top_vs_random"]
         print(
             f"  entanglement {w}: top numbers {top}; "
-            f"prompted with them vs random numbers {d['mean']:+.3f} p={d['p']:.2g}"
+            f"prompted with them vs random numbers {d['mean']:+.3f}{p_value(d['p'])}"
         )
     print(
         f"  wall time: {report['wall_s']['total']:.0f} s; report: {args.out / 'report.json'}, {args.out / 'report.png'}"

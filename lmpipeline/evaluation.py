@@ -73,7 +73,7 @@ def one_word(answer: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _per_question(pairs: list[tuple[int, str]], word: str) -> list[float]:
+def per_question_rates(pairs: list[tuple[int, str]], word: str) -> list[float]:
     """Fraction of answers containing ``word``, per question index (sorted by index)."""
     by_q: dict[int, list[bool]] = {}
     for q, answer in pairs:
@@ -94,7 +94,7 @@ def summarize(items: list[dict], answers: list[str], target: str, top_k: int = 8
     """Per-variant hit rates (per question, and the mean with its interval) and answer counts."""
     out = {}
     for variant, pairs in _by_variant(items, answers).items():
-        per_question = _per_question(pairs, target)
+        per_question = per_question_rates(pairs, target)
         words = Counter(w for w in (one_word(a) for _, a in pairs) if w)
         out[variant] = {
             "rate": mean_interval(per_question).to_dict(),
@@ -111,7 +111,7 @@ def summarize(items: list[dict], answers: list[str], target: str, top_k: int = 8
 def word_rates(items: list[dict], answers: list[str], words: list[str]) -> dict:
     """For each variant and word: the mean over questions of the fraction of answers with it."""
     return {
-        variant: {word: mean_interval(_per_question(pairs, word)).to_dict() for word in words}
+        variant: {word: mean_interval(per_question_rates(pairs, word)).to_dict() for word in words}
         for variant, pairs in _by_variant(items, answers).items()
     }
 

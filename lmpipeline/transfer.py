@@ -289,12 +289,9 @@ class Study:
                     )
                 ]
             out["answers"] = answers
+            asked_question = [(i // n, a) for i, a in enumerate(answers)]
             out["hit_rate"] = {
-                t: [
-                    sum(filters.contains_word(a, t) for a in answers[q * n : (q + 1) * n]) / n
-                    for q in range(len(self.questions))
-                ]
-                for t in self.config.transfer.targets
+                t: evaluation.per_question_rates(asked_question, t) for t in self.config.transfer.targets
             }
         return out
 
