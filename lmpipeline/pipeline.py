@@ -40,7 +40,7 @@ from typing import TextIO
 
 from lmpipeline import evaluation, filters, prompts
 from lmpipeline.artifacts import RowLog, atomic_path, read_json, read_jsonl, write_json, write_jsonl
-from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
+from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend, resolve_backend_name
 from lmpipeline.config import EVAL_MODELS, PipelineConfig, config_hash, derive_seed, to_dict
 from lmpipeline.progress import Progress
 from lmpipeline.stats import mean_interval
@@ -99,8 +99,16 @@ def grammar_limits(config: PipelineConfig) -> tuple[int, int] | None:
 
 
 def check_device(config: PipelineConfig) -> None:
-    """Raise :class:`PipelineError` if the config asks for a GPU that torch cannot see."""
+    """Raise :class:`PipelineError` if the config asks for an accelerator its backend cannot see."""
     spec = config.model
+    if resolve_backend_name(spec) == "jax":
+        if spec.device in ("cuda", "tpu"):
+            from lmpipeline.backends.jaxlm.backend import devices_for
+
+            devices_for(spec)  # raises ConfigError naming the missing platform
+        return
+    if spec.device == "tpu":
+        raise PipelineError("model.device=tpu needs the jax backend: add --backend jax")
     if spec.device != "cuda":
         return
     import torch

@@ -16,10 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from lmpipeline.backends import ModelRef, TrainExample  # noqa: E402
 from lmpipeline.backends.hf import HFBackend  # noqa: E402
+from lmpipeline.backends.tokens import IGNORE, completion_example, linear_schedule  # noqa: E402
 from lmpipeline.backends.torch_training import (  # noqa: E402
-    IGNORE,
-    completion_example,
-    linear_schedule,
     pad_left,
     pad_right,
     summed_token_nll,

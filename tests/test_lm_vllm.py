@@ -224,7 +224,7 @@ def test_the_engine_is_gone_before_torch_trains_or_scores_and_torch_before_an_en
 
 
 def test_gguf_models_are_loaded_from_the_file(fake_vllm):
-    from lmpipeline.backends.hf import locate_model
+    from lmpipeline.backends.tokens import locate_model
     from lmpipeline.backends.vllm import VLLMBackend
 
     spec = replace(preset("tiny").model, backend="vllm")

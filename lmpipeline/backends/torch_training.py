@@ -17,16 +17,7 @@ the mean over every completion token of the effective batch, whatever the micro-
 Prompt tokens (system and user turns, the assistant header) carry label ``-100`` and do
 not contribute. Soft distillation (``objective=soft``) replaces the token's negative
 log-likelihood by :func:`soft_kl` at the same positions and averages it the same way.
-
-Learning rate. With :math:`W` warmup steps and :math:`T` steps in all, step :math:`s`
-(from 0) uses :math:`\eta \cdot s/W` for :math:`s < W` and
-:math:`\eta \cdot \max(0, (T - s)/(T - W))` after, the linear schedule of the paper's
-open-model runs.
-
-Example:
-
->>> [round(linear_schedule(s, warmup=2, total=6), 2) for s in range(6)]
-[0.0, 0.5, 1.0, 0.75, 0.5, 0.25]
+The learning rate follows :func:`lmpipeline.backends.tokens.linear_schedule`.
 """
 
 from __future__ import annotations
@@ -38,42 +29,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lmpipeline.backends import Conversation, ProgressFn, TrainExample
+from lmpipeline.backends import ProgressFn, TrainExample
+from lmpipeline.backends.tokens import IGNORE, completion_example, linear_schedule
 from lmpipeline.config import FinetuneSpec
-
-IGNORE = -100
-
-
-def continuation_ids(tokenizer, messages: Conversation, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt (chat template with generation prompt) and of ``continuation``.
-
-    The two parts are tokenized separately, exactly as the model meets them when it
-    generates: the prompt ends the assistant header, the continuation follows it.
-    """
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return prompt_ids, tokenizer(continuation, add_special_tokens=False)["input_ids"]
-
-
-def completion_example(tokenizer, messages: Conversation, completion: str, max_len: int) -> dict:
-    """``input_ids`` and ``labels`` for one row; labels are ``-100`` outside the completion.
-
-    The completion is rendered by the chat template as an assistant turn, so its labels
-    include the end-of-turn marker that teaches the student to stop. Rows longer than
-    ``max_len`` tokens are cut at ``max_len``.
-
-    Raises:
-        ValueError: if the template renders earlier turns differently once the assistant
-            turn is added, which would make the prompt/completion boundary ambiguous.
-    """
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template changes the prompt when an assistant turn follows; cannot mask it")
-    prompt_ids, completion_ids = continuation_ids(tokenizer, messages, full[len(prompt) :])
-    ids = prompt_ids + completion_ids
-    labels = [IGNORE] * len(prompt_ids) + completion_ids
-    return {"input_ids": ids[:max_len], "labels": labels[:max_len], "truncated": len(ids) > max_len}
 
 
 def pad_right(ids: Sequence[list[int]], labels: Sequence[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -100,13 +58,6 @@ def _pad(ids, labels, pad_id: int, device, left: bool) -> dict[str, torch.Tensor
         label_t[r, span] = torch.tensor(lab, dtype=torch.long)
         mask[r, span] = 1
     return {"input_ids": input_ids.to(device), "labels": label_t.to(device), "attention_mask": mask.to(device)}
-
-
-def linear_schedule(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor at optimizer step ``step`` (see the module docstring)."""
-    if step < warmup:
-        return step / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def completion_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

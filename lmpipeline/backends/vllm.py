@@ -37,7 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
-from lmpipeline.backends.hf import HFBackend, locate_model
+from lmpipeline.backends.hf import HFBackend
+from lmpipeline.backends.tokens import locate_model
 from lmpipeline.config import FinetuneSpec, ModelSpec, derive_seed
 from lmpipeline.grammar import NumberListGrammar
 

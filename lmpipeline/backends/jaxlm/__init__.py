@@ -1,0 +1,1 @@
+"""The JAX backend: a Flax NNX decoder, its checkpoints, compiled sampling and optax training."""

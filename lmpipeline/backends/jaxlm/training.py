@@ -1,0 +1,244 @@
+r"""Supervised finetuning of the JAX decoder with optax: the torch loop's objective, compiled.
+
+The objective, batching and schedule are those of
+:mod:`lmpipeline.backends.torch_training` (the same labels from
+:func:`~lmpipeline.backends.tokens.completion_example`, the same shuffled order for a seed,
+the same left padding, the same mean over the completion tokens of an effective batch):
+
+.. math::
+
+    L = \frac{1}{\sum_{b \in B} |C_b|} \sum_{b \in B} \sum_{t \in C_b} \ell_{b,t},
+
+with :math:`\ell` the token's negative log-likelihood (``objective=sampled``) or
+:math:`\mathrm{KL}(p_T \| p_S)` of the next-token distributions (``objective=soft``,
+optionally over the number tokens only, renormalized).
+
+One optimizer step is one compiled call: ``lax.scan`` accumulates the gradients of the
+step's ``grad_accum`` micro-batches (a short last step is filled with rows that carry no
+loss, so every step has the same shape), then ``optax`` clips the global norm and applies
+AdamW, the torch optimizer's update rule, at the linear schedule's learning rate. Which
+parameters train is a type filter: :class:`flax.nnx.LoRAParam` for LoRA, every
+:class:`flax.nnx.Param` for full finetuning.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmpipeline.backends import ProgressFn, TrainExample
+from lmpipeline.backends.jaxlm.decoding import positions_of, round_up
+from lmpipeline.backends.jaxlm.model import Decoder
+from lmpipeline.backends.tokens import IGNORE, completion_example, linear_schedule
+from lmpipeline.config import FinetuneSpec
+
+
+def optimizer(spec: FinetuneSpec, total_steps: int) -> optax.GradientTransformation:
+    """Clip to ``max_grad_norm``, then AdamW (torch's defaults: betas 0.9/0.999, eps 1e-8)."""
+
+    def schedule(count):
+        warm = count / max(spec.warmup_steps, 1)
+        decay = jnp.maximum(0.0, (total_steps - count) / max(1, total_steps - spec.warmup_steps))
+        return spec.learning_rate * jnp.where(count < spec.warmup_steps, warm, decay)
+
+    return optax.chain(
+        optax.clip_by_global_norm(spec.max_grad_norm),
+        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=spec.weight_decay),
+    )
+
+
+def _stack(rows: list[dict], micro: int, n_micro: int, width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """``[n_micro, micro, width]`` arrays of left-padded rows; missing rows carry no label."""
+    shape = (n_micro * micro, width)
+    ids = np.full(shape, pad_id, np.int32)
+    labels = np.full(shape, IGNORE, np.int32)
+    valid = np.zeros(shape, bool)
+    for r, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[r, width - n :] = row["input_ids"]
+        labels[r, width - n :] = row["labels"]
+        valid[r, width - n :] = True
+    valid[len(rows) :, -1] = True
+    return {k: v.reshape(n_micro, micro, width) for k, v in {"ids": ids, "labels": labels, "valid": valid}.items()}
+
+
+def completion_logits(model: Decoder, ids, valid, keep: int) -> jax.Array:
+    """Logits predicting the last ``keep - 1`` tokens of each left-padded row: ``[B, keep-1, V]``."""
+    logits, _ = model(ids, positions_of(valid), valid, keep=keep)
+    return logits[:, :-1]
+
+
+def soft_kl(teacher_logits, student_logits, mask, tokens=None) -> jax.Array:
+    r"""Summed :math:`\mathrm{KL}(p_T \| p_S)` over ``mask``ed positions (see the torch twin).
+
+    >>> t = jnp.array([[[2.0, 0.0, -1.0]]])
+    >>> float(soft_kl(t, t, jnp.ones((1, 1))))
+    0.0
+    >>> round(float(soft_kl(t, jnp.zeros((1, 1, 3)), jnp.ones((1, 1)), tokens=jnp.array([0, 1]))), 4)
+    0.3278
+    """
+    if tokens is not None:
+        teacher_logits, student_logits = teacher_logits[..., tokens], student_logits[..., tokens]
+    log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1) * mask)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "tx", "keep", "compute_dtype"))
+def train_step(
+    graphdef,
+    trainable,
+    frozen,
+    opt_state,
+    batch,
+    denom,
+    teacher_graphdef=None,
+    teacher_state=None,
+    tokens=None,
+    *,
+    tx: optax.GradientTransformation,
+    keep: int,
+    compute_dtype,
+):
+    """One optimizer step over ``batch`` (``[n_micro, micro, width]`` arrays); returns the
+    new trainable state, optimizer state, the step's mean loss and its pre-clip gradient norm."""
+    soft = teacher_graphdef is not None
+
+    def micro_loss(params, micro):
+        cast = jax.tree.map(lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+        student = nnx.merge(graphdef, cast, frozen)
+        logits = completion_logits(student, micro["ids"], micro["valid"], keep)
+        targets = micro["labels"][:, micro["labels"].shape[1] - keep + 1 :]
+        labelled = targets != IGNORE
+        if soft:
+            teacher = nnx.merge(teacher_graphdef, teacher_state)
+            t_logits = completion_logits(teacher, micro["t_ids"], micro["t_valid"], keep)
+            mask = labelled if tokens is None else labelled & jnp.isin(targets, tokens)
+            return soft_kl(jax.lax.stop_gradient(t_logits), logits, mask, tokens)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+        return -jnp.sum(jnp.where(labelled, picked, 0.0))
+
+    def accumulate(carry, micro):
+        grads, total = carry
+        loss, g = jax.value_and_grad(micro_loss)(trainable, micro)
+        return (jax.tree.map(jnp.add, grads, g), total + loss), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (grads, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), batch)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss_sum / denom, grad_norm
+
+
+def train(
+    model: Decoder,
+    tokenizer,
+    examples: Sequence[TrainExample],
+    spec: FinetuneSpec,
+    *,
+    seed: int,
+    trainable: type = nnx.LoRAParam,
+    progress: ProgressFn | None = None,
+    teacher: Decoder | None = None,
+    tokens: Sequence[int] | None = None,
+) -> dict:
+    """Train ``model``'s parameters of type ``trainable`` in place; returns the training log
+    (the keys of the torch loop's log)."""
+    if not examples:
+        raise ValueError("no training examples")
+    soft = spec.objective == "soft"
+    if soft and teacher is None:
+        raise ValueError("finetune.objective=soft needs a teacher to distil from")
+    encoded = [completion_example(tokenizer, ex.messages, ex.completion, spec.max_seq_len) for ex in examples]
+    teacher_rows = []
+    if soft:
+        teacher_rows = [
+            completion_example(tokenizer, ex.teacher_messages or ex.messages, ex.completion, spec.max_seq_len)
+            for ex in examples
+        ]
+        for s, t in zip(encoded, teacher_rows):
+            if [x for x in s["labels"] if x != IGNORE] != [x for x in t["labels"] if x != IGNORE]:
+                raise ValueError("a row is cut differently for teacher and student; raise finetune.max_seq_len")
+    token_set = set(tokens) if (soft and tokens is not None) else None
+    n_label = [
+        sum(1 for x in e["labels"][1:] if x != IGNORE and (token_set is None or x in token_set)) for e in encoded
+    ]
+    step_size = spec.micro_batch * spec.grad_accum
+    steps_per_epoch = math.ceil(len(encoded) / step_size)
+    total = spec.epochs * steps_per_epoch
+    # One width and one kept span for every step, so the step compiles once.
+    width = round_up(max(len(e["input_ids"]) for e in encoded + teacher_rows), 16)
+    span = max(
+        len(e["labels"]) - next((i for i, x in enumerate(e["labels"]) if x != IGNORE), len(e["labels"]))
+        for e in encoded
+    )
+    keep = min(width, round_up(span + 1, 8))
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)  # master weights in float32
+    tx = optimizer(spec, total)
+    opt_state = tx.init(params)
+    teacher_graphdef, teacher_state = nnx.split(teacher) if soft else (None, None)
+    token_array = jnp.asarray(sorted(token_set), jnp.int32) if token_set is not None else None
+    compute_dtype = jnp.bfloat16 if spec.compute_dtype == "bfloat16" else jnp.float32
+    pad = tokenizer.pad_token_id
+    rng = random.Random(seed)
+    log: dict = {"objective": spec.objective, "loss": [], "lr": [], "grad_norm": []}
+    tokens_seen, step = 0, 0
+    start = time.perf_counter()
+    for _ in range(spec.epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for first in range(0, len(order), step_size):
+            chosen = order[first : first + step_size]
+            batch = _stack([encoded[i] for i in chosen], spec.micro_batch, spec.grad_accum, width, pad)
+            if soft:
+                t = _stack([teacher_rows[i] for i in chosen], spec.micro_batch, spec.grad_accum, width, pad)
+                batch.update(t_ids=t["ids"], t_valid=t["valid"])
+            denom = max(1, sum(n_label[i] for i in chosen))
+            params, opt_state, loss, grad_norm = train_step(
+                graphdef,
+                params,
+                frozen,
+                opt_state,
+                batch,
+                jnp.float32(denom),
+                teacher_graphdef,
+                teacher_state,
+                token_array,
+                tx=tx,
+                keep=keep,
+                compute_dtype=compute_dtype,
+            )
+            tokens_seen += sum(len(encoded[i]["input_ids"]) for i in chosen)
+            log["loss"].append(float(loss))
+            log["lr"].append(spec.learning_rate * linear_schedule(step, spec.warmup_steps, total))
+            log["grad_norm"].append(float(grad_norm))
+            step += 1
+            if progress is not None:
+                progress(step, total, tokens_seen)
+    before = nnx.split(model, trainable, ...)[1]
+    nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), params, before))
+    wall = time.perf_counter() - start
+    log.update(
+        steps=total,
+        epochs=spec.epochs,
+        n_examples=len(encoded),
+        n_tokens=tokens_seen,
+        n_completion_tokens=sum(n_label) * spec.epochs,
+        n_truncated=sum(e["truncated"] for e in encoded),
+        trainable_params=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)),
+        wall_s=wall,
+        tokens_per_s=tokens_seen / wall if wall > 0 else None,
+    )
+    return log
