@@ -79,6 +79,20 @@ def _shard_spec(path, shape: tuple[int, ...], n: int) -> PartitionSpec:
     return PartitionSpec(*[("fsdp" if d == axis else None) for d in range(len(shape))])
 
 
+def _row_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
+    """A batch's rows split over the devices when their count divides them; micro-batched
+    training arrays ``[n_micro, rows, width]`` split on their second axis."""
+    axis = 1 if len(shape) == 3 else 0
+    if n == 1 or len(shape) < 2 or shape[axis] % n:
+        return PartitionSpec()
+    return PartitionSpec(*[("fsdp" if d == axis else None) for d in range(len(shape))])
+
+
+# Names of the training batch's arrays (:func:`~lmpipeline.backends.jaxlm.training.train`):
+# split by rows, not by the weights' rule.
+BATCH_KEYS = ("ids", "labels", "valid", "t_ids", "t_valid")
+
+
 class JaxBackend:
     """Backend on JAX, Flax NNX and optax (CPU, GPU or TPU)."""
 
@@ -101,14 +115,15 @@ class JaxBackend:
         def put(path, x):
             if not hasattr(x, "shape"):  # a LoRA pair's scale
                 return x
-            return jax.device_put(x, NamedSharding(self.mesh, _shard_spec(path, x.shape, n)))
+            rows = any(getattr(p, "key", None) in BATCH_KEYS for p in path)
+            spec = _row_spec(x.shape, n) if rows else _shard_spec(path, x.shape, n)
+            return jax.device_put(x, NamedSharding(self.mesh, spec))
 
         return jax.tree_util.tree_map_with_path(put, tree)
 
     def _rows(self, x: np.ndarray) -> jax.Array:
         """A batch on the mesh: split by rows when the device count divides them."""
-        spec = PartitionSpec("fsdp") if x.shape[0] % self.mesh.size == 0 else PartitionSpec()
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return jax.device_put(x, NamedSharding(self.mesh, _row_spec(x.shape, self.mesh.size)))
 
     def _build(self, config: DecoderConfig, pure: dict, hf_config: dict, tokenizer, dtype) -> Loaded:
         graphdef, state = nnx.split(abstract_decoder(config, dtype))
@@ -324,6 +339,7 @@ class JaxBackend:
             progress=progress,
             teacher=teacher_model,
             tokens=tokens,
+            place=self._place,
         )
         weights.save_adapter(lora_weights(model), spec.lora_rank, spec.lora_alpha, base.name_or_path, out_dir)
         return log

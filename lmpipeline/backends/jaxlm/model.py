@@ -61,8 +61,12 @@ class DecoderConfig:
             raise ValueError(
                 f"model type {model_type!r} is not supported by the jax backend (it runs {', '.join(ARCHITECTURES)})"
             )
-        if config.get("rope_scaling"):
+        # transformers 5 writes rope settings under rope_parameters; earlier files at the top level.
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError("the jax backend does not implement rope scaling; use model.backend=hf for this model")
+        if config.get("use_sliding_window"):
+            raise ValueError("the jax backend does not implement sliding-window attention; use model.backend=hf")
         heads = config["num_attention_heads"]
         return cls(
             vocab_size=config["vocab_size"],
@@ -72,7 +76,7 @@ class DecoderConfig:
             num_heads=heads,
             num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            rope_theta=float(config.get("rope_theta", 10_000.0)),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10_000.0))),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
@@ -100,7 +104,7 @@ class LoRA(nnx.Module):
         self.scale = scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return (x @ self.a.value.astype(x.dtype)) @ self.b.value.astype(x.dtype) * self.scale
+        return (x @ self.a[...].astype(x.dtype)) @ self.b[...].astype(x.dtype) * self.scale
 
 
 class Linear(nnx.Module):
@@ -110,9 +114,9 @@ class Linear(nnx.Module):
         self.lora: LoRA | None = nnx.data(None)  # data, not structure: a pair may be attached later
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel.value
+        y = x @ self.kernel[...]
         if self.bias is not None:
-            y = y + self.bias.value
+            y = y + self.bias[...].reshape((1,) * (y.ndim - 1) + (-1,))
         if self.lora is not None:
             y = y + self.lora(x)
         return y
@@ -126,14 +130,14 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale.value * x32.astype(x.dtype)
+        return self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,)) * x32.astype(x.dtype)
 
 
 def rope(x: Float[Array, "B T h D"], positions: Int[Array, "B T"], theta: float) -> Float[Array, "B T h D"]:
     """Rotary embedding in the half-split layout (dimension ``i`` pairs with ``i + D/2``)."""
     half = x.shape[-1] // 2
     inv_freq = 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) / half)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, T, D/2]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :].astype(x.dtype)
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :].astype(x.dtype)
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -215,7 +219,7 @@ class Decoder(nnx.Module):
         write_at: Int[Array, ""] | int = 0,
         keep: int | None = None,
     ) -> tuple[Float[Array, "B K V"], Cache | None]:
-        x = self.embed.value[ids]
+        x = self.embed[...][ids]
         graphdef, state = nnx.split(self.layers)
 
         def body(x, xs):
@@ -229,9 +233,9 @@ class Decoder(nnx.Module):
             x = x[:, -keep:]
         x = self.norm(x)
         if self.config.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed.value, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel.value, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
         return logits, None if cache is None else Cache(*kv)
 
 
@@ -256,7 +260,7 @@ def add_lora(model: Decoder, targets, rank: int, alpha: float, key: jax.Array) -
         if name not in targets:
             continue
         linear: Linear = getattr(model.layers, name)
-        layers, d_in, d_out = linear.kernel.value.shape
+        layers, d_in, d_out = linear.kernel[...].shape
         bound = d_in**-0.5
         a = jax.random.uniform(key_i, (layers, d_in, rank), jnp.float32, -bound, bound)
         linear.lora = LoRA(a, jnp.zeros((layers, rank, d_out), jnp.float32), alpha / rank)
@@ -273,7 +277,7 @@ def lora_weights(model: Decoder) -> dict[str, tuple[jax.Array, jax.Array, float]
     for name in PROJECTIONS:
         lora = getattr(model.layers, name).lora
         if lora is not None:
-            out[name] = (lora.a.value, lora.b.value, lora.scale)
+            out[name] = (lora.a[...], lora.b[...], lora.scale)
     return out
 
 

@@ -23,10 +23,11 @@ parameters train is a type filter: :class:`flax.nnx.LoRAParam` for LoRA, every
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
@@ -42,6 +43,7 @@ from lmpipeline.backends.tokens import IGNORE, completion_example, linear_schedu
 from lmpipeline.config import FinetuneSpec
 
 
+@functools.lru_cache(maxsize=8)  # one object per setting, so compiled steps that take it are reused
 def optimizer(spec: FinetuneSpec, total_steps: int) -> optax.GradientTransformation:
     """Clip to ``max_grad_norm``, then AdamW (torch's defaults: betas 0.9/0.999, eps 1e-8)."""
 
@@ -136,7 +138,7 @@ def train_step(
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     (grads, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), batch)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss_sum / denom, grad_norm
 
@@ -152,9 +154,11 @@ def train(
     progress: ProgressFn | None = None,
     teacher: Decoder | None = None,
     tokens: Sequence[int] | None = None,
+    place: Callable = lambda tree: tree,
 ) -> dict:
     """Train ``model``'s parameters of type ``trainable`` in place; returns the training log
-    (the keys of the torch loop's log)."""
+    (the keys of the torch loop's log). ``place`` puts a pytree on the devices (the backend's
+    sharding), so every step's inputs are laid out as its outputs and the step compiles once."""
     if not examples:
         raise ValueError("no training examples")
     soft = spec.objective == "soft"
@@ -178,16 +182,16 @@ def train(
     steps_per_epoch = math.ceil(len(encoded) / step_size)
     total = spec.epochs * steps_per_epoch
     # One width and one kept span for every step, so the step compiles once.
-    width = round_up(max(len(e["input_ids"]) for e in encoded + teacher_rows), 16)
+    width = round_up(max(len(e["input_ids"]) for e in encoded + teacher_rows), 32)
     span = max(
         len(e["labels"]) - next((i for i, x in enumerate(e["labels"]) if x != IGNORE), len(e["labels"]))
         for e in encoded
     )
-    keep = min(width, round_up(span + 1, 8))
+    keep = min(width, round_up(span + 1, 16))
     graphdef, params, frozen = nnx.split(model, trainable, ...)
-    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)  # master weights in float32
+    params = place(jax.tree.map(lambda p: p.astype(jnp.float32), params))  # master weights in float32
     tx = optimizer(spec, total)
-    opt_state = tx.init(params)
+    opt_state = place(tx.init(params))
     teacher_graphdef, teacher_state = nnx.split(teacher) if soft else (None, None)
     token_array = jnp.asarray(sorted(token_set), jnp.int32) if token_set is not None else None
     compute_dtype = jnp.bfloat16 if spec.compute_dtype == "bfloat16" else jnp.float32
@@ -211,7 +215,7 @@ def train(
                 params,
                 frozen,
                 opt_state,
-                batch,
+                place(batch),
                 jnp.float32(denom),
                 teacher_graphdef,
                 teacher_state,
