@@ -109,3 +109,24 @@ def test_mnist_throughput_measures_the_cost_of_tracking(capsys):
     assert r["every"] == 4 and r["untracked_wall_s"] > 0 and r["tracked_wall_s"] > 0
     assert r["ratio_wall"] == pytest.approx(r["tracked_wall_s"] / r["untracked_wall_s"])
     assert "with --track 4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_lm_backend_benchmark_reports_both_backends_and_their_ratios(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from tiny_lm import tiny_checkpoint
+
+    folder = tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    options = ["--model", str(folder), "--dtype", "float32", "--batch", "1", "4", "--new-tokens", "4"]
+    report = _load("lm_backends").main([*options, "--lora-steps", "2", "--micro-batch", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    for name in ("hf", "jax"):
+        record = report["backends"][name]
+        assert [s["batch"] for s in record["sampling"]] == [1, 4]
+        assert all(0 < s["tokens"] <= s["batch"] * 4 and s["tokens_per_s"] > 0 for s in record["sampling"])
+        assert record["lora"]["steps"] == 2 and record["lora"]["s_per_step"] > 0
+    ratios = report["ratios_jax_over_hf"]
+    jax_lora, hf_lora = report["backends"]["jax"]["lora"], report["backends"]["hf"]["lora"]
+    assert ratios["lora_s_per_step"] == pytest.approx(jax_lora["s_per_step"] / hf_lora["s_per_step"])
+    assert "jax/hf sampling_batch_4" in capsys.readouterr().out

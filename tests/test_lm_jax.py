@@ -25,6 +25,7 @@ jax = pytest.importorskip("jax")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+from tiny_lm import tiny_checkpoint  # noqa: E402
 
 from lmpipeline.backends import ModelRef, TrainExample  # noqa: E402
 from lmpipeline.backends.hf import HFBackend  # noqa: E402
@@ -207,31 +208,6 @@ def test_grammar_tables_make_the_token_grammars_decisions():
 
 
 # -- tiny random checkpoints ------------------------------------------------------------------
-def tiny_checkpoint(folder: Path, kind: str, tokenizer) -> None:
-    """A random 2-layer model with the SmolLM2 vocabulary, saved by transformers; biases random."""
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=5000.0,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(1)
-    if kind == "qwen2":
-        net = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=False, **common))
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.5)
-    else:
-        net = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **common))
-    net.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-
-
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory, jax_backend):
     tokenizer = jax_backend.base(SPEC).tokenizer

@@ -34,6 +34,11 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def bucket(n: int) -> int:
+    """The next power of two: batch sizes compile a few programs and waste at most half."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 class GrammarTables(NamedTuple):
     """A :class:`TokenGrammar` as arrays; state 0 is the start, the last state is "ended"."""
 

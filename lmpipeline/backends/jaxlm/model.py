@@ -114,7 +114,9 @@ class Linear(nnx.Module):
         self.lora: LoRA | None = nnx.data(None)  # data, not structure: a pair may be attached later
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+        # Accumulate in float32 whatever the weights' dtype: the fast bfloat16 kernels of
+        # CPUs and accelerators take bfloat16 inputs and produce float32 sums.
+        y = jnp.matmul(x, self.kernel[...], preferred_element_type=jnp.float32).astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].reshape((1,) * (y.ndim - 1) + (-1,))
         if self.lora is not None:
@@ -161,18 +163,25 @@ class Block(nnx.Module):
         self.up_proj = Linear(h, c.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(c.intermediate_size, h, bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, key_valid, k_cache, v_cache, write_at):
+    def __call__(self, x, positions, key_valid, cache, layer, write_at):
         c = self.config
         b, t, _ = x.shape
         y = self.input_norm(x)
         q = rope(self.q_proj(y).reshape(b, t, c.num_heads, c.head_dim), positions, c.rope_theta)
         k = rope(self.k_proj(y).reshape(b, t, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
         v = self.v_proj(y).reshape(b, t, c.num_kv_heads, c.head_dim)
-        if k_cache is None:  # a full pass: the keys are this call's tokens
+        if cache is None:  # a full pass: the keys are this call's tokens
             k_all, v_all, query_slots = k, v, jnp.arange(t)
         else:
-            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
+            # Written in place into the whole cache (a loop-carried buffer), then this layer's
+            # slice read back: stacking per-layer caches as scan outputs would copy all of it.
+            at = (layer, 0, write_at, 0, 0)
+            cache = Cache(
+                jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
+                jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
+            )
+            k_all = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)
+            v_all = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)
             query_slots = write_at + jnp.arange(t)
         groups = c.num_heads // c.num_kv_heads
         q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
@@ -186,8 +195,7 @@ class Block(nnx.Module):
         x = x + self.o_proj(attended.astype(x.dtype))
         y = self.post_attention_norm(x)
         x = x + self.down_proj(jax.nn.silu(self.gate_proj(y)) * self.up_proj(y))
-        new_cache = None if k_cache is None else (k_all, v_all)
-        return x, new_cache
+        return x, cache
 
 
 class Decoder(nnx.Module):
@@ -222,13 +230,13 @@ class Decoder(nnx.Module):
         x = self.embed[...][ids]
         graphdef, state = nnx.split(self.layers)
 
-        def body(x, xs):
-            layer_state, kv = xs
-            block = nnx.merge(graphdef, layer_state)
-            x, kv = block(x, positions, key_valid, *(kv if kv is not None else (None, None)), write_at)
-            return x, kv
+        def body(carry, xs):
+            x, cache = carry
+            layer_state, layer = xs
+            x, cache = nnx.merge(graphdef, layer_state)(x, positions, key_valid, cache, layer, write_at)
+            return (x, cache), None
 
-        x, kv = jax.lax.scan(body, x, (state, None if cache is None else (cache.k, cache.v)))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.config.num_layers)))
         if keep is not None:
             x = x[:, -keep:]
         x = self.norm(x)
@@ -236,7 +244,7 @@ class Decoder(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
-        return logits, None if cache is None else Cache(*kv)
+        return logits, cache
 
 
 def abstract_decoder(config: DecoderConfig, dtype) -> Decoder:
