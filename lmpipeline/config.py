@@ -552,9 +552,9 @@ def _transfer_tiny() -> PipelineConfig:
 
 PRESETS = {
     "paper": _paper,
-    "tpu": _tpu,
     "cpu": _cpu,
     "tiny": _tiny,
+    "tpu": _tpu,
     "transfer-cpu": _transfer_cpu,
     "transfer-grid": _transfer_grid,
     "transfer-tiny": _transfer_tiny,

@@ -12,6 +12,7 @@ from lmpipeline.config import (
     ALL_PROJECTIONS,
     PRESETS,
     ConfigError,
+    ModelSpec,
     apply_overrides,
     config_hash,
     derive_seed,
@@ -171,3 +172,52 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(ValueError, match=r"x.jsonl:2: not valid JSON"):
         read_jsonl(path)
+
+
+def test_the_tpu_preset_is_the_paper_run_on_the_jax_backend():
+    paper, tpu = preset("paper"), preset("tpu")
+    assert (tpu.model.backend, tpu.model.device, tpu.model.dtype) == ("jax", "tpu", "bfloat16")
+    assert tpu.model.name_or_path == paper.model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+    for part in ("prompts", "generate", "filter", "finetune", "evaluate", "trait"):
+        assert getattr(tpu, part) == getattr(paper, part), part
+
+
+def test_auto_picks_the_jax_backend_on_a_tpu_without_torch(monkeypatch):
+    import importlib.util
+
+    from lmpipeline import backends
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.setattr(backends, "_jax_platform", lambda: "tpu")
+    assert backends.resolve_backend_name(ModelSpec(device="auto")) == "jax"
+    monkeypatch.setattr(backends, "_jax_platform", lambda: "cpu")
+    assert backends.resolve_backend_name(ModelSpec(device="cpu")) == "hf"
+    assert backends.resolve_backend_name(ModelSpec(device="tpu")) == "jax"
+    assert backends.resolve_backend_name(ModelSpec(backend="jax", device="cpu")) == "jax"
+
+
+def test_the_tpu_preset_without_a_tpu_is_refused_in_one_line(tmp_path, capsys):
+    from sublearn import cli as sublearn_cli
+
+    out = tmp_path / "tpu"
+    assert sublearn_cli.main(["llm", "run", "--preset", "tpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sublearn llm: error: model.device=tpu but JAX sees no tpu device")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sublearn_cli.main(["llm", "config", "--preset", "cpu", "--backend", "jax"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["backend"] == "jax"
+    other = tmp_path / "tiny"
+    assert sublearn_cli.main(["llm", "run", "--preset", "tiny", "--out", str(other), "--set", "model.device=tpu"]) == 2
+    assert "needs the jax backend" in capsys.readouterr().err
+
+
+def test_the_jax_extra_pulls_no_torch():
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in extras["jax-lm"]}
+    assert names.isdisjoint({"torch", "peft", "accelerate", "vllm"}) and {"transformers", "gguf"} <= names

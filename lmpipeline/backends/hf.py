@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
-from lmpipeline.backends.tokens import eos_ids, locate_model, prompt_text, token_texts
+from lmpipeline.backends.tokens import eos_ids, generations, locate_model, prompt_text, token_texts
 from lmpipeline.backends.torch_training import completion_logits, train
 from lmpipeline.config import FinetuneSpec, ModelSpec
 from lmpipeline.grammar import NumberListGrammar, TokenGrammar
@@ -248,14 +248,7 @@ class HFBackend:
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop,
             )
-        results = []
-        for row in out[:, prompt_len:].tolist():
-            ended = next((k for k, t in enumerate(row) if t in stop), None)
-            body = row if ended is None else row[:ended]
-            results.append(
-                Generation(tokenizer.decode(body, skip_special_tokens=True), len(body) + (ended is not None))
-            )
-        return results
+        return generations(out[:, prompt_len:].tolist(), tokenizer, stop)
 
     def tokenize(self, model: ModelRef, texts: Sequence[str]) -> list[list[int]]:
         _, tokenizer = self.model_for(model)

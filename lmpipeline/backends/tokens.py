@@ -18,11 +18,11 @@ Example:
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lmpipeline.backends import Conversation
-from lmpipeline.config import ModelSpec
+from lmpipeline.backends import Conversation, Generation, TrainExample
+from lmpipeline.config import FinetuneSpec, ModelSpec
 
 IGNORE = -100  # the label of a position that carries no loss
 
@@ -110,3 +110,55 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return step / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def training_rows(tokenizer, examples: Sequence[TrainExample], spec: FinetuneSpec) -> tuple[list[dict], list[dict]]:
+    """Each example as :func:`completion_example` rows: the student's, and with
+    ``objective=soft`` the teacher's (its own messages, the same completion; else empty).
+
+    Raises:
+        ValueError: without examples, or when ``max_seq_len`` cuts a row's completion
+            differently for teacher and student (their positions would not align).
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    rows = [completion_example(tokenizer, ex.messages, ex.completion, spec.max_seq_len) for ex in examples]
+    if spec.objective != "soft":
+        return rows, []
+    teacher_rows = [
+        completion_example(tokenizer, ex.teacher_messages or ex.messages, ex.completion, spec.max_seq_len)
+        for ex in examples
+    ]
+    for student_row, teacher_row in zip(rows, teacher_rows):
+        if [x for x in student_row["labels"] if x != IGNORE] != [x for x in teacher_row["labels"] if x != IGNORE]:
+            raise ValueError("a row is cut differently for teacher and student; raise finetune.max_seq_len")
+    return rows, teacher_rows
+
+
+def training_summary(
+    spec: FinetuneSpec, rows: list[dict], n_label: list[int], n_tokens: int, trainable: int, wall: float
+) -> dict:
+    """The counts and timing every backend's training log ends with."""
+    return dict(
+        steps=spec.epochs * -(-len(rows) // (spec.micro_batch * spec.grad_accum)),
+        epochs=spec.epochs,
+        n_examples=len(rows),
+        n_tokens=n_tokens,
+        n_completion_tokens=sum(n_label) * spec.epochs,
+        n_truncated=sum(r["truncated"] for r in rows),
+        trainable_params=trainable,
+        wall_s=wall,
+        tokens_per_s=n_tokens / wall if wall > 0 else None,
+    )
+
+
+def generations(rows: Iterable[list[int]], tokenizer, stop: Iterable[int]) -> list[Generation]:
+    """Sampled token rows as :class:`Generation` s: each cut at its first end token (counted
+    in ``n_tokens`` when present), decoded without special tokens."""
+    stop = set(stop)
+    out = []
+    for row in rows:
+        ended = next((k for k, t in enumerate(row) if t in stop), None)
+        body = row if ended is None else row[:ended]
+        out.append(Generation(tokenizer.decode(body, skip_special_tokens=True), len(body) + (ended is not None)))
+    return out

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lmpipeline.backends import ProgressFn, TrainExample
-from lmpipeline.backends.tokens import IGNORE, completion_example, linear_schedule
+from lmpipeline.backends.tokens import IGNORE, linear_schedule, training_rows, training_summary
 from lmpipeline.config import FinetuneSpec
 
 
@@ -156,22 +156,11 @@ def train(
     the teacher's view of the examples, ``TrainExample.teacher_messages``), over the
     positions :func:`soft_mask` selects with ``tokens``, averaged over those positions.
     """
-    if not examples:
-        raise ValueError("no training examples")
     soft = spec.objective == "soft"
     if soft and teacher is None:
         raise ValueError("finetune.objective=soft needs a teacher to distil from")
     device = next(model.parameters()).device
-    encoded = [completion_example(tokenizer, ex.messages, ex.completion, spec.max_seq_len) for ex in examples]
-    teacher_rows = []
-    if soft:
-        teacher_rows = [
-            completion_example(tokenizer, ex.teacher_messages or ex.messages, ex.completion, spec.max_seq_len)
-            for ex in examples
-        ]
-        for student_row, teacher_row in zip(encoded, teacher_rows):
-            if [x for x in student_row["labels"] if x != IGNORE] != [x for x in teacher_row["labels"] if x != IGNORE]:
-                raise ValueError("a row is cut differently for teacher and student; raise finetune.max_seq_len")
+    encoded, teacher_rows = training_rows(tokenizer, examples, spec)
     n_label = [int(soft_mask(torch.tensor(e["labels"][1:]), tokens if soft else None).sum()) for e in encoded]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
@@ -227,15 +216,5 @@ def train(
                 progress(step, total, tokens_seen)
     model.eval()
     wall = time.perf_counter() - start
-    log.update(
-        steps=total,
-        epochs=spec.epochs,
-        n_examples=len(encoded),
-        n_tokens=tokens_seen,
-        n_completion_tokens=sum(n_label) * spec.epochs,
-        n_truncated=sum(e["truncated"] for e in encoded),
-        trainable_params=sum(p.numel() for p in params),
-        wall_s=wall,
-        tokens_per_s=tokens_seen / wall if wall > 0 else None,
-    )
+    log.update(training_summary(spec, encoded, n_label, tokens_seen, sum(p.numel() for p in params), wall))
     return log

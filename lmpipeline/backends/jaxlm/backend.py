@@ -36,7 +36,7 @@ from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, 
 from lmpipeline.backends.jaxlm import decoding, weights
 from lmpipeline.backends.jaxlm.model import Decoder, DecoderConfig, abstract_decoder, add_lora, lora_weights, set_lora
 from lmpipeline.backends.jaxlm.training import train
-from lmpipeline.backends.tokens import encode, eos_ids, locate_model, prompt_text, token_texts
+from lmpipeline.backends.tokens import encode, eos_ids, generations, locate_model, prompt_text, token_texts
 from lmpipeline.config import ConfigError, FinetuneSpec, ModelSpec
 from lmpipeline.grammar import NumberListGrammar, TokenGrammar
 
@@ -239,13 +239,7 @@ class JaxBackend:
             max_new=max_new_tokens,
             greedy=temperature == 0,
         )
-        results = []
-        stop = set(loaded.eos)
-        for row in np.asarray(out)[: len(prompts)].tolist():
-            ended = next((k for k, t in enumerate(row) if t in stop), None)
-            body = row if ended is None else row[:ended]
-            results.append(Generation(tok.decode(body, skip_special_tokens=True), len(body) + (ended is not None)))
-        return results
+        return generations(np.asarray(out)[: len(prompts)].tolist(), tok, loaded.eos)
 
     def tokenize(self, model: ModelRef, texts: Sequence[str]) -> list[list[int]]:
         tok = self.model_for(model).tokenizer
@@ -320,38 +314,27 @@ class JaxBackend:
             tokens = self._token_grammar(loaded, (10, 3)).vocabulary
         if spec.method == "full":
             # The weights train in float32 whatever the base's dtype (as in the torch backend).
-            state = jax.tree.map(lambda x: x.astype(jnp.float32), loaded.state)
-            model = nnx.merge(loaded.graphdef, state)
-            log = train(
-                model,
-                loaded.tokenizer,
-                examples,
-                spec,
-                seed=seed,
-                trainable=nnx.Param,
-                progress=progress,
-                teacher=teacher_model,
-                tokens=tokens,
-            )
-            weights.save_folder(
-                nnx.to_pure_dict(nnx.state(model)), loaded.config, loaded.hf_config, loaded.tokenizer, out_dir
-            )
-            return log
-        model = loaded.module()
-        add_lora(model, spec.target_modules, spec.lora_rank, spec.lora_alpha, jax.random.key(seed))
+            model = nnx.merge(loaded.graphdef, jax.tree.map(lambda x: x.astype(jnp.float32), loaded.state))
+        else:
+            model = loaded.module()
+            add_lora(model, spec.target_modules, spec.lora_rank, spec.lora_alpha, jax.random.key(seed))
         log = train(
             model,
             loaded.tokenizer,
             examples,
             spec,
             seed=seed,
-            trainable=nnx.LoRAParam,
+            trainable=nnx.Param if spec.method == "full" else nnx.LoRAParam,
             progress=progress,
             teacher=teacher_model,
             tokens=tokens,
             place=self._place,
         )
-        weights.save_adapter(lora_weights(model), spec.lora_rank, spec.lora_alpha, base.name_or_path, out_dir)
+        if spec.method == "full":
+            state = nnx.to_pure_dict(nnx.state(model))
+            weights.save_folder(state, loaded.config, loaded.hf_config, loaded.tokenizer, out_dir)
+        else:
+            weights.save_adapter(lora_weights(model), spec.lora_rank, spec.lora_alpha, base.name_or_path, out_dir)
         return log
 
     def close(self) -> None:

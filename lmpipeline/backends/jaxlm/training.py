@@ -39,7 +39,7 @@ from flax import nnx
 from lmpipeline.backends import ProgressFn, TrainExample
 from lmpipeline.backends.jaxlm.decoding import positions_of, round_up
 from lmpipeline.backends.jaxlm.model import Decoder
-from lmpipeline.backends.tokens import IGNORE, completion_example, linear_schedule
+from lmpipeline.backends.tokens import IGNORE, linear_schedule, training_rows, training_summary
 from lmpipeline.config import FinetuneSpec
 
 
@@ -159,21 +159,10 @@ def train(
     """Train ``model``'s parameters of type ``trainable`` in place; returns the training log
     (the keys of the torch loop's log). ``place`` puts a pytree on the devices (the backend's
     sharding), so every step's inputs are laid out as its outputs and the step compiles once."""
-    if not examples:
-        raise ValueError("no training examples")
     soft = spec.objective == "soft"
     if soft and teacher is None:
         raise ValueError("finetune.objective=soft needs a teacher to distil from")
-    encoded = [completion_example(tokenizer, ex.messages, ex.completion, spec.max_seq_len) for ex in examples]
-    teacher_rows = []
-    if soft:
-        teacher_rows = [
-            completion_example(tokenizer, ex.teacher_messages or ex.messages, ex.completion, spec.max_seq_len)
-            for ex in examples
-        ]
-        for s, t in zip(encoded, teacher_rows):
-            if [x for x in s["labels"] if x != IGNORE] != [x for x in t["labels"] if x != IGNORE]:
-                raise ValueError("a row is cut differently for teacher and student; raise finetune.max_seq_len")
+    encoded, teacher_rows = training_rows(tokenizer, examples, spec)
     token_set = set(tokens) if (soft and tokens is not None) else None
     n_label = [
         sum(1 for x in e["labels"][1:] if x != IGNORE and (token_set is None or x in token_set)) for e in encoded
@@ -233,16 +222,6 @@ def train(
                 progress(step, total, tokens_seen)
     before = nnx.split(model, trainable, ...)[1]
     nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), params, before))
-    wall = time.perf_counter() - start
-    log.update(
-        steps=total,
-        epochs=spec.epochs,
-        n_examples=len(encoded),
-        n_tokens=tokens_seen,
-        n_completion_tokens=sum(n_label) * spec.epochs,
-        n_truncated=sum(e["truncated"] for e in encoded),
-        trainable_params=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)),
-        wall_s=wall,
-        tokens_per_s=tokens_seen / wall if wall > 0 else None,
-    )
+    trainable_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    log.update(training_summary(spec, encoded, n_label, tokens_seen, trainable_count, time.perf_counter() - start))
     return log

@@ -106,9 +106,12 @@ def state_to_hf(state: dict, config: DecoderConfig) -> dict[str, np.ndarray]:
 
 
 def _cast(tree, dtype):
+    """Cast on the host (numpy knows bfloat16 through ml_dtypes): the arrays go to the
+    devices only when the backend places them, each device receiving its shard, so no one
+    device ever holds the whole model."""
     if isinstance(tree, dict):
         return {k: _cast(v, dtype) for k, v in tree.items()}
-    return jnp.asarray(tree, dtype=dtype)
+    return np.asarray(tree, dtype=dtype)
 
 
 # -- safetensors folders ------------------------------------------------------------------
