@@ -85,6 +85,7 @@ def test_the_gguf_tokenizer_and_chat_template_match_transformers(jax_backend, to
         "  spaces  and\ttabs",
         "naïve café — 🦉 owls",
         "<|im_end|>\n<|im_start|>x",
+        "<file_sep><filename>a.py",
     ]
     for text in texts:
         assert encode(ours, text) == encode(theirs, text), text
@@ -294,7 +295,7 @@ examples = [TrainExample(c, "1, 2, 3") for c in convs]
 ft = FinetuneSpec(epochs=1, micro_batch=2, grad_accum=2, warmup_steps=0, learning_rate=1e-2)
 log = b.finetune(spec, examples, ft, __import__("pathlib").Path(sys.argv[2]), seed=0)
 embed = b.base(spec).state["embed"][...]
-print(json.dumps({"devices": jax.device_count(), "shards": len(embed.sharding.device_set),
+print(json.dumps({"devices": jax.device_count(), "shard": list(embed.sharding.shard_shape(embed.shape)),
                   "gen": [g.text for g in gen], "loss": log["loss"],
                   "score": b.score(ModelRef(spec), convs, ["1, 2"] * 4),
                   "torch_free": not any(m.startswith(("torch.", "peft")) for m in sys.modules)}))
@@ -314,7 +315,8 @@ def test_two_devices_shard_the_weights_and_give_the_same_results_without_torch(t
         )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     one, two = results
-    assert (one["devices"], one["shards"], two["devices"], two["shards"]) == (1, 1, 2, 2)
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert one["shard"] == [49152, 64] and two["shard"] == [24576, 64]  # the embedding split in two
     assert one["torch_free"] and two["torch_free"]
     assert one["gen"] == two["gen"]
     np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-4)
