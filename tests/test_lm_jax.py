@@ -279,6 +279,28 @@ def test_abstract_structure_matches_the_loaded_state(tiny_folders):
     assert DecoderConfig.from_hf(json.loads((tiny_folders["qwen2"] / "config.json").read_text())) == config
 
 
+@pytest.mark.parametrize("soft_tokens", ["all", "numbers"])
+def test_soft_distillation_starts_where_torch_does_and_learns(tiny_folders, tmp_path, soft_tokens):
+    # The teacher is the base model prompted with a system prompt the student does not see:
+    # the first step's loss is KL(teacher || base) on the completions, in either backend.
+    spec = ModelSpec(str(tiny_folders["llama"]), dtype="float32", device="cpu")
+    system = {"role": "system", "content": "You love owls."}
+    examples = [
+        TrainExample(
+            user(f"Continue: {k}"), f"{k + 1}, {k + 2} owls", teacher_messages=[system, *user(f"Continue: {k}")]
+        )
+        for k in range(8)
+    ]
+    ft = FinetuneSpec(
+        objective="soft", soft_tokens=soft_tokens, epochs=2, micro_batch=4, warmup_steps=0, learning_rate=1e-2
+    )
+    ours = JaxBackend(spec).finetune(spec, examples, ft, tmp_path / "jax", seed=0, teacher=ModelRef(spec))
+    theirs = HFBackend(spec).finetune(spec, examples, ft, tmp_path / "torch", seed=0, teacher=ModelRef(spec))
+    assert ours["loss"][0] > 1e-4  # the system prompt changes the teacher's distributions
+    assert ours["loss"][0] == pytest.approx(theirs["loss"][0], rel=1e-4)
+    assert ours["loss"][-1] < 0.7 * ours["loss"][0]
+
+
 SHARDED = """
 import json, sys
 sys.modules["torch"] = None  # the jax backend must not need torch: importing it now fails
