@@ -38,7 +38,9 @@ LABELS = {
 CROSS_MODEL = {"student_aux": False, "student_all": False, "cross_aux": True, "cross_all": True}
 AUX_ONLY = {"student_aux": True, "student_all": False, "cross_aux": True, "cross_all": False}
 
-# Test accuracy with 95% CIs over 100 seeds, read off the paper's MNIST figure.
+# The paper's MNIST figure (100 seeds): mean test accuracy and 95% CI half-width per condition.
+# Approximate values: the paper draws them as bars with error bars, and half-widths under
+# 0.001 (the teacher's) cannot be read off a plot, so take every value as good to about 0.002.
 PAPER_RESULTS = {
     "reference": (0.100, 0.005),
     "teacher": (0.943, 0.0004),
