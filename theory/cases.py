@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +247,7 @@ def build_case(spec: CaseSpec) -> Case:
     )
 
 
+@runtime_checkable
 class Chooser(Protocol):
     """Where the random choices of a case come from: hypothesis's ``draw`` or a numpy generator."""
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, runtime_checkable
 
 
+@runtime_checkable
 class Progress(Protocol):
     def start(self, total_units: float, description: str) -> None: ...
 
