@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 from lmpipeline.backends import ProgressFn, TrainExample
-from lmpipeline.backends.jaxlm.decoding import positions_of, round_up
+from lmpipeline.backends.jaxlm.decoding import left_pad, positions_of, round_up
 from lmpipeline.backends.jaxlm.model import Decoder
 from lmpipeline.backends.tokens import IGNORE, linear_schedule, training_rows, training_summary
 from lmpipeline.config import FinetuneSpec
@@ -47,10 +47,11 @@ from lmpipeline.config import FinetuneSpec
 def optimizer(spec: FinetuneSpec, total_steps: int) -> optax.GradientTransformation:
     """Clip to ``max_grad_norm``, then AdamW (torch's defaults: betas 0.9/0.999, eps 1e-8)."""
 
+    # The schedule's own values, tabulated: one formula for the torch loop, this one and the log.
+    factors = jnp.asarray([linear_schedule(s, spec.warmup_steps, total_steps) for s in range(total_steps)])
+
     def schedule(count):
-        warm = count / max(spec.warmup_steps, 1)
-        decay = jnp.maximum(0.0, (total_steps - count) / max(1, total_steps - spec.warmup_steps))
-        return spec.learning_rate * jnp.where(count < spec.warmup_steps, warm, decay)
+        return spec.learning_rate * factors[jnp.minimum(count, total_steps - 1)]
 
     return optax.chain(
         optax.clip_by_global_norm(spec.max_grad_norm),
@@ -60,16 +61,10 @@ def optimizer(spec: FinetuneSpec, total_steps: int) -> optax.GradientTransformat
 
 def _stack(rows: list[dict], micro: int, n_micro: int, width: int, pad_id: int) -> dict[str, np.ndarray]:
     """``[n_micro, micro, width]`` arrays of left-padded rows; missing rows carry no label."""
-    shape = (n_micro * micro, width)
-    ids = np.full(shape, pad_id, np.int32)
-    labels = np.full(shape, IGNORE, np.int32)
-    valid = np.zeros(shape, bool)
+    ids, valid = left_pad([row["input_ids"] for row in rows], width, n_micro * micro, pad_id)
+    labels = np.full(ids.shape, IGNORE, np.int32)
     for r, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[r, width - n :] = row["input_ids"]
-        labels[r, width - n :] = row["labels"]
-        valid[r, width - n :] = True
-    valid[len(rows) :, -1] = True
+        labels[r, width - len(row["labels"]) :] = row["labels"]
     return {k: v.reshape(n_micro, micro, width) for k, v in {"ids": ids, "labels": labels, "valid": valid}.items()}
 
 
