@@ -143,17 +143,3 @@ def test_a_sweep_writes_its_json_and_figure(tmp_path, capsys):
     assert (out / "sweep_figure.png").exists()
     assert "n_aux=2:" in capsys.readouterr().out
     assert exit_code(["mnist", "--out", str(out), *TINY, "--sweep", "n_aux=0,2"]) == 2
-
-
-def test_results_are_written_with_ordinary_file_modes(tmp_path):
-    import os
-    import stat
-
-    from toymodels.artifacts import write_json_atomic
-
-    umask = os.umask(0o022)
-    try:
-        path = write_json_atomic(tmp_path / "r.json", {"a": 1})
-    finally:
-        os.umask(umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644

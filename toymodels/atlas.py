@@ -34,9 +34,10 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from toymodels.config import STUDENT_DATA, ConfigError, MnistConfig, tiny
 from toymodels.stats import summarize
@@ -238,16 +239,15 @@ def run_atlas(
             left the paper's six bars unchanged over 100 seeds).
         only: names of the curves to run (default: all).
         data: MNIST (default: the bundled files).
-        progress: a :class:`toymodels.progress.Progress` (default: silent).
+        progress: a :class:`sublearn._common.Progress` (default: silent).
 
     Returns:
         The atlas dict as written.
     """
     import json
 
-    from toymodels.artifacts import environment, write_json_atomic
+    from sublearn._common import SilentProgress, environment, write_json
     from toymodels.data import load_mnist
-    from toymodels.progress import SilentProgress
     from toymodels.sweep import run_points
 
     chosen = curves(preset)
@@ -293,7 +293,7 @@ def run_atlas(
         done[0] += 1
         atlas["environment"] = environment()
         atlas["timing"]["wall_s_points"] = sum(p["wall_s"] for p in atlas["points"].values())
-        write_json_atomic(path, atlas)
+        write_json(path, atlas)
         s = result["summary"]
         progress.note(
             f"atlas {done[0]}/{len(todo)} {label}: "
@@ -311,7 +311,7 @@ def run_atlas(
         {"started": started, "points_run": len(todo), "wall_s": time.perf_counter() - t_start}
     )
     atlas["timing"]["wall_s_points"] = sum(p["wall_s"] for p in atlas["points"].values())
-    write_json_atomic(path, atlas)
+    write_json(path, atlas)
     write_figures(atlas, out, chosen)
     return atlas
 
@@ -446,9 +446,8 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from toymodels.artifacts import check_writable
+    from sublearn._common import SilentProgress, TextProgress, check_writable
     from toymodels.data import DataError
-    from toymodels.progress import SilentProgress, TextProgress
 
     only = tuple(c.strip() for c in args.curves.split(",")) if args.curves else None
     try:

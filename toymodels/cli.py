@@ -21,7 +21,7 @@ import sys
 import typing
 from pathlib import Path
 
-from toymodels.artifacts import check_writable
+from sublearn._common import check_writable
 from toymodels.config import OPTIMIZERS, PRECISIONS, STUDENT_DATA, STUDENT_LOSSES, ConfigError, MnistConfig
 from toymodels.data import SOURCES, DataError
 
@@ -166,11 +166,10 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command writes figure files; it never needs a display
-    from toymodels.artifacts import write_json_atomic
+    from sublearn._common import SilentProgress, TextProgress, write_json
     from toymodels.data import load_mnist
     from toymodels.experiment import run_experiment
     from toymodels.figure import plot_results, plot_trajectory, save_figure
-    from toymodels.progress import SilentProgress, TextProgress
 
     try:
         config = config_from_args(args)
@@ -192,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     figure_paths = save_figure(plot_results(result), args.out)
     if "trajectory" in result:
         figure_paths += save_figure(plot_trajectory(result), args.out, stem="trajectory")
-    write_json_atomic(args.out / RESULTS, result)
+    write_json(args.out / RESULTS, result)
     (args.out / CHECKPOINT).unlink(missing_ok=True)
     print(format_table(result))
     if "trajectory" in result:
@@ -205,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args, config, sweep, data, progress) -> int:
-    from toymodels.artifacts import environment, write_json_atomic
+    from sublearn._common import environment, write_json
     from toymodels.figure import save_figure
     from toymodels.sweep import plot_sweep, run_sweep
 
@@ -215,7 +214,7 @@ def _run_sweep(args, config, sweep, data, progress) -> int:
     prepare_output(args.out, "sweep.json", args.overwrite)
     result = run_sweep(config, field_name, values, data=data, progress=progress)
     result["environment"] = environment()
-    write_json_atomic(args.out / "sweep.json", result)
+    write_json(args.out / "sweep.json", result)
     paths = save_figure(plot_sweep(result), args.out, stem="sweep_figure")
     for point in result["points"]:
         s = point["summary"]

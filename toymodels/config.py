@@ -19,6 +19,8 @@ import json
 import math
 from typing import Any
 
+from sublearn._common import ConfigError  # noqa: F401  (raised here; imported from here by the package)
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 NOISE_DISTRIBUTIONS = ("uniform", "gaussian")
 # What the students see: generated noise, or MNIST training images (see toymodels.noise.student_inputs).
@@ -26,10 +28,6 @@ IMAGE_DATA = ("mnist", "shuffled", "inverted")
 STUDENT_DATA = NOISE_DISTRIBUTIONS + IMAGE_DATA
 STUDENT_LOSSES = ("kl", "mse")
 PRECISIONS = ("float32", "bf16")
-
-
-class ConfigError(ValueError):
-    """An option has a value the experiment cannot run with; the message names it and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,14 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from toymodels.artifacts import environment, write_json_atomic
+from sublearn._common import Progress, SilentProgress, environment, write_json
 from toymodels.conditions import AUX_ONLY, CONDITIONS, CROSS_MODEL, PAPER_RESULTS, STUDENT_CONDITIONS, derangement
 from toymodels.config import IMAGE_DATA, ConfigError, MnistConfig
 from toymodels.data import MNIST, load_mnist, normalize
 from toymodels.losses import logit_mask
 from toymodels.model import init_params, perturb_params
 from toymodels.noise import noise_words
-from toymodels.progress import Progress, SilentProgress
 from toymodels.stats import summarize
 from toymodels.track import per_condition, probe_batch, probe_metrics, probe_size, steps_per_epoch, trajectory_section
 from toymodels.train import accuracy, make_optimizer, spec_of, student_epoch, teacher_epoch
@@ -264,9 +263,7 @@ def run_experiment(
                 if TRACKS in result:
                     done[s][TRACKS] = per_condition(result[TRACKS][i], STUDENT_CONDITIONS)
         if checkpoint is not None:
-            write_json_atomic(
-                checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done}
-            )
+            write_json(checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done})
         running = ", ".join(f"{c} {np.mean([done[s][c] for s in done]):.3f}" for c in CONDITIONS)
         progress.note(f"  {len(done)}/{config.seeds} seeds done; mean accuracy: {running}")
     progress.close()

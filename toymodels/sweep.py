@@ -12,16 +12,17 @@ Example (a quick sweep over the number of auxiliary logits):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 
+from sublearn._common import Progress
 from toymodels.conditions import CONDITIONS, LABELS
 from toymodels.config import ConfigError, MnistConfig
 from toymodels.data import MNIST, load_mnist
 from toymodels.experiment import run_experiment
 from toymodels.figure import COLORS
-from toymodels.progress import Progress
 
 
 def run_sweep(
