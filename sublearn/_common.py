@@ -183,15 +183,14 @@ def environment(packages: Sequence[str] = PACKAGES) -> dict[str, Any]:
 class Progress(Protocol):
     """A fixed amount of work, counted in units, reported as it goes.
 
-    ``start`` announces the total, ``advance`` adds done units, ``update`` sets them (the
-    language backends' ``progress(done, total, tokens)`` calls it), ``note`` prints a line.
+    ``start`` announces the total, ``advance`` adds done units, ``note`` prints a line.
+    The reporters below also take ``update(done, total, tokens)``, which sets the units
+    done; calling a reporter is ``update`` (the language backends' progress callback).
     """
 
     def start(self, total_units: float, description: str) -> None: ...
 
     def advance(self, description: str, units: float = 1.0) -> None: ...
-
-    def update(self, done: float, total: float, tokens: int = 0) -> None: ...
 
     def note(self, message: str) -> None: ...
 

@@ -113,7 +113,6 @@ def test_fields_the_programs_never_read_share_one_cache_key():
         n_train=5000,
         n_test=100,
         seeds_per_chunk=4,
-        hidden=[256, 256],  # a list, as read back from JSON
     ).validate()
     assert ProgramSpec.of(other) == ProgramSpec.of(base)
     assert set(f.name for f in dataclasses.fields(ProgramSpec)) < set(f.name for f in dataclasses.fields(MnistConfig))

@@ -18,12 +18,12 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from sublearn._common import interval_quantile
 
 
-def summarize(values: Sequence[float | None]) -> dict[str, float | int]:
+def summarize(values: Iterable[float | None]) -> dict[str, float | int]:
     """Mean, sample std, standard error and 95% t-interval half-width of ``values``.
 
     With a single value, the spread is unknown and reported as NaN (written as ``null``);
