@@ -59,6 +59,14 @@ def exit_code(argv):
         return exc.code
 
 
+def test_option_help_is_the_config_fields_documentation(capsys):
+    assert exit_code(["mnist", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--n-aux N_AUX auxiliary logits m appended to the ten digit logits. (default: 3)" in help_text
+    assert "--student-init-sigma STUDENT_INIT_SIGMA perturbs each student's starting point" in help_text
+    assert "(0: students start exactly at their init). (default: 0.0)" in help_text
+
+
 def test_unwritable_output_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -22,7 +22,15 @@ import typing
 from pathlib import Path
 
 from sublearn._common import check_writable
-from toymodels.config import OPTIMIZERS, PRECISIONS, STUDENT_DATA, STUDENT_LOSSES, ConfigError, MnistConfig
+from toymodels.config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    STUDENT_DATA,
+    STUDENT_LOSSES,
+    ConfigError,
+    MnistConfig,
+    field_docs,
+)
 from toymodels.data import SOURCES, DataError
 
 RESULTS = "results.json"
@@ -64,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(MnistConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = f"default: {field.default}"
+        # argparse formats help with %: a literal one is doubled.
+        help_text = f"{field_docs()[field.name]} (default: {field.default})".replace("%", "%%")
         if field.name == "hidden":
             group.add_argument(flag, type=int, nargs="+", default=field.default, metavar="WIDTH", help=help_text)
         elif field.name == "student_data":  # --noise: its name before MNIST images were an option

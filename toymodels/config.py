@@ -14,9 +14,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import math
+import re
 from typing import Any
 
 from sublearn._common import ConfigError  # noqa: F401  (raised here; imported from here by the package)
@@ -212,6 +215,27 @@ class MnistConfig:
 
 
 PAPER = MnistConfig()
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each field's entry under ``Attributes:`` in :class:`MnistConfig`'s docstring, on one line.
+
+    The command-line help is read from here, so an option is documented in one place.
+
+    >>> field_docs()["n_aux"]
+    'auxiliary logits m appended to the ten digit logits.'
+    """
+    docs: dict[str, list[str]] = {}
+    lines = inspect.cleandoc(MnistConfig.__doc__).split("Attributes:", 1)[1].splitlines()
+    for line in lines:
+        name, colon, text = line.strip().partition(": ")
+        if line.startswith("    ") and not line.startswith("        ") and colon and name.isidentifier():
+            docs[name] = [text]
+        elif line.strip() and docs:
+            docs[next(reversed(docs))].append(line.strip())
+    # Plain text for a terminal: ``literal`` and :role:`target` lose their markup.
+    return {name: re.sub(r":\w+:`([^`]*)`", r"\1", " ".join(parts)).replace("``", "") for name, parts in docs.items()}
 
 
 def tiny(**overrides: Any) -> MnistConfig:
