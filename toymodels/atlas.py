@@ -200,16 +200,16 @@ def point_config(base: MnistConfig, curve: Curve, overrides: dict[str, Any]) -> 
     return config.validate()
 
 
-def _point_record(config: MnistConfig, result: dict[str, Any]) -> dict[str, Any]:
+def _point_record(config: MnistConfig, result: Any) -> dict[str, Any]:  # an ExperimentResult
     """What the atlas keeps of one run: config, per-seed accuracies, summary, timing, probe curve."""
     record = {
         "config": config.to_dict(),
-        "accuracy": result["accuracy"],
-        "summary": result["summary"],
-        "wall_s": result["timing"]["wall_s"],
+        "accuracy": result.accuracy,
+        "summary": result.summary,
+        "wall_s": result.wall_s,
     }
-    if "trajectory" in result:
-        t = result["trajectory"]
+    if result.trajectory is not None:
+        t = result.trajectory
         record["trajectory"] = {
             "steps": t["steps"],
             "steps_per_epoch": t["steps_per_epoch"],
@@ -288,13 +288,13 @@ def run_atlas(
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     done = [0]
 
-    def save(label: str, config: MnistConfig, result: dict[str, Any]) -> None:
+    def save(label: str, config: MnistConfig, result: Any) -> None:
         atlas["points"][config.fingerprint()] = _point_record(config, result)
         done[0] += 1
         atlas["environment"] = environment()
         atlas["timing"]["wall_s_points"] = sum(p["wall_s"] for p in atlas["points"].values())
         write_json(path, atlas)
-        s = result["summary"]
+        s = result.summary
         progress.note(
             f"atlas {done[0]}/{len(todo)} {label}: "
             + ", ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in SHOWN)

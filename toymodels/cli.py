@@ -111,11 +111,12 @@ def parse_sweep(text: str) -> tuple[str, list]:
         raise ConfigError(f"--sweep {field_name}: {err}") from err
 
 
-def format_table(result: dict) -> str:
+def format_table(result: typing.Any) -> str:  # an ExperimentResult
     """The results table: this run's mean, CI and n beside the paper's numbers."""
     rows = [f"{'condition':<14}{'mean':>8}{'95% CI':>10}{'n':>5}   {'paper (n=100)':>16}"]
-    for condition, s in result["summary"].items():
-        paper = result["paper"].get(condition)
+    paper_results = result.paper
+    for condition, s in result.summary.items():
+        paper = paper_results.get(condition)
         ref = f"{paper['mean']:.3f} +- {paper['ci95']:.3f}" if paper else ""
         rows.append(f"{condition:<14}{s['mean']:>8.3f}{'+- ' + format(s['ci95'], '.3f'):>10}{s['n']:>5}   {ref:>16}")
     return "\n".join(rows)
@@ -197,18 +198,16 @@ def run(args: argparse.Namespace) -> int:
         where = f"finished seeds are kept in {kept}; " if kept.exists() else ""
         print(f"\nsublearn mnist: interrupted; {where}rerun the same command to continue", file=sys.stderr)
         return 130
-    figure_paths = save_figure(plot_results(result), args.out)
-    if "trajectory" in result:
-        figure_paths += save_figure(plot_trajectory(result), args.out, stem="trajectory")
-    write_json(args.out / RESULTS, result)
+    record = result.to_json()
+    figure_paths = save_figure(plot_results(record), args.out)
+    if result.trajectory is not None:
+        figure_paths += save_figure(plot_trajectory(record), args.out, stem="trajectory")
+    write_json(args.out / RESULTS, record)
     (args.out / CHECKPOINT).unlink(missing_ok=True)
     print(format_table(result))
-    if "trajectory" in result:
-        print(format_trajectory(result["trajectory"]))
-    print(
-        f"wall time {result['timing']['wall_s']:.1f}s; wrote {args.out / RESULTS}, "
-        + ", ".join(str(p) for p in figure_paths)
-    )
+    if result.trajectory is not None:
+        print(format_trajectory(result.trajectory))
+    print(f"wall time {result.wall_s:.1f}s; wrote {args.out / RESULTS}, " + ", ".join(str(p) for p in figure_paths))
     return 0
 
 

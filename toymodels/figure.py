@@ -30,8 +30,14 @@ COLORS = {
 }
 
 
-def plot_results(result: dict[str, Any], *, title: str | None = None) -> plt.Figure:
-    """Bar chart of ``result["summary"]`` (from :func:`toymodels.experiment.run_experiment`)."""
+def _as_json(result: Any) -> dict[str, Any]:
+    """A run's JSON form, from the form itself (a saved results.json) or the result object."""
+    return result.to_json() if hasattr(result, "to_json") else result
+
+
+def plot_results(result: Any, *, title: str | None = None) -> plt.Figure:
+    """Bar chart of a run's summary: an :class:`~toymodels.experiment.ExperimentResult` or its JSON form."""
+    result = _as_json(result)
     summary, paper = result["summary"], result.get("paper", {})
     conditions = [c for c in CONDITIONS if c in summary]
     fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
@@ -81,14 +87,14 @@ TRAJECTORY_PANELS = {
 }
 
 
-def plot_trajectory(result: dict[str, Any]) -> plt.Figure:
+def plot_trajectory(result: Any) -> plt.Figure:
     """Mean and 95% CI band over seeds of every tracked metric against the student step.
 
     Cosines are signed, so a student moving against its teacher's displacement shows as
     negative. The dashed line in the loss and accuracy panels is the teachers' own mean
     on the probe batch; dotted vertical lines mark epoch boundaries.
     """
-    trajectory = result["trajectory"]
+    trajectory = _as_json(result)["trajectory"]
     steps, conditions = trajectory["steps"], trajectory["conditions"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.6), layout="constrained", sharex=True)
     for ax, (metric, title) in zip(axes.flat, TRAJECTORY_PANELS.items()):
