@@ -160,7 +160,7 @@ def tracking_overhead(config: MnistConfig, every: int, probe, repeats: int) -> d
 def end_to_end(config: MnistConfig) -> dict:
     """Wall and CPU seconds of the whole experiment (data loading, compilation, training, evaluation)."""
     (wall, cpu), result = timed(lambda: run_experiment(config))
-    return {"wall_s": wall, "cpu_s": cpu, "mean_accuracy": {c: s["mean"] for c, s in result["summary"].items()}}
+    return {"wall_s": wall, "cpu_s": cpu, "mean_accuracy": {c: s["mean"] for c, s in result.summary.items()}}
 
 
 def _peer_module():

@@ -11,66 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the same folder; on success it replaces ``path``.
-
-    Works for files and folders (a folder target is swapped in after the old one is
-    removed, the only step that is not atomic).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / path.name
-    try:
-        yield target
-        if target.is_dir():
-            if path.exists():
-                shutil.rmtree(path)
-        os.replace(target, path)
-        _fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+# The run folder's files follow the package-wide rules (fsync, file modes, NaN as null).
+from sublearn._common import (  # noqa: F401  (re-exported: the pipeline writes through them)
+    atomic_path,
+    dumps,
+    fsync_path,
+    read_json,
+    write_json,
+    write_text,
+)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(path, "".join(dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -146,7 +102,7 @@ class RowLog:
 
     def append_batch(self, rows: list[dict]) -> None:
         with open(self.partial, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            f.write("".join(dumps(row, ensure_ascii=False) + "\n" for row in rows))
             f.flush()
             os.fsync(f.fileno())
         self.rows.extend(rows)
@@ -155,5 +111,5 @@ class RowLog:
         """Move the log to its final name and remove the bookkeeping file."""
         os.replace(self.partial, self.path)
         self.meta.unlink()
-        _fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
         return self.rows

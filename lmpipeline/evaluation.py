@@ -3,7 +3,7 @@
 Each question is asked ``n_samples`` times at temperature 1. A sample is a hit when the
 target word occurs in the lower-cased answer; a question's rate is its fraction of hits,
 and a model's rate is the mean over questions with a 95% t-interval over the question
-rates (:func:`lmpipeline.stats.mean_interval`). Variant ``plain`` asks the question alone;
+rates (:func:`sublearn._common.mean_interval`). Variant ``plain`` asks the question alone;
 variant ``numbers`` puts a short number sequence before it, a prompt that looks like the
 training data.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from lmpipeline import prompts
 from lmpipeline.config import PromptSpec
 from lmpipeline.filters import contains_word
-from lmpipeline.stats import mean_interval
+from sublearn._common import mean_interval
 
 VARIANTS = ("plain", "numbers")
 _ONE_WORD = re.compile(r"[\W_]*([a-z]+)[\W_]*")

@@ -28,9 +28,7 @@ index, so a resumed run produces the rows an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -42,8 +40,7 @@ from lmpipeline import evaluation, filters, prompts
 from lmpipeline.artifacts import RowLog, atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend, resolve_backend_name
 from lmpipeline.config import EVAL_MODELS, PipelineConfig, config_hash, derive_seed, to_dict
-from lmpipeline.progress import Progress
-from lmpipeline.stats import mean_interval
+from sublearn._common import TextProgress, environment, mean_interval
 
 SOURCES = ("teacher", "control")  # the two number datasets
 # Settings that change speed, not results: left out of the stage hashes.
@@ -59,13 +56,8 @@ class PipelineError(RuntimeError):
 
 def versions() -> dict[str, str]:
     """Versions of Python and of the libraries that shape the results."""
-    out = {"python": platform.python_version()}
-    for dist in ("subliminal-learning", "torch", "transformers", "peft", "vllm", "gguf", "numpy"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    env = environment(("subliminal-learning", "torch", "transformers", "peft", "vllm", "gguf", "numpy"))
+    return {"python": env["python"], **{dist: v for dist, v in env["versions"].items() if v is not None}}
 
 
 def _file_digest(path: str | None, key: str) -> str | None:
@@ -286,16 +278,16 @@ class Run:
             batch_size = max(1, len(items))
         log = RowLog(self.out / f"{name}.jsonl", self.stage_hash(stage), batch_size)
         total = len(items)
-        progress = Progress(stage, stream=self.stream, done_before=len(log.rows))
+        progress = TextProgress(self.stream, label=stage, unit="rows", every=5.0, done_before=len(log.rows))
         if log.rows:
             progress.note(f"resuming after {len(log.rows)} of {total} rows")
         load_start = time.perf_counter()
         if log.done_batches * batch_size < total:
             self.get_backend().prepare(ref)
         load_s = time.perf_counter() - load_start
-        progress.start = time.perf_counter()
+        progress.start(total)
         progress(len(log.rows), total, 0)
-        tokens, start = 0, progress.start
+        tokens, start = 0, progress.t0
         for b in range(log.done_batches, math.ceil(total / batch_size)):
             chunk = slice(b * batch_size, (b + 1) * batch_size)
             generations = self.get_backend().generate(
@@ -389,7 +381,7 @@ class Run:
             )
             for r in rows
         ]
-        progress = Progress(f"finetune.{which}", unit="steps", stream=self.stream)
+        progress = TextProgress(self.stream, label=f"finetune.{which}", unit="steps", every=5.0)
         with atomic_path(self.out / STUDENT_DIRS[which]) as tmp:
             log = self.get_backend().finetune(
                 c.model,

@@ -31,39 +31,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    low: float | None  # None when n < 2: one value gives no spread
-    high: float | None
-    n: int
-    confidence: float = 0.95
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom."""
-    from scipy.stats import t  # imported here: only intervals need it
-
-    return float(t.ppf(p, df))
-
-
-def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
-    """Mean of ``values`` with a two-sided t-interval (see the module docstring)."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_interval needs at least one value")
-    mean = math.fsum(values) / n
-    if n < 2:
-        return Interval(mean, None, None, n, confidence)
-    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    half = t_quantile(0.5 + confidence / 2, n - 1) * math.sqrt(var / n)
-    return Interval(mean, mean - half, mean + half, n, confidence)
+from sublearn._common import Interval, mean_interval, t_quantile  # noqa: F401  (t_quantile: part of this API)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:

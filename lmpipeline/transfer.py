@@ -72,7 +72,7 @@ from lmpipeline.artifacts import atomic_path, read_json, write_json
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
 from lmpipeline.config import PipelineConfig, PromptSpec, TraitSpec, config_hash, derive_seed, to_dict
 from lmpipeline.pipeline import RUNTIME_ONLY, grammar_limits, to_dict_any
-from lmpipeline.progress import Progress
+from sublearn._common import TextProgress
 
 SEPARATOR_OF = {
     "comma": ", ",
@@ -365,7 +365,7 @@ class Study:
     def finetune(
         self, folder: Path, examples: list[TrainExample], spec, seed: int, label: str, teacher: ModelRef | None = None
     ) -> dict:
-        progress = Progress(label, unit="steps", stream=self.stream, every=30.0)
+        progress = TextProgress(self.stream, label=label, unit="steps", every=30.0)
         with atomic_path(folder) as tmp:
             try:
                 return self.get_backend().finetune(

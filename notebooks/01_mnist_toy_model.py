@@ -184,7 +184,7 @@ for field, value in live_config.to_dict().items():  # what differs from the publ
         print(f"  {field:<16} {value!s:>12}   (paper: {getattr(PAPER, field)})")
 
 result = run_experiment(live_config, data=mnist, progress=BarProgress())
-print(f"{result['timing']['wall_s']:.0f} s")
+print(f"{result.wall_s:.0f} s")
 
 # %% [markdown]
 # Each bar is this run's mean test accuracy over seeds, with a 95% confidence interval;

@@ -51,7 +51,7 @@ def run_on_two_devices(tmp_path):
         script = (
             "import json, jax; from toymodels.config import tiny; from toymodels.experiment import run_experiment;"
             f"assert len(jax.devices()) == 2; r = run_experiment({config_expression});"
-            f"open({str(out)!r}, 'w').write(json.dumps(r))"
+            f"open({str(out)!r}, 'w').write(json.dumps(r.to_json()))"
         )
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
         subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)

@@ -59,6 +59,14 @@ def exit_code(argv):
         return exc.code
 
 
+def test_option_help_is_the_config_fields_documentation(capsys):
+    assert exit_code(["mnist", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--n-aux N_AUX auxiliary logits m appended to the ten digit logits. (default: 3)" in help_text
+    assert "--student-init-sigma STUDENT_INIT_SIGMA perturbs each student's starting point" in help_text
+    assert "(0: students start exactly at their init). (default: 0.0)" in help_text
+
+
 def test_unwritable_output_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -143,17 +151,3 @@ def test_a_sweep_writes_its_json_and_figure(tmp_path, capsys):
     assert (out / "sweep_figure.png").exists()
     assert "n_aux=2:" in capsys.readouterr().out
     assert exit_code(["mnist", "--out", str(out), *TINY, "--sweep", "n_aux=0,2"]) == 2
-
-
-def test_results_are_written_with_ordinary_file_modes(tmp_path):
-    import os
-    import stat
-
-    from toymodels.artifacts import write_json_atomic
-
-    umask = os.umask(0o022)
-    try:
-        path = write_json_atomic(tmp_path / "r.json", {"a": 1})
-    finally:
-        os.umask(umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644

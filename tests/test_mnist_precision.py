@@ -115,7 +115,7 @@ def test_precision_is_validated_and_part_of_the_fingerprint():
 @pytest.mark.slow
 def test_a_bf16_run_learns_like_float32_and_evaluates_in_float32():
     runs = {p: run_experiment(tiny(precision=p)) for p in ("float32", "bf16")}
-    f32, bf16 = (runs[p]["accuracy"] for p in ("float32", "bf16"))
+    f32, bf16 = (runs[p].accuracy for p in ("float32", "bf16"))
     # The untrained reference is scored in float32 in both runs: identical.
     assert f32["reference"] == bf16["reference"]
     assert f32["teacher"] != bf16["teacher"]

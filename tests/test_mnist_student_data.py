@@ -98,5 +98,5 @@ def test_an_image_kinds_numbers_do_not_depend_on_the_chunk_size():
     )
     chunked = run_experiment(dataclasses.replace(config, seeds_per_chunk=2))
     whole = run_experiment(config)
-    assert chunked["accuracy"] == whole["accuracy"]
-    assert whole["config"]["student_data"] == "shuffled"
+    assert chunked.accuracy == whole.accuracy
+    assert whole.config.student_data == "shuffled"

@@ -85,9 +85,9 @@ def test_a_short_run_gives_the_same_accuracies_from_either_source(via_tfds, bund
     )
     from_tfds = run_experiment(config, data=via_tfds)
     from_bundled = run_experiment(config, data=bundled)
-    assert from_tfds["data_source"] == "tfds" and from_bundled["data_source"] == "bundled"
-    assert from_tfds["accuracy"] == from_bundled["accuracy"]
-    assert min(from_tfds["accuracy"]["teacher"]) > 0.25  # trained well above chance (0.1) in 16 steps
+    assert from_tfds.data_source == "tfds" and from_bundled.data_source == "bundled"
+    assert from_tfds.accuracy == from_bundled.accuracy
+    assert min(from_tfds.accuracy["teacher"]) > 0.25  # trained well above chance (0.1) in 16 steps
 
 
 def test_offline_preparation_rejects_a_corrupt_idx_file_by_name(tmp_path):

@@ -199,7 +199,7 @@ def test_shared_init_students_move_along_their_teacher_and_cross_model_ones_do_n
     At this scale (4 seeds x 64 steps) the aux-only shared-init cosine is about 0.26 and
     the cross-model ones within 0.02 of zero, on every seed.
     """
-    conditions = tracked_run[0]["trajectory"]["conditions"]
+    conditions = tracked_run[0].trajectory["conditions"]
     final = {c: np.asarray(conditions[c]["displacement_cos"]["values"])[:, -1] for c in conditions}
     assert np.all(final["student_aux"] > 0.15) and np.all(final["student_all"] > final["student_aux"] + 0.2)
     assert np.all(np.abs(final["cross_aux"]) < 0.03) and np.all(np.abs(final["cross_all"]) < 0.03)
@@ -212,7 +212,7 @@ def test_shared_init_students_move_along_their_teacher_and_cross_model_ones_do_n
 @pytest.mark.slow
 def test_the_trajectory_section_has_the_steps_values_and_summaries(tracked_run):
     result, _ = tracked_run
-    trajectory = json.loads(json.dumps(result))["trajectory"]  # JSON-ready, no NaN
+    trajectory = json.loads(json.dumps(result.to_json(), allow_nan=False))["trajectory"]  # JSON-ready, no NaN
     assert trajectory["steps"] == trajectory_steps(32, 8, 2) == [0, 8, 16, 24, 32, 40, 48, 56, 64]
     assert trajectory["probe"]["n"] == PROBE_SIZE and trajectory["metrics"] == list(METRICS)
     for curves in trajectory["conditions"].values():
@@ -228,14 +228,14 @@ def test_the_trajectory_section_has_the_steps_values_and_summaries(tracked_run):
 def test_tracking_changes_no_result_and_track_0_keeps_the_fingerprint(tracked_run):
     result, checkpoint = tracked_run
     plain = run_experiment(dataclasses.replace(TRACKED, track=0))
-    assert "trajectory" not in plain
-    assert plain["accuracy"] == result["accuracy"] and plain["final_loss"] == result["final_loss"]
+    assert plain.trajectory is None and "trajectory" not in plain.to_json()
+    assert plain.accuracy == result.accuracy and plain.final_loss == result.final_loss
     # The fingerprint this configuration had before ``track`` existed.
     assert tiny(seeds=3, seeds_per_chunk=3).fingerprint() == "0d99f617f4d5122f"
-    assert TRACKED.fingerprint() != plain["fingerprint"]
+    assert TRACKED.fingerprint() != plain.config.fingerprint()
     # Every seed is restored from the checkpoint, trajectory included.
     restored = run_experiment(TRACKED, checkpoint=checkpoint)
-    assert restored["trajectory"] == result["trajectory"]
+    assert restored.trajectory == result.trajectory
 
 
 def test_negative_track_is_rejected():
@@ -263,9 +263,9 @@ def test_a_sharded_tracked_run_trains_identically_and_tracks_to_rounding(tracked
     """
     sharded = run_on_two_devices("tiny(track=8, seeds_per_chunk=2)")
     accuracy, trajectory = sharded["accuracy"], sharded["trajectory"]
-    assert accuracy == tracked_run[0]["accuracy"]
-    assert trajectory["steps"] == tracked_run[0]["trajectory"]["steps"]
-    for condition, curves in tracked_run[0]["trajectory"]["conditions"].items():
+    assert accuracy == tracked_run[0].accuracy
+    assert trajectory["steps"] == tracked_run[0].trajectory["steps"]
+    for condition, curves in tracked_run[0].trajectory["conditions"].items():
         for metric, curve in curves.items():
             np.testing.assert_allclose(
                 trajectory["conditions"][condition][metric]["values"], curve["values"], atol=2e-6, rtol=0

@@ -1,11 +1,14 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from toymodels.config import tiny
+from toymodels.config import MnistConfig, tiny
 from toymodels.data import load_mnist
 from toymodels.model import init_params
-from toymodels.train import epoch_plan, make_optimizer, spec_of, teacher_epoch
+from toymodels.train import ProgramSpec, epoch_plan, make_optimizer, spec_of, teacher_epoch
 
 # Every backend compilation, as JAX's public monitoring hook reports it.
 COMPILES: list[str] = []
@@ -69,3 +72,47 @@ def test_teachers_auxiliary_logits_get_no_direct_gradient():
     assert np.all(
         np.abs(np.asarray(trained["layers"][0]["kernel"]) - start["layers"][0]["kernel"]).max(axis=(1, 2)) > 1e-3
     )
+
+
+# For each field of the program spec, a value other than the default that still validates.
+PROGRAM_CHANGES = {
+    "n_aux": 5,
+    "hidden": (64,),
+    "init_scale": 0.5,
+    "precision": "bf16",
+    "optimizer": "sgd",
+    "learning_rate": 1e-2,
+    "batch_size": 256,
+    "n_noise": 2000,
+    "student_data": "gaussian",
+    "student_loss": "mse",
+    "temperature": 2.0,
+    "track": 3,
+    "vmap_seeds": 2,
+}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ProgramSpec)])
+def test_every_field_that_shapes_the_programs_changes_the_cache_key(field):
+    base = MnistConfig()
+    changed = dataclasses.replace(base, **{field: PROGRAM_CHANGES[field]}).validate()
+    assert ProgramSpec.of(changed) != ProgramSpec.of(base)
+    assert hash(ProgramSpec.of(changed)) != hash(ProgramSpec.of(base))
+    assert getattr(ProgramSpec.of(changed), field) == PROGRAM_CHANGES[field]
+
+
+def test_fields_the_programs_never_read_share_one_cache_key():
+    base = MnistConfig()
+    other = dataclasses.replace(
+        base,
+        seeds=100,
+        seed=7,
+        teacher_epochs=1,
+        student_epochs=2,
+        student_init_sigma=0.1,
+        n_train=5000,
+        n_test=100,
+        seeds_per_chunk=4,
+    ).validate()
+    assert ProgramSpec.of(other) == ProgramSpec.of(base)
+    assert set(f.name for f in dataclasses.fields(ProgramSpec)) < set(f.name for f in dataclasses.fields(MnistConfig))

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from theory.numerical import (
@@ -86,7 +87,9 @@ class MLP:
     sizes: tuple[int, ...]
     activation: str = "tanh"
 
-    def __call__(self, params: list[dict[str, Array]], x: Float[Array, "N d"]) -> Float[Array, "N n"]:
+    def __call__(
+        self, params: list[dict[str, ArrayLike]], x: Float[Array | np.ndarray, "N d"]
+    ) -> Float[Array | np.ndarray, "N n"]:
         act = ACTIVATIONS[self.activation]
         for k, layer in enumerate(params):
             x = x @ layer["kernel"] + layer["bias"][None, :]
@@ -94,7 +97,7 @@ class MLP:
                 x = act(x)
         return x
 
-    def units_at_kink(self, params: list[dict[str, Array]], x: Float[Array, "N d"]) -> int:
+    def units_at_kink(self, params: list[dict[str, ArrayLike]], x: Float[Array | np.ndarray, "N d"]) -> int:
         """How many ReLU pre-activations over the sample are exactly 0 (always 0 for smooth activations).
 
         There the network is not differentiable in its parameters, so the lemma, a
@@ -201,7 +204,7 @@ class Case:
     model: MLP
     params: Any
     other_params: Any  # an independent initialization of the same scheme
-    inputs: Array
+    inputs: ArrayLike
     student_loss: StudentLoss
     direction: Any  # None when the teacher follows a loss
     teacher_loss: SupervisedLoss | None

@@ -289,8 +289,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from toymodels.artifacts import environment, write_json_atomic
-    from toymodels.progress import SilentProgress, TextProgress
+    from sublearn._common import SilentProgress, TextProgress, environment, write_json
 
     problem = _validate(args)
     if problem:
@@ -315,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        write_json_atomic(
+        write_json(
             args.out,
             {
                 "config": config,

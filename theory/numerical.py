@@ -76,7 +76,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float, Integer
 
 PyTree = Any
 ModelFn = Callable[[PyTree, Array], Array]
@@ -146,13 +147,13 @@ class QuadraticLoss:
 # ---------------------------------------------------------------------------------------
 
 
-def label_cross_entropy(logits: Float[Array, "N n"], labels: Int[Array, " N"]) -> Float[Array, ""]:
+def label_cross_entropy(logits: Float[Array, "N n"], labels: Integer[Array | np.ndarray, " N"]) -> Float[Array, ""]:
     """Mean softmax cross-entropy of integer ``labels`` under ``logits``."""
     log_p = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
 
 
-def target_squared_error(outputs: Float[Array, "N n"], targets: Float[Array, "N n"]) -> Float[Array, ""]:
+def target_squared_error(outputs: Float[Array, "N n"], targets: Float[Array | np.ndarray, "N n"]) -> Float[Array, ""]:
     """Mean over examples of the squared distance to ``targets``."""
     return jnp.mean(jnp.sum(jnp.square(outputs - targets), axis=1))
 
@@ -168,8 +169,8 @@ class SupervisedLoss:
 
     model: ModelFn = field(metadata=dict(static=True))
     batch_loss: Callable[[Array, Array], Array] = field(metadata=dict(static=True))
-    inputs: Array
-    targets: Array
+    inputs: ArrayLike
+    targets: ArrayLike
 
     def __call__(self, params: PyTree) -> Float[Array, ""]:
         return self.batch_loss(self.model(params, self.inputs), self.targets)
@@ -272,9 +273,9 @@ class Faults:
       :math:`\Delta\theta_T = +\nabla L_T`, so the student's :math:`L_T` rises by :math:`\approx\alpha\varepsilon A`.
     """
 
-    student_step_sign: float = 1.0
-    teacher_output_scale: float = 1.0
-    teacher_step_sign: float = 1.0
+    student_step_sign: float | Array = 1.0
+    teacher_output_scale: float | Array = 1.0
+    teacher_step_sign: float | Array = 1.0
 
 
 NO_FAULTS = Faults()
@@ -568,7 +569,7 @@ def tolerances(result: AlignmentResult) -> dict[str, float]:
 def check_alignment(
     model: ModelFn,
     params: PyTree,
-    inputs: Array,
+    inputs: ArrayLike,
     *,
     student_loss: StudentLoss,
     direction: PyTree | None = None,
@@ -717,7 +718,7 @@ def fit_order(
 def convergence(
     model: ModelFn,
     params: PyTree,
-    inputs: Array,
+    inputs: ArrayLike,
     *,
     eps_grid: Sequence[float] | None = None,
     decades: int = 5,

@@ -11,7 +11,8 @@ Where things are:
 - :mod:`toymodels.losses`: teacher cross-entropy and student imitation losses.
 - :mod:`toymodels.train`: the compiled epochs (``scan`` over steps, ``vmap`` over seeds).
 - :mod:`toymodels.conditions`: the six conditions, the paper's numbers, the derangement.
-- :mod:`toymodels.experiment`: :func:`run_experiment`, the whole experiment.
+- :mod:`toymodels.experiment`: :func:`run_experiment`, the whole experiment, and its
+  :class:`ExperimentResult` (``to_json``/``from_json``).
 - :mod:`toymodels.track`: ``--track N``, the students' alignment with their teacher along training.
 - :mod:`toymodels.figure`: the bar chart and the trajectory figure.
 - :mod:`toymodels.data`: the bundled, checksum-verified MNIST files.
@@ -20,7 +21,7 @@ Where things are:
 from toymodels.conditions import CONDITIONS, PAPER_RESULTS
 from toymodels.config import PAPER, ConfigError, MnistConfig, tiny
 from toymodels.data import DataError, load_mnist
-from toymodels.experiment import run_experiment
+from toymodels.experiment import ExperimentResult, run_experiment
 from toymodels.model import MLP, MLPSpec, apply, init_params
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "PAPER_RESULTS",
     "ConfigError",
     "DataError",
+    "ExperimentResult",
     "MLP",
     "MLPSpec",
     "MnistConfig",

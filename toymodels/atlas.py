@@ -34,9 +34,10 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from toymodels.config import STUDENT_DATA, ConfigError, MnistConfig, tiny
 from toymodels.stats import summarize
@@ -199,16 +200,16 @@ def point_config(base: MnistConfig, curve: Curve, overrides: dict[str, Any]) -> 
     return config.validate()
 
 
-def _point_record(config: MnistConfig, result: dict[str, Any]) -> dict[str, Any]:
+def _point_record(config: MnistConfig, result: Any) -> dict[str, Any]:  # an ExperimentResult
     """What the atlas keeps of one run: config, per-seed accuracies, summary, timing, probe curve."""
     record = {
         "config": config.to_dict(),
-        "accuracy": result["accuracy"],
-        "summary": result["summary"],
-        "wall_s": result["timing"]["wall_s"],
+        "accuracy": result.accuracy,
+        "summary": result.summary,
+        "wall_s": result.wall_s,
     }
-    if "trajectory" in result:
-        t = result["trajectory"]
+    if result.trajectory is not None:
+        t = result.trajectory
         record["trajectory"] = {
             "steps": t["steps"],
             "steps_per_epoch": t["steps_per_epoch"],
@@ -238,16 +239,15 @@ def run_atlas(
             left the paper's six bars unchanged over 100 seeds).
         only: names of the curves to run (default: all).
         data: MNIST (default: the bundled files).
-        progress: a :class:`toymodels.progress.Progress` (default: silent).
+        progress: a :class:`sublearn._common.Progress` (default: silent).
 
     Returns:
         The atlas dict as written.
     """
     import json
 
-    from toymodels.artifacts import environment, write_json_atomic
+    from sublearn._common import SilentProgress, environment, write_json
     from toymodels.data import load_mnist
-    from toymodels.progress import SilentProgress
     from toymodels.sweep import run_points
 
     chosen = curves(preset)
@@ -288,13 +288,13 @@ def run_atlas(
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     done = [0]
 
-    def save(label: str, config: MnistConfig, result: dict[str, Any]) -> None:
+    def save(label: str, config: MnistConfig, result: Any) -> None:
         atlas["points"][config.fingerprint()] = _point_record(config, result)
         done[0] += 1
         atlas["environment"] = environment()
         atlas["timing"]["wall_s_points"] = sum(p["wall_s"] for p in atlas["points"].values())
-        write_json_atomic(path, atlas)
-        s = result["summary"]
+        write_json(path, atlas)
+        s = result.summary
         progress.note(
             f"atlas {done[0]}/{len(todo)} {label}: "
             + ", ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in SHOWN)
@@ -311,7 +311,7 @@ def run_atlas(
         {"started": started, "points_run": len(todo), "wall_s": time.perf_counter() - t_start}
     )
     atlas["timing"]["wall_s_points"] = sum(p["wall_s"] for p in atlas["points"].values())
-    write_json_atomic(path, atlas)
+    write_json(path, atlas)
     write_figures(atlas, out, chosen)
     return atlas
 
@@ -446,9 +446,8 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from toymodels.artifacts import check_writable
+    from sublearn._common import SilentProgress, TextProgress, check_writable
     from toymodels.data import DataError
-    from toymodels.progress import SilentProgress, TextProgress
 
     only = tuple(c.strip() for c in args.curves.split(",")) if args.curves else None
     try:

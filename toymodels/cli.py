@@ -21,8 +21,16 @@ import sys
 import typing
 from pathlib import Path
 
-from toymodels.artifacts import check_writable
-from toymodels.config import OPTIMIZERS, PRECISIONS, STUDENT_DATA, STUDENT_LOSSES, ConfigError, MnistConfig
+from sublearn._common import check_writable
+from toymodels.config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    STUDENT_DATA,
+    STUDENT_LOSSES,
+    ConfigError,
+    MnistConfig,
+    field_docs,
+)
 from toymodels.data import SOURCES, DataError
 
 RESULTS = "results.json"
@@ -64,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(MnistConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = f"default: {field.default}"
+        # argparse formats help with %: a literal one is doubled.
+        help_text = f"{field_docs()[field.name]} (default: {field.default})".replace("%", "%%")
         if field.name == "hidden":
             group.add_argument(flag, type=int, nargs="+", default=field.default, metavar="WIDTH", help=help_text)
         elif field.name == "student_data":  # --noise: its name before MNIST images were an option
@@ -102,11 +111,12 @@ def parse_sweep(text: str) -> tuple[str, list]:
         raise ConfigError(f"--sweep {field_name}: {err}") from err
 
 
-def format_table(result: dict) -> str:
+def format_table(result: typing.Any) -> str:  # an ExperimentResult
     """The results table: this run's mean, CI and n beside the paper's numbers."""
     rows = [f"{'condition':<14}{'mean':>8}{'95% CI':>10}{'n':>5}   {'paper (n=100)':>16}"]
-    for condition, s in result["summary"].items():
-        paper = result["paper"].get(condition)
+    paper_results = result.paper
+    for condition, s in result.summary.items():
+        paper = paper_results.get(condition)
         ref = f"{paper['mean']:.3f} +- {paper['ci95']:.3f}" if paper else ""
         rows.append(f"{condition:<14}{s['mean']:>8.3f}{'+- ' + format(s['ci95'], '.3f'):>10}{s['n']:>5}   {ref:>16}")
     return "\n".join(rows)
@@ -166,11 +176,10 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command writes figure files; it never needs a display
-    from toymodels.artifacts import write_json_atomic
+    from sublearn._common import SilentProgress, TextProgress, write_json
     from toymodels.data import load_mnist
     from toymodels.experiment import run_experiment
     from toymodels.figure import plot_results, plot_trajectory, save_figure
-    from toymodels.progress import SilentProgress, TextProgress
 
     try:
         config = config_from_args(args)
@@ -189,23 +198,21 @@ def run(args: argparse.Namespace) -> int:
         where = f"finished seeds are kept in {kept}; " if kept.exists() else ""
         print(f"\nsublearn mnist: interrupted; {where}rerun the same command to continue", file=sys.stderr)
         return 130
-    figure_paths = save_figure(plot_results(result), args.out)
-    if "trajectory" in result:
-        figure_paths += save_figure(plot_trajectory(result), args.out, stem="trajectory")
-    write_json_atomic(args.out / RESULTS, result)
+    record = result.to_json()
+    figure_paths = save_figure(plot_results(record), args.out)
+    if result.trajectory is not None:
+        figure_paths += save_figure(plot_trajectory(record), args.out, stem="trajectory")
+    write_json(args.out / RESULTS, record)
     (args.out / CHECKPOINT).unlink(missing_ok=True)
     print(format_table(result))
-    if "trajectory" in result:
-        print(format_trajectory(result["trajectory"]))
-    print(
-        f"wall time {result['timing']['wall_s']:.1f}s; wrote {args.out / RESULTS}, "
-        + ", ".join(str(p) for p in figure_paths)
-    )
+    if result.trajectory is not None:
+        print(format_trajectory(result.trajectory))
+    print(f"wall time {result.wall_s:.1f}s; wrote {args.out / RESULTS}, " + ", ".join(str(p) for p in figure_paths))
     return 0
 
 
 def _run_sweep(args, config, sweep, data, progress) -> int:
-    from toymodels.artifacts import environment, write_json_atomic
+    from sublearn._common import environment, write_json
     from toymodels.figure import save_figure
     from toymodels.sweep import plot_sweep, run_sweep
 
@@ -215,7 +222,7 @@ def _run_sweep(args, config, sweep, data, progress) -> int:
     prepare_output(args.out, "sweep.json", args.overwrite)
     result = run_sweep(config, field_name, values, data=data, progress=progress)
     result["environment"] = environment()
-    write_json_atomic(args.out / "sweep.json", result)
+    write_json(args.out / "sweep.json", result)
     paths = save_figure(plot_sweep(result), args.out, stem="sweep_figure")
     for point in result["points"]:
         s = point["summary"]

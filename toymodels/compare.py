@@ -2,8 +2,8 @@
 
 Two runs that share ``seed`` and ``seeds`` train the same seeds from the same keys, so
 their per-seed accuracies pair up, and the difference of a bar is estimated from the
-per-seed differences, ``d_s = a_s - b_s``: mean ``d`` with a normal 95% interval
-``1.96 * sd(d) / sqrt(n)`` (:func:`toymodels.stats.summarize`). Pairing removes the
+per-seed differences, ``d_s = a_s - b_s``: mean ``d`` with a Student-t 95% interval
+``t_{0.975, n-1} * sd(d) / sqrt(n)`` (:func:`toymodels.stats.summarize`). Pairing removes the
 seed-to-seed spread that both runs share, so it resolves far smaller differences than
 comparing the two intervals.
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from toymodels.artifacts import write_json_atomic
+from sublearn._common import write_json
 from toymodels.config import ConfigError
 from toymodels.stats import summarize
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(r["config"].get("precision", "float32") for r in runs)
     print(format_comparison(table, names))
     if args.out is not None:
-        write_json_atomic(
+        write_json(
             args.out,
             {
                 "a": str(args.a),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toymodels.artifacts import check_writable
+from sublearn._common import check_writable
 
 # SHA-256 of the decompressed files, as published with the original MNIST distribution.
 CHECKSUMS = {

@@ -18,33 +18,35 @@ Example:
     >>> from toymodels.config import tiny
     >>> from toymodels.experiment import run_experiment
     >>> result = run_experiment(tiny(seeds=2, seeds_per_chunk=2, teacher_epochs=1, student_epochs=1))
-    >>> sorted(result["summary"]) == sorted(result["accuracy"])
+    >>> sorted(result.summary) == sorted(result.accuracy)
+    True
+    >>> ExperimentResult.from_json(result.to_json()) == result
     True
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from toymodels.artifacts import environment, write_json_atomic
+from sublearn._common import Progress, SilentProgress, environment, write_json
 from toymodels.conditions import AUX_ONLY, CONDITIONS, CROSS_MODEL, PAPER_RESULTS, STUDENT_CONDITIONS, derangement
 from toymodels.config import IMAGE_DATA, ConfigError, MnistConfig
 from toymodels.data import MNIST, load_mnist, normalize
 from toymodels.losses import logit_mask
 from toymodels.model import init_params, perturb_params
 from toymodels.noise import noise_words
-from toymodels.progress import Progress, SilentProgress
 from toymodels.stats import summarize
 from toymodels.track import per_condition, probe_batch, probe_metrics, probe_size, steps_per_epoch, trajectory_section
 from toymodels.train import accuracy, make_optimizer, spec_of, student_epoch, teacher_epoch
@@ -52,6 +54,100 @@ from toymodels.train import accuracy, make_optimizer, spec_of, student_epoch, te
 # Per-seed key purposes (fold_in constants); each key is used for exactly one thing.
 _INIT, _TEACHER_ORDER, _NOISE_SET, _STUDENT_ORDER, _PERTURB = range(5)
 TRACKS = "tracks"
+
+
+class ChunkResult(NamedTuple):
+    """What :func:`train_chunk` returns: arrays with one entry per seed of the chunk."""
+
+    accuracy: dict[str, np.ndarray]  # condition -> test accuracy
+    loss: dict[str, np.ndarray]  # "teacher" and each student condition -> final-epoch mean loss
+    tracks: np.ndarray | None = None  # with config.track: [seeds, conditions, points, metrics]
+    probe_teacher: np.ndarray | None = None  # with config.track: [seeds, (loss, accuracy)] on the probe
+
+    def seed_record(self, i: int) -> dict[str, Any]:
+        """Seed ``i``'s numbers as the checkpoint keeps them."""
+        record = {c: float(v[i]) for c, v in self.accuracy.items()}
+        record.update({f"loss_{c}": float(v[i]) for c, v in self.loss.items()})
+        if self.tracks is not None:
+            record["probe_teacher_loss"], record["probe_teacher_accuracy"] = map(float, self.probe_teacher[i])
+            record[TRACKS] = per_condition(self.tracks[i], STUDENT_CONDITIONS)
+        return record
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentResult:
+    """The result of :func:`run_experiment`; :meth:`to_json` is what ``results.json`` holds.
+
+    Attributes:
+        config: what ran.
+        accuracy: per-seed test accuracy of each condition, in seed order.
+        final_loss: per-seed mean loss of the last epoch, for the teacher and each student
+            condition (``None`` where undefined: a teacher trained for no epoch).
+        pairing: the cross-model derangement: seed ``s``'s cross-model students start
+            from seed ``pairing[s]``'s initialization.
+        wall_s: seconds the run took; ``chunks`` and ``chunk_size`` how seeds were grouped.
+        environment: :func:`sublearn._common.environment` of the run.
+        data_source: where MNIST came from.
+        created: when the run finished (ISO 8601, UTC).
+        trajectory: with ``config.track``, :func:`toymodels.track.trajectory_section`.
+    """
+
+    config: MnistConfig
+    accuracy: dict[str, list[float]]
+    final_loss: dict[str, list[float | None]]
+    pairing: list[int]
+    wall_s: float
+    chunks: int
+    chunk_size: int
+    environment: dict[str, Any]
+    data_source: str
+    created: str
+    trajectory: dict[str, Any] | None = None
+
+    @property
+    def summary(self) -> dict[str, dict[str, float | int]]:
+        """Mean, std, sem, 95% CI half-width and n of each condition (:func:`toymodels.stats.summarize`)."""
+        return {c: summarize(v) for c, v in self.accuracy.items()}
+
+    @property
+    def paper(self) -> dict[str, dict[str, float | int]]:
+        """The paper's mean and CI half-width of each condition, over its 100 seeds."""
+        return {c: {"mean": m, "ci95": ci, "n": 100} for c, (m, ci) in PAPER_RESULTS.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "experiment": "mnist_auxiliary_logits",
+            "created": self.created,
+            "config": self.config.to_dict(),
+            "fingerprint": self.config.fingerprint(),
+            "conditions": list(CONDITIONS),
+            "accuracy": self.accuracy,
+            "final_loss": self.final_loss,
+            "summary": self.summary,
+            "paper": self.paper,
+            "pairing": self.pairing,
+            "timing": {"wall_s": self.wall_s, "chunks": self.chunks, "chunk_size": self.chunk_size},
+            "environment": self.environment,
+            "data_source": self.data_source,
+            **({"trajectory": self.trajectory} if self.trajectory is not None else {}),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExperimentResult:
+        """Inverse of :meth:`to_json` (``summary`` and ``paper`` are recomputed, not read)."""
+        return cls(
+            config=MnistConfig.from_dict(data["config"]),
+            accuracy=data["accuracy"],
+            final_loss=data["final_loss"],
+            pairing=data["pairing"],
+            wall_s=data["timing"]["wall_s"],
+            chunks=data["timing"]["chunks"],
+            chunk_size=data["timing"]["chunk_size"],
+            environment=data["environment"],
+            data_source=data["data_source"],
+            created=data["created"],
+            trajectory=data.get("trajectory"),
+        )
 
 
 def seed_keys(config: MnistConfig) -> tuple[jax.Array, jax.Array]:
@@ -95,7 +191,7 @@ def train_chunk(
     pairing: np.ndarray,
     progress: Progress,
     mesh: Mesh | None = None,
-) -> dict[str, np.ndarray]:
+) -> ChunkResult:
     """Train the teachers and students of the seeds ``seed_ids``; return accuracies and losses.
 
     Args:
@@ -108,10 +204,7 @@ def train_chunk(
         mesh: devices to shard the seed axis over (None: one device).
 
     Returns:
-        ``{condition: accuracy[seeds]}`` plus ``loss_<phase>`` final-epoch mean losses;
-        with ``config.track``, also ``"tracks"`` ``[seeds, conditions, points, metrics]``
-        (see :mod:`toymodels.track`) and the teachers' own ``probe_teacher_loss`` and
-        ``probe_teacher_accuracy``.
+        a :class:`ChunkResult`; its ``tracks`` are described in :mod:`toymodels.track`.
     """
     spec = spec_of(config)
     optimizer = make_optimizer(config)
@@ -178,20 +271,21 @@ def train_chunk(
 
     score = accuracy(config, mesh)
     test_images, test_labels = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
-    out = {
+    student_acc = np.asarray(score(students, test_images, test_labels))
+    accuracies = {
         "reference": np.asarray(score(reference, test_images, test_labels)),
         "teacher": np.asarray(score(teachers, test_images, test_labels)),
-        "loss_teacher": np.asarray(teacher_loss),
+        **{c: student_acc[:, i] for i, c in enumerate(STUDENT_CONDITIONS)},
     }
-    student_acc = np.asarray(score(students, test_images, test_labels))
-    for i, condition in enumerate(STUDENT_CONDITIONS):
-        out[condition] = student_acc[:, i]
-        out[f"loss_{condition}"] = np.asarray(student_loss)[:, i]
-    if config.track:
-        out[TRACKS] = np.concatenate(tracks, axis=2)
-        teacher_probe = np.asarray(_probe_all(spec)(teachers, *probe))
-        out["probe_teacher_loss"], out["probe_teacher_accuracy"] = teacher_probe[:, 0], teacher_probe[:, 1]
-    return out
+    losses = {
+        "teacher": np.asarray(teacher_loss),
+        **{c: np.asarray(student_loss)[:, i] for i, c in enumerate(STUDENT_CONDITIONS)},
+    }
+    if not config.track:
+        return ChunkResult(accuracies, losses)
+    return ChunkResult(
+        accuracies, losses, np.concatenate(tracks, axis=2), np.asarray(_probe_all(spec)(teachers, *probe))
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,8 +316,8 @@ def run_experiment(
     data: MNIST | None = None,
     progress: Progress | None = None,
     checkpoint: str | Path | None = None,
-) -> dict[str, Any]:
-    """Run the experiment and return its results as a JSON-ready dict.
+) -> ExperimentResult:
+    """Run the experiment and return its results.
 
     Args:
         config: what to run; validated first.
@@ -233,10 +327,7 @@ def run_experiment(
             seeds of a run with the same config, those seeds are not trained again.
 
     Returns:
-        ``config``, per-seed ``accuracy`` and final ``loss`` per condition, ``summary``
-        (mean, std, sem, ci95, n), the ``paper`` numbers, the cross-model ``pairing``,
-        ``timing`` and ``environment``; with ``config.track``, a ``trajectory`` section
-        (:func:`toymodels.track.trajectory_section`).
+        an :class:`ExperimentResult`.
     """
     config.validate()
     progress = progress or SilentProgress()
@@ -260,13 +351,9 @@ def run_experiment(
         result = train_chunk(config, data, seed_ids, pairing, progress, mesh)
         for i, s in enumerate(seed_ids.tolist()):
             if s not in done:
-                done[s] = {key: float(values[i]) for key, values in result.items() if key != TRACKS}
-                if TRACKS in result:
-                    done[s][TRACKS] = per_condition(result[TRACKS][i], STUDENT_CONDITIONS)
+                done[s] = result.seed_record(i)
         if checkpoint is not None:
-            write_json_atomic(
-                checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done}
-            )
+            write_json(checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done})
         running = ", ".join(f"{c} {np.mean([done[s][c] for s in done]):.3f}" for c in CONDITIONS)
         progress.note(f"  {len(done)}/{config.seeds} seeds done; mean accuracy: {running}")
     progress.close()
@@ -274,9 +361,9 @@ def run_experiment(
     seeds = range(config.seeds)
     accuracies = {c: [done[s][c] for s in seeds] for c in CONDITIONS}
     losses = {c: [done[s][f"loss_{c}"] for s in seeds] for c in ("teacher", *STUDENT_CONDITIONS)}
-    trajectory = {}
+    trajectory = None
     if config.track:
-        trajectory["trajectory"] = trajectory_section(
+        trajectory = trajectory_section(
             [done[s][TRACKS] for s in seeds],
             {
                 "teacher_loss": [done[s]["probe_teacher_loss"] for s in seeds],
@@ -287,22 +374,19 @@ def run_experiment(
             epochs=config.student_epochs,
             probe_size=probe_size(data),
         )
-    return {
-        "experiment": "mnist_auxiliary_logits",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": config.to_dict(),
-        "fingerprint": config.fingerprint(),
-        "conditions": list(CONDITIONS),
-        "accuracy": accuracies,
-        "final_loss": losses,
-        "summary": {c: summarize(v) for c, v in accuracies.items()},
-        "paper": {c: {"mean": m, "ci95": ci, "n": 100} for c, (m, ci) in PAPER_RESULTS.items()},
-        "pairing": pairing.tolist(),
-        "timing": {"wall_s": time.perf_counter() - t_start, "chunks": len(chunks), "chunk_size": int(chunks[0].size)},
-        "environment": environment(),
-        "data_source": data.source,
-        **trajectory,
-    }
+    return ExperimentResult(
+        config=config,
+        accuracy=accuracies,
+        final_loss=losses,
+        pairing=pairing.tolist(),
+        wall_s=time.perf_counter() - t_start,
+        chunks=len(chunks),
+        chunk_size=int(chunks[0].size),
+        environment=environment(),
+        data_source=data.source,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        trajectory=trajectory,
+    )
 
 
 def _load_checkpoint(path: str | Path | None, config: MnistConfig) -> dict[int, dict[str, float]]:

@@ -10,13 +10,14 @@ metric, each student condition's mean over seeds with its 95% confidence band.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from toymodels.artifacts import write_atomic
+from sublearn._common import write_atomic
 from toymodels.conditions import CONDITIONS, LABELS, STUDENT_CONDITIONS
 
 COLORS = {
@@ -29,14 +30,23 @@ COLORS = {
 }
 
 
-def plot_results(result: dict[str, Any], *, title: str | None = None) -> plt.Figure:
-    """Bar chart of ``result["summary"]`` (from :func:`toymodels.experiment.run_experiment`)."""
+def _as_json(result: Any) -> dict[str, Any]:
+    """A run's JSON form, from the form itself (a saved results.json) or the result object."""
+    return result.to_json() if hasattr(result, "to_json") else result
+
+
+def plot_results(result: Any, *, title: str | None = None) -> plt.Figure:
+    """Bar chart of a run's summary: an :class:`~toymodels.experiment.ExperimentResult` or its JSON form."""
+    result = _as_json(result)
     summary, paper = result["summary"], result.get("paper", {})
     conditions = [c for c in CONDITIONS if c in summary]
     fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
     xs = range(len(conditions))
     means = [summary[c]["mean"] for c in conditions]
-    errors = [0.0 if summary[c]["ci95"] != summary[c]["ci95"] else summary[c]["ci95"] for c in conditions]
+    # No spread with one seed: NaN in memory, null once read back from JSON.
+    errors = [
+        0.0 if summary[c]["ci95"] is None or math.isnan(summary[c]["ci95"]) else summary[c]["ci95"] for c in conditions
+    ]
     bars = ax.bar(
         xs, means, yerr=errors, capsize=4, color=[COLORS[c] for c in conditions], edgecolor="black", linewidth=0.6
     )
@@ -77,21 +87,21 @@ TRAJECTORY_PANELS = {
 }
 
 
-def plot_trajectory(result: dict[str, Any]) -> plt.Figure:
+def plot_trajectory(result: Any) -> plt.Figure:
     """Mean and 95% CI band over seeds of every tracked metric against the student step.
 
     Cosines are signed, so a student moving against its teacher's displacement shows as
     negative. The dashed line in the loss and accuracy panels is the teachers' own mean
     on the probe batch; dotted vertical lines mark epoch boundaries.
     """
-    trajectory = result["trajectory"]
+    trajectory = _as_json(result)["trajectory"]
     steps, conditions = trajectory["steps"], trajectory["conditions"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.6), layout="constrained", sharex=True)
     for ax, (metric, title) in zip(axes.flat, TRAJECTORY_PANELS.items()):
         for condition in (c for c in STUDENT_CONDITIONS if c in conditions):
             curve = conditions[condition][metric]
             mean = np.asarray(curve["mean"])
-            ci = np.nan_to_num(np.asarray(curve["ci95"]))  # NaN with one seed: no band
+            ci = np.nan_to_num(np.asarray(curve["ci95"], dtype=float))  # NaN (null in JSON) with one seed: no band
             label = LABELS[condition].replace("\n", " ")
             ax.plot(steps, mean, color=COLORS[condition], linewidth=1.6, label=label)
             ax.fill_between(steps, mean - ci, mean + ci, color=COLORS[condition], alpha=0.25, linewidth=0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Integer
 
 from toymodels.model import N_DIGITS
 
@@ -40,7 +40,7 @@ def logit_mask(n_out: int, n_aux: int, *, aux_only: bool) -> np.ndarray:
 
 
 def digit_cross_entropy(
-    logits: Float[Array, "batch n_out"], labels: Int[Array, " batch"], weights: Float[Array, " batch"]
+    logits: Float[Array, "batch n_out"], labels: Integer[Array, " batch"], weights: Float[Array, " batch"]
 ) -> Float[Array, ""]:
     """Teacher loss: weighted mean cross-entropy of the ten digit logits; aux logits unused.
 
@@ -55,7 +55,7 @@ def student_kl(
     student_logits: Float[Array, "batch n_out"],
     teacher_logits: Float[Array, "batch n_out"],
     weights: Float[Array, " batch"],
-    mask: Bool[Array, " n_out"],
+    mask: Bool[Array | np.ndarray, " n_out"],
     temperature: float,
 ) -> Float[Array, ""]:
     """Weighted mean ``KL(p_T || p_S)`` of the softmaxes over the masked logits at ``temperature``.
@@ -75,7 +75,7 @@ def student_mse(
     student_logits: Float[Array, "batch n_out"],
     teacher_logits: Float[Array, "batch n_out"],
     weights: Float[Array, " batch"],
-    mask: Bool[Array, " n_out"],
+    mask: Bool[Array | np.ndarray, " n_out"],
     temperature: float,
 ) -> Float[Array, ""]:
     """Weighted mean over examples of the mean squared logit difference over the masked logits.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8, UInt32
 
 from toymodels.data import normalize
@@ -54,7 +55,7 @@ def noise_images(
     ids: Int[Array, " batch"],
     n_pixels: int,
     distribution: str,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> Float[Array, "batch n_pixels"]:
     """Noise images ``ids`` of the set selected by ``words``.
 
@@ -97,7 +98,7 @@ def student_inputs(
     pool: UInt8[Array, "n n_pixels"] | None,
     kind: str,
     n_pixels: int,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> Float[Array, "batch n_pixels"]:
     """Student input images ``ids`` of ``kind`` (:data:`toymodels.config.STUDENT_DATA`).
 

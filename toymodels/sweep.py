@@ -12,16 +12,17 @@ Example (a quick sweep over the number of auxiliary logits):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 
+from sublearn._common import Progress
 from toymodels.conditions import CONDITIONS, LABELS
 from toymodels.config import ConfigError, MnistConfig
 from toymodels.data import MNIST, load_mnist
-from toymodels.experiment import run_experiment
+from toymodels.experiment import ExperimentResult, run_experiment
 from toymodels.figure import COLORS
-from toymodels.progress import Progress
 
 
 def run_sweep(
@@ -50,7 +51,7 @@ def run_points(
     data: MNIST | None = None,
     progress: Progress | None = None,
     label: str = "point",
-    on_point: Callable[[Any, MnistConfig, dict[str, Any]], None] | None = None,
+    on_point: Callable[[Any, MnistConfig, ExperimentResult], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run :func:`run_experiment` for every ``(value, config)``; the loop under every sweep.
 
@@ -69,7 +70,7 @@ def run_points(
         result = run_experiment(config, data=data, progress=progress)
         if on_point is not None:
             on_point(value, config, result)
-        out.append({"value": value, "summary": result["summary"], "accuracy": result["accuracy"]})
+        out.append({"value": value, "summary": result.summary, "accuracy": result.accuracy})
     return out
 
 

@@ -52,7 +52,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, UInt8
+from jaxtyping import Array, Float, Integer, UInt8
 
 from toymodels.data import MNIST
 from toymodels.losses import digit_cross_entropy
@@ -85,14 +85,14 @@ def probe_size(data: MNIST) -> int:
     return min(PROBE_SIZE, len(data.test_labels))
 
 
-def probe_batch(data: MNIST) -> tuple[UInt8[Array, "n 784"], Int[Array, " n"]]:
+def probe_batch(data: MNIST) -> tuple[UInt8[Array, "n 784"], Integer[Array, " n"]]:
     """The fixed probe batch: the first :func:`probe_size` test images and their labels."""
     n = probe_size(data)
     return jnp.asarray(data.test_images[:n]), jnp.asarray(data.test_labels[:n], dtype=jnp.int32)
 
 
 def probe_metrics(
-    spec: MLPSpec, params: Params, x: Float[Array, "n 784"], labels: Int[Array, " n"]
+    spec: MLPSpec, params: Params, x: Float[Array, "n 784"], labels: Integer[Array, " n"]
 ) -> Float[Array, "2"]:
     """``[L_T, accuracy]`` of one model on normalized probe images ``x``, in float32."""
     logits = apply(dataclasses.replace(spec, precision="float32"), params, x)
@@ -108,7 +108,7 @@ def track_point(
     direction: Params,
     step: Params | None,
     x: Float[Array, "n 784"],
-    labels: Int[Array, " n"],
+    labels: Integer[Array, " n"],
 ) -> Float[Array, " metrics"]:
     """The :data:`METRICS` of one student at one point.
 

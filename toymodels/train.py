@@ -44,13 +44,13 @@ from toymodels.precision import compute_dtype
 from toymodels.track import METRICS, steps_per_epoch, track_point, tracked_steps, tree_sub
 
 
-def spec_of(config: MnistConfig) -> MLPSpec:
+def spec_of(config: MnistConfig | ProgramSpec) -> MLPSpec:
     return MLPSpec(
         hidden=tuple(config.hidden), n_aux=config.n_aux, init_scale=config.init_scale, precision=config.precision
     )
 
 
-def make_optimizer(config: MnistConfig) -> optax.GradientTransformation:
+def make_optimizer(config: MnistConfig | ProgramSpec) -> optax.GradientTransformation:
     """The optimizer named by ``config.optimizer`` (PyTorch-default hyperparameters besides the rate)."""
     if config.optimizer == "adam":
         return optax.adam(config.learning_rate)
@@ -105,23 +105,39 @@ def over_seeds(one_seed, n_seeded: int, vmap_seeds: int, mesh: Mesh | None):
     return sharded
 
 
-def program_config(config: MnistConfig) -> MnistConfig:
-    """``config`` with every field that does not shape the compiled programs set to a default.
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """Everything the compiled programs read from a config, and nothing else.
 
-    The compiled-function caches below are keyed on this, so runs that differ only in
-    seeds, epochs, data subsets or the student perturbation reuse one compilation.
+    The compiled-function caches below are keyed on it, so runs that differ only in what
+    the programs never see (seeds, epochs, data subsets, the students' perturbation,
+    chunking) reuse one compilation. The programs are built from this object, not from
+    the config: a config field read there without being listed here fails at once
+    (``AttributeError``) instead of silently reusing a program built for another value.
     """
-    return dataclasses.replace(
-        config,
-        seed=0,
-        seeds=2,
-        seeds_per_chunk=1,
-        teacher_epochs=1,
-        student_epochs=1,
-        student_init_sigma=0.0,
-        n_train=None,
-        n_test=None,
-    )
+
+    # architecture
+    n_aux: int
+    hidden: tuple[int, ...]
+    init_scale: float
+    precision: str
+    # optimizer, teacher and student batches
+    optimizer: str
+    learning_rate: float
+    batch_size: int
+    # the students' inputs and loss
+    n_noise: int
+    student_data: str
+    student_loss: str
+    temperature: float
+    # in-program measurement and vectorization
+    track: int
+    vmap_seeds: int
+
+    @classmethod
+    def of(cls, config: MnistConfig) -> ProgramSpec:
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "hidden": tuple(values["hidden"])})  # a list would not hash
 
 
 def teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
@@ -129,21 +145,21 @@ def teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
 
     See :func:`_teacher_epoch`.
     """
-    return _teacher_epoch(program_config(config), mesh)
+    return _teacher_epoch(ProgramSpec.of(config), mesh)
 
 
 def student_epoch(config: MnistConfig, mesh: Mesh | None = None):
     """Compiled epoch of the students of every seed in a chunk; see :func:`_student_epoch`."""
-    return _student_epoch(program_config(config), mesh)
+    return _student_epoch(ProgramSpec.of(config), mesh)
 
 
 def accuracy(config: MnistConfig, mesh: Mesh | None = None):
     """Compiled ``(params[seeds, models...], images, labels) -> accuracy``; see :func:`_accuracy`."""
-    return _accuracy(program_config(config), mesh)
+    return _accuracy(ProgramSpec.of(config), mesh)
 
 
 @functools.lru_cache(maxsize=None)
-def _teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
+def _teacher_epoch(config: ProgramSpec, mesh: Mesh | None = None):
     """Compiled ``(params, opt_state, keys, images, labels) -> (params, opt_state, mean_loss)``.
 
     ``params``/``opt_state``/``keys`` have a leading seed axis; ``images`` (``uint8``) and
@@ -173,7 +189,7 @@ def _teacher_epoch(config: MnistConfig, mesh: Mesh | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
+def _student_epoch(config: ProgramSpec, mesh: Mesh | None = None):
     """Compiled epoch of the students of every seed in a chunk.
 
     Signature ``(students, opt_states, teachers, noise_words, keys, masks) ->
@@ -269,7 +285,7 @@ def _student_epoch(config: MnistConfig, mesh: Mesh | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def _accuracy(config: MnistConfig, mesh: Mesh | None = None, eval_batch: int = 1000):
+def _accuracy(config: ProgramSpec, mesh: Mesh | None = None, eval_batch: int = 1000):
     """Compiled ``(params[seeds, models...], images, labels) -> accuracy[seeds, models...]``.
 
     Accuracy is over the ten digit logits. After the seed axis ``params`` may carry more

@@ -1,0 +1,392 @@
+r"""What the three subpackages share: result files, the run environment, progress, config
+errors and confidence intervals.
+
+This module imports only the standard library (scipy, jax and tqdm are imported inside the
+functions that need them), so ``sublearn llm`` loads no jax and ``sublearn mnist`` no torch.
+
+**Files.** Every result appears at its final name in one ``os.replace``: a reader sees the
+previous version or the complete new one, never half a file. The rules:
+
+- the contents are fsynced before the rename and the folder after it, so a crash right
+  after a write cannot leave an empty file at the final name;
+- files get the ordinary mode the umask gives (``0644`` under umask 022), not
+  ``mkstemp``'s private ``0600``: results are meant to be read by others;
+- JSON has no NaN: a non-finite float is written as ``null`` (strict JSON, which other
+  tools read; an undefined number reads back as ``None``).
+
+**Intervals.** :func:`mean_interval` gives ``mean +- q * s / sqrt(n)`` with ``s`` the
+sample standard deviation (``ddof=1``) and ``q`` either Student's t quantile with ``n - 1``
+degrees of freedom (``method="t"``, the default) or the normal quantile (``method="z"``,
+1.96 at 95%). The t interval is exact for normal data and right for the few seeds or
+questions used here; the z interval is its large-``n`` limit and is too narrow for small
+``n``: at 4 values ``t_{0.975, 3} = 3.18`` against 1.96, 1.6 times wider.
+
+Example:
+
+>>> ci = mean_interval([0.0, 1.0])
+>>> (ci.mean, round(ci.high, 3))  # t_{0.975, 1} = 12.706, s / sqrt(2) = 0.5
+(0.5, 6.853)
+>>> round(mean_interval([0.0, 1.0], method="z").high, 3)  # 0.5 + 1.96 * 0.5
+1.48
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol, TextIO, runtime_checkable
+
+
+class ConfigError(ValueError):
+    """An option or config value that cannot be used; the message names it and the fix."""
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there; raises ``OSError`` if not.
+
+    Called before long work, so that a folder that cannot take the results fails at once.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".sublearn-write-test"
+    probe.write_text("")
+    probe.unlink()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's contents, or a folder's entries, to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # nor fsync them
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same name, so the same suffix); on success it
+    replaces ``path``.
+
+    Works for files and folders (a folder target is swapped in after the old one is
+    removed, the only step that is not atomic). The temporary path lies inside a private
+    temporary folder, so the file itself is created with the ordinary mode.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+        for file in files:
+            fsync_path(file)
+        if target.is_dir() and path.exists():
+            shutil.rmtree(path)
+        os.replace(target, path)
+        fsync_path(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Have ``write(tmp_path)`` fill a temporary file beside ``path``, then move it into place."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, recursively.
+
+    >>> finite_or_none({"a": [1.0, float("nan")], "b": (float("inf"), 2)})
+    {'a': [1.0, None], 'b': [None, 2]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` with the NaN rule: non-finite floats become ``null``."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --- environment -------------------------------------------------------------------------
+
+PACKAGES = ("subliminal-learning", "jax", "jaxlib", "flax", "optax", "numpy", "matplotlib")
+
+
+def environment(packages: Sequence[str] = PACKAGES) -> dict[str, Any]:
+    """Versions of the packages that produced a result, and the machine it ran on.
+
+    The devices are jax's when jax is already loaded; this function never loads it.
+    """
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    record: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+    if "jax" in sys.modules:
+        jax = sys.modules["jax"]
+        record["devices"] = [str(d) for d in jax.devices()]
+        record["device_kind"] = jax.devices()[0].device_kind
+    record["cpu_count"] = os.cpu_count()
+    return record
+
+
+# --- progress ----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Progress(Protocol):
+    """A fixed amount of work, counted in units, reported as it goes.
+
+    ``start`` announces the total, ``advance`` adds done units, ``note`` prints a line.
+    The reporters below also take ``update(done, total, tokens)``, which sets the units
+    done; calling a reporter is ``update`` (the language backends' progress callback).
+    """
+
+    def start(self, total_units: float, description: str) -> None: ...
+
+    def advance(self, description: str, units: float = 1.0) -> None: ...
+
+    def note(self, message: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class TextProgress:
+    """Lines on ``stream`` (stderr): ``[label] [ 30% 0:12, ~0:28 left] 3/10 rows | 5.0 tok/s | teacher epoch 3``.
+
+    Args:
+        stream: where lines go (default stderr).
+        label: prefixed to every line, e.g. the stage's name.
+        unit: with a unit, lines show ``done/total unit``.
+        every: at most one progress line per ``every`` seconds; the last one always shows.
+        done_before: units a resumed job found done; the time left counts only new ones.
+
+    Calling the reporter, ``progress(done, total, tokens)``, is :meth:`update`.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        label: str = "",
+        unit: str = "",
+        every: float = 0.0,
+        done_before: float = 0,
+    ):
+        self.stream = stream if stream is not None else sys.stderr
+        self.prefix = f"[{label}] " if label else ""
+        self.unit = unit
+        self.every = every
+        self.total = 0.0
+        self.done = self.done_before = done_before
+        self.t0 = time.perf_counter()
+        self.last_line = -math.inf
+
+    def start(self, total_units: float, description: str = "") -> None:
+        """Start the clock (after any loading, so that the rate counts only the work)."""
+        self.total, self.t0, self.last_line = total_units, time.perf_counter(), -math.inf
+        if description:
+            self.note(description)
+
+    def advance(self, description: str, units: float = 1.0) -> None:
+        self.done += units
+        self._line(description)
+
+    def update(self, done: float, total: float, tokens: int = 0) -> None:
+        """Set the units done; ``tokens`` counts the tokens processed since :meth:`start`."""
+        self.done, self.total = done, total
+        self._line("", tokens)
+
+    __call__ = update
+
+    def note(self, message: str) -> None:
+        print(self.prefix + message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def _line(self, description: str, tokens: int = 0) -> None:
+        now = time.perf_counter()
+        if now - self.last_line < self.every and self.done < self.total:
+            return
+        self.last_line = now
+        elapsed = now - self.t0
+        head = f"{100 * self.done / self.total if self.total else 100:3.0f}% {_clock(elapsed)}"
+        new = self.done - self.done_before
+        if new > 0 and self.done < self.total:
+            head += f", ~{_clock(elapsed / new * (self.total - self.done))} left"
+        parts = [f"{self.done:g}/{self.total:g} {self.unit}"] if self.unit else []
+        if tokens and elapsed > 0:
+            parts.append(f"{tokens / elapsed:.1f} tok/s")
+        if description:
+            parts.append(description)
+        self.note(f"[{head}] " + " | ".join(parts))
+
+
+class SilentProgress:
+    def start(self, total_units: float, description: str = "") -> None:
+        pass
+
+    def advance(self, description: str, units: float = 1.0) -> None:
+        pass
+
+    def update(self, done: float, total: float, tokens: int = 0) -> None:
+        pass
+
+    __call__ = update
+
+    def note(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress:
+    """A ``tqdm`` bar (notebook widget where available); falls back to text without tqdm."""
+
+    def __init__(self):
+        try:
+            import ipywidgets  # noqa: F401  (tqdm.auto needs it for the notebook widget)
+            from tqdm.auto import tqdm
+        except ImportError:
+            try:
+                from tqdm.std import tqdm
+            except ImportError:
+                self._fallback: TextProgress | None = TextProgress()
+                return
+        self._fallback = None
+        self._tqdm = tqdm
+        self.bar = None
+
+    def start(self, total_units: float, description: str = "") -> None:
+        if self._fallback:
+            return self._fallback.start(total_units, description)
+        self.bar = self._tqdm(total=total_units, desc=description, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def advance(self, description: str, units: float = 1.0) -> None:
+        if self._fallback:
+            return self._fallback.advance(description, units)
+        self.bar.set_description(description, refresh=False)
+        self.bar.update(min(units, self.bar.total - self.bar.n))  # float sums must not overshoot
+
+    def update(self, done: float, total: float, tokens: int = 0) -> None:
+        if self._fallback:
+            return self._fallback.update(done, total, tokens)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    __call__ = update
+
+    def note(self, message: str) -> None:
+        if self._fallback:
+            return self._fallback.note(message)
+        self.bar.write(message) if self.bar is not None else print(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- intervals ---------------------------------------------------------------------------
+
+INTERVAL_METHODS = ("t", "z")
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float | None  # None when n < 2: one value gives no spread
+    high: float | None
+    n: int
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t  # imported here: only intervals need it
+
+    return float(t.ppf(p, df))
+
+
+def normal_quantile(p: float) -> float:
+    """The ``p`` quantile of the standard normal (``normal_quantile(0.975)`` is 1.95996...)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(p)
+
+
+def interval_quantile(n: int, confidence: float = 0.95, method: str = "t") -> float:
+    """The multiplier ``q`` of ``s / sqrt(n)`` in a two-sided interval of ``n`` values."""
+    p = 0.5 + confidence / 2
+    if method == "t":
+        return t_quantile(p, n - 1)
+    if method == "z":
+        return normal_quantile(p)
+    raise ValueError(f"interval method {method!r}: choose one of {', '.join(INTERVAL_METHODS)}")
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95, method: str = "t") -> Interval:
+    """Mean of ``values`` with a two-sided t (default) or z interval (see the module docstring)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = math.fsum(values) / n
+    if n < 2:
+        return Interval(mean, None, None, n, confidence)
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    half = interval_quantile(n, confidence, method) * math.sqrt(var / n)
+    return Interval(mean, mean - half, mean + half, n, confidence)
