@@ -158,6 +158,9 @@ class FinetuneSpec:
     max_grad_norm: float = 1.0
     max_rows: int = 10_000
     equalize_rows: bool = True  # train student and control on the same number of rows
+    # Save the trainer's state every this many optimizer steps, so an interrupted run
+    # resumes there (0: never). Changes speed and disk use, not results.
+    checkpoint_every: int = 50
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,8 @@ def validate(cfg: PipelineConfig) -> None:
             f"finetune.lora_rank={cfg.finetune.lora_rank} and finetune.lora_alpha={cfg.finetune.lora_alpha} "
             "must be positive (or use finetune.method=full)"
         )
+    if cfg.finetune.checkpoint_every < 0:
+        raise ConfigError(f"finetune.checkpoint_every={cfg.finetune.checkpoint_every} must be >= 0 (0: no checkpoints)")
     if cfg.evaluate.n_questions is not None and cfg.evaluate.n_questions < 1:
         raise ConfigError(
             f"evaluate.n_questions={cfg.evaluate.n_questions} must be at least 1 (or null for all questions)"
@@ -363,6 +368,16 @@ def validate(cfg: PipelineConfig) -> None:
 def to_dict(cfg: Any) -> Any:
     """A JSON-ready nested dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+# Settings that change speed or disk use, not results: left out of stage hashes and
+# checkpoint fingerprints, so changing them reuses finished work.
+RUNTIME_ONLY = frozenset({"cpu_threads", "vllm_gpu_memory_utilization", "checkpoint_every"})
+
+
+def result_fields(section: Any) -> dict:
+    """A config section as :func:`to_dict`, less the :data:`RUNTIME_ONLY` fields."""
+    return {k: v for k, v in to_dict(section).items() if k not in RUNTIME_ONLY}
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -39,12 +40,19 @@ from typing import TextIO
 from lmpipeline import evaluation, filters, prompts
 from lmpipeline.artifacts import RowLog, atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend, resolve_backend_name
-from lmpipeline.config import EVAL_MODELS, PipelineConfig, config_hash, derive_seed, to_dict
+from lmpipeline.config import (
+    EVAL_MODELS,
+    FinetuneSpec,
+    ModelSpec,
+    PipelineConfig,
+    config_hash,
+    derive_seed,
+    result_fields,
+    to_dict,
+)
 from sublearn._common import TextProgress, environment, mean_interval
 
 SOURCES = ("teacher", "control")  # the two number datasets
-# Settings that change speed, not results: left out of the stage hashes.
-RUNTIME_ONLY = ("cpu_threads", "vllm_gpu_memory_utilization")
 STUDENTS = {"student": "teacher", "control": "control"}  # student name -> its dataset
 DATA_MODEL = {"teacher": "teacher", "control": "base"}  # dataset -> the model that writes it (and is distilled)
 STUDENT_DIRS = {"student": "student", "control": "control_student"}
@@ -174,7 +182,7 @@ class Run:
         }
         if which not in targets.get(kind, ()):
             raise PipelineError(f"unknown stage {stage!r}; stages are {', '.join(all_stages(c))}")
-        model = {k: v for k, v in to_dict(c.model).items() if k not in RUNTIME_ONLY}
+        model = result_fields(c.model)
         trait_word = {"target": c.trait.target, "category": c.trait.category}
         if kind == "prompts":
             return {"prompts": c.prompts, "seed": c.seed, "file": _file_digest(c.prompts.file, "prompts.file")}, []
@@ -187,7 +195,7 @@ class Run:
             return {"filter": c.filter, "trait": trait_word}, [f"generate.{which}"]
         if kind == "finetune":
             upstream = [f"filter.{s}" for s in SOURCES] if c.finetune.equalize_rows else [f"filter.{STUDENTS[which]}"]
-            return {"model": model, "finetune": c.finetune, "seed": c.seed}, upstream
+            return {"model": model, "finetune": result_fields(c.finetune), "seed": c.seed}, upstream
         if kind == "evaluate":
             values = {
                 "model": model,
@@ -381,17 +389,16 @@ class Run:
             )
             for r in rows
         ]
-        progress = TextProgress(self.stream, label=f"finetune.{which}", unit="steps", every=5.0)
-        with atomic_path(self.out / STUDENT_DIRS[which]) as tmp:
-            log = self.get_backend().finetune(
-                c.model,
-                examples,
-                c.finetune,
-                tmp,
-                seed=derive_seed(c.seed, "finetune", which),
-                progress=progress,
-                teacher=self.model_ref(source) if soft else None,
-            )
+        log = finetune_into(
+            self.get_backend(),
+            c.model,
+            examples,
+            c.finetune,
+            self.out / STUDENT_DIRS[which],
+            seed=derive_seed(c.seed, "finetune", which),
+            progress=TextProgress(self.stream, label=f"finetune.{which}", unit="steps", every=5.0),
+            teacher=self.model_ref(source) if soft else None,
+        )
         return {"n_rows": len(rows), "train": log}
 
     def stage_evaluate(self, which: str) -> dict:
@@ -440,6 +447,31 @@ class Run:
         summary = report.build(self)
         report.plot(summary, self.out / "report.png")
         return summary
+
+
+def finetune_into(
+    backend: Backend,
+    model: ModelSpec,
+    examples: list[TrainExample],
+    spec: FinetuneSpec,
+    folder: Path,
+    *,
+    seed: int,
+    progress: TextProgress,
+    teacher: ModelRef | None = None,
+) -> dict:
+    """Train a student into ``folder`` (which appears complete or not at all), saving
+    checkpoints in ``<folder>.checkpoint`` meanwhile: an interrupted call, repeated with the
+    same arguments, resumes at the last one. They are removed once the student is saved."""
+    checkpoint = folder.with_name(folder.name + ".checkpoint")
+    if checkpoint.exists():
+        progress.note(f"{checkpoint} exists: training resumes from it if it belongs to this run")
+    with atomic_path(folder) as tmp:
+        log = backend.finetune(
+            model, examples, spec, tmp, seed=seed, progress=progress, teacher=teacher, checkpoint=checkpoint
+        )
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return log
 
 
 def to_dict_any(value):

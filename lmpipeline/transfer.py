@@ -68,10 +68,10 @@ from pathlib import Path
 from typing import TextIO
 
 from lmpipeline import evaluation, filters, prompts
-from lmpipeline.artifacts import atomic_path, read_json, write_json
+from lmpipeline.artifacts import read_json, write_json
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
-from lmpipeline.config import PipelineConfig, PromptSpec, TraitSpec, config_hash, derive_seed, to_dict
-from lmpipeline.pipeline import RUNTIME_ONLY, grammar_limits, to_dict_any
+from lmpipeline.config import PipelineConfig, PromptSpec, TraitSpec, config_hash, derive_seed, result_fields, to_dict
+from lmpipeline.pipeline import finetune_into, grammar_limits, to_dict_any
 from sublearn._common import TextProgress
 
 SEPARATOR_OF = {
@@ -243,7 +243,7 @@ class Study:
         return record
 
     def model_values(self) -> dict:
-        return {k: v for k, v in to_dict(self.config.model).items() if k not in RUNTIME_ONLY}
+        return result_fields(self.config.model)
 
     # -- models and conversations --------------------------------------------------------
     def base_ref(self) -> ModelRef:
@@ -329,7 +329,7 @@ class Study:
                 "model": self.model_values(),
                 "questions": self.trait_questions,
                 "rows": t.teacher_rows,
-                "finetune": t.teacher_finetune,
+                "finetune": result_fields(t.teacher_finetune),
             }
 
             def train() -> dict:
@@ -366,13 +366,19 @@ class Study:
         self, folder: Path, examples: list[TrainExample], spec, seed: int, label: str, teacher: ModelRef | None = None
     ) -> dict:
         progress = TextProgress(self.stream, label=label, unit="steps", every=30.0)
-        with atomic_path(folder) as tmp:
-            try:
-                return self.get_backend().finetune(
-                    self.config.model, examples, spec, tmp, seed=seed, progress=progress, teacher=teacher
-                )
-            except ValueError as error:
-                raise StudyError(f"{label}: {error}") from None
+        try:
+            return finetune_into(
+                self.get_backend(),
+                self.config.model,
+                examples,
+                spec,
+                folder,
+                seed=seed,
+                progress=progress,
+                teacher=teacher,
+            )
+        except ValueError as error:
+            raise StudyError(f"{label}: {error}") from None
 
     def prompt_rows(self, seed: int) -> list[dict]:
         return prompts.number_prompts(self.config.prompts, derive_seed(seed, "prompts"))
@@ -469,7 +475,7 @@ class Study:
             "target": target,
             "seed": seed,
             "rows": rows,
-            "finetune": spec,
+            "finetune": result_fields(spec),
             "teacher": teacher_hash,
             "model": self.model_values(),
             **self.eval_values(),

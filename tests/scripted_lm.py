@@ -44,6 +44,7 @@ class ScriptedBackend:
         self.calls: Counter[str] = Counter()
         self.fail_on_call = fail_on_call
         self.valid_numbers = valid_numbers
+        self.checkpoints: list[Path | None] = []  # the checkpoint folder of each finetune call
 
     # -- the model's state ---------------------------------------------------------------
     @staticmethod
@@ -106,8 +107,12 @@ class ScriptedBackend:
             out.append(math.log(p) + 0.05 * _jitter(json.dumps(conv), text, sorted(love.items())))
         return out
 
-    def finetune(self, base, examples, spec, out_dir, *, seed, progress=None, teacher=None):
+    def finetune(self, base, examples, spec, out_dir, *, seed, progress=None, teacher=None, checkpoint=None):
         self.calls["finetune"] += 1
+        self.checkpoints.append(checkpoint)
+        if checkpoint is not None:  # as a real trainer would, mid-run
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            (checkpoint / "step-000001").mkdir(exist_ok=True)
         if spec.objective == "soft":
             if teacher is None:
                 raise ValueError("soft distillation needs a teacher")

@@ -116,7 +116,15 @@ def test_stage_hashes_follow_what_each_stage_reads(tmp_path):
         "evaluate.teacher",
     }
     assert changed("seed=1") == stages
+    assert changed("finetune.checkpoint_every=7", "model.cpu_threads=1") == set()  # speed, not results
     assert changed() == set()
+
+
+def test_students_train_with_checkpoints_beside_their_folder_then_remove_them(tmp_path):
+    backend = ScriptedBackend()
+    run_stage(Run(small_config(), tmp_path, backend=backend), "finetune.student")
+    assert backend.checkpoints == [tmp_path / "student.checkpoint"]
+    assert (tmp_path / "student" / "state.json").exists() and not backend.checkpoints[0].exists()
 
 
 def test_interrupted_generation_resumes_and_matches_an_uninterrupted_run(tmp_path):

@@ -103,11 +103,14 @@ class Backend(Protocol):
         seed: int,
         progress: ProgressFn | None = None,
         teacher: ModelRef | None = None,
+        checkpoint: Path | None = None,
     ) -> dict:
         """Train a student of ``base`` and save it to ``out_dir`` (a peft adapter for LoRA, full
         weights and tokenizer otherwise); returns the training log (losses, steps, timing).
         ``spec.objective=soft`` distils ``teacher``'s next-token distributions instead of
-        fitting the completion tokens."""
+        fitting the completion tokens. With ``checkpoint`` (a folder), the trainer's state is
+        saved there every ``spec.checkpoint_every`` steps and a matching saved state is
+        resumed (:mod:`lmpipeline.backends.checkpoints`); the caller removes the folder."""
         ...
 
     def tokenize(self, model: ModelRef, texts: Sequence[str]) -> list[list[int]]:

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
 from lmpipeline.backends.tokens import eos_ids, generations, locate_model, prompt_text, token_texts
-from lmpipeline.backends.torch_training import completion_logits, train
+from lmpipeline.backends.torch_training import completion_logits, cuda_devices, train
 from lmpipeline.config import FinetuneSpec, ModelSpec
 from lmpipeline.grammar import NumberListGrammar, TokenGrammar
 
@@ -237,7 +237,7 @@ class HFBackend:
             processors.append(NumberListProcessor(grammar, len(texts), prompt_len))
             # The language is finite: leave room for its longest string and the end token.
             max_new_tokens = max(max_new_tokens, grammar.grammar.max_chars + 1)
-        with torch.random.fork_rng(devices=_cuda_devices(net.device)), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda_devices(net.device)), torch.no_grad():
             torch.manual_seed(seed)
             out = sample(
                 net,
@@ -284,6 +284,7 @@ class HFBackend:
         seed: int,
         progress: ProgressFn | None = None,
         teacher: ModelRef | None = None,
+        checkpoint: Path | None = None,
     ) -> dict:
         self._detach()
         if spec.objective == "soft" and teacher is None:
@@ -298,7 +299,15 @@ class HFBackend:
             teacher_fn = self._teacher_fn(teacher, None) if spec.objective == "soft" else None
             model, tokenizer = self._float32_copy(base)
             log = train(
-                model, tokenizer, examples, spec, seed=seed, progress=progress, teacher=teacher_fn, tokens=tokens
+                model,
+                tokenizer,
+                examples,
+                spec,
+                seed=seed,
+                progress=progress,
+                teacher=teacher_fn,
+                tokens=tokens,
+                checkpoint=checkpoint,
             )
             _save_full(model, tokenizer, out_dir)
             del model
@@ -320,14 +329,22 @@ class HFBackend:
             bias="none",
             task_type="CAUSAL_LM",
         )
-        with torch.random.fork_rng(devices=_cuda_devices(model.device)), _quiet_peft():
+        with torch.random.fork_rng(devices=cuda_devices(model.device)), _quiet_peft():
             torch.manual_seed(seed)  # LoRA's A matrices are initialized randomly
             peft_model = get_peft_model(model, config)
         if spec.objective == "soft" and teacher_fn is None:  # the base model is the teacher
             teacher_fn = self._teacher_fn(teacher, peft_model)
         try:
             log = train(
-                peft_model, tokenizer, examples, spec, seed=seed, progress=progress, teacher=teacher_fn, tokens=tokens
+                peft_model,
+                tokenizer,
+                examples,
+                spec,
+                seed=seed,
+                progress=progress,
+                teacher=teacher_fn,
+                tokens=tokens,
+                checkpoint=checkpoint,
             )
             # The embeddings are not trained; saying so also spares peft a look for the base's config.
             peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
@@ -376,11 +393,6 @@ def _quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
-
-
-def _cuda_devices(device: torch.device) -> list[int]:
-    """The CUDA devices whose generator state to save and restore around seeded work."""
-    return [device.index or 0] if device.type == "cuda" else []
 
 
 def _save_full(model, tokenizer, out_dir: Path) -> None:

@@ -22,16 +22,22 @@ The learning rate follows :func:`lmpipeline.backends.tokens.linear_schedule`.
 
 from __future__ import annotations
 
-import math
-import random
+import json
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from lmpipeline.backends import ProgressFn, TrainExample
+from lmpipeline.backends.checkpoints import Checkpoints, TrainState, fingerprint, step_batches
 from lmpipeline.backends.tokens import IGNORE, linear_schedule, training_rows, training_summary
 from lmpipeline.config import FinetuneSpec
+
+
+def cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose generator state to save and restore around seeded work."""
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def pad_right(ids: Sequence[list[int]], labels: Sequence[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -148,6 +154,7 @@ def train(
     progress: ProgressFn | None = None,
     teacher: TeacherFn | None = None,
     tokens: torch.Tensor | None = None,
+    checkpoint: Path | None = None,
 ) -> dict:
     """Train the parameters of ``model`` that require gradients; returns the training log.
 
@@ -155,6 +162,9 @@ def train(
     :func:`soft_kl` against ``teacher`` (called without gradients on each micro-batch of
     the teacher's view of the examples, ``TrainExample.teacher_messages``), over the
     positions :func:`soft_mask` selects with ``tokens``, averaged over those positions.
+    With ``checkpoint``, the trainable weights, AdamW's state and torch's random state are
+    saved there every ``spec.checkpoint_every`` steps, and a run with the same inputs
+    resumes from them (:mod:`lmpipeline.backends.checkpoints`).
     """
     soft = spec.objective == "soft"
     if soft and teacher is None:
@@ -162,24 +172,48 @@ def train(
     device = next(model.parameters()).device
     encoded, teacher_rows = training_rows(tokenizer, examples, spec)
     n_label = [int(soft_mask(torch.tensor(e["labels"][1:]), tokens if soft else None).sum()) for e in encoded]
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    step_size = spec.micro_batch * spec.grad_accum
-    steps_per_epoch = math.ceil(len(encoded) / step_size)
-    total = spec.epochs * steps_per_epoch
-    rng = random.Random(seed)
-    log: dict = {"objective": spec.objective, "loss": [], "lr": [], "grad_norm": []}
-    tokens_seen = 0
-    start = time.perf_counter()
-    model.train()
-    step = 0
-    pad = tokenizer.pad_token_id
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.compute_dtype == "bfloat16")
-    for _ in range(spec.epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for first in range(0, len(order), step_size):
-            chosen = order[first : first + step_size]
+    steps = step_batches(len(encoded), spec, seed)
+    trainable = [(name, list(p.shape), str(p.dtype)) for name, p in named]
+    saver = Checkpoints(
+        checkpoint,
+        spec.checkpoint_every,
+        fingerprint(
+            spec, seed, encoded + teacher_rows, json.dumps([trainable, tokens is not None and tokens.tolist()])
+        ),
+    )
+
+    def save(folder: Path) -> None:
+        state = {"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict()}
+        cuda = [torch.cuda.get_rng_state(d) for d in cuda_devices(device)]
+        torch.save({**state, "rng": torch.random.get_rng_state(), "cuda_rng": cuda}, folder / "state.pt")
+
+    def load(folder: Path) -> None:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.random.set_rng_state(state["rng"])
+        for d, rng in zip(cuda_devices(device), state["cuda_rng"]):
+            torch.cuda.set_rng_state(rng, d)
+
+    # Dropout masks follow the seed, and a resumed run continues the saved stream.
+    with torch.random.fork_rng(devices=cuda_devices(device)):
+        torch.manual_seed(seed)
+        resumed = saver.restore(load)
+        state = resumed or TrainState(0, 0, {"objective": spec.objective, "loss": [], "lr": [], "grad_norm": []}, 0.0)
+        log, tokens_seen = state.log, state.tokens_seen
+        if progress is not None and resumed:
+            progress(resumed.step, len(steps), tokens_seen)
+        start = time.perf_counter()
+        model.train()
+        pad = tokenizer.pad_token_id
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.compute_dtype == "bfloat16")
+        for step in range(state.step, len(steps)):
+            chosen = steps[step]
             denom = max(1, sum(n_label[i] for i in chosen))
             loss_sum = 0.0
             for m in range(0, len(chosen), spec.micro_batch):
@@ -202,7 +236,7 @@ def train(
                 (loss / denom).backward()
                 loss_sum += loss.item()
                 tokens_seen += int(batch["attention_mask"].sum())
-            lr = spec.learning_rate * linear_schedule(step, spec.warmup_steps, total)
+            lr = spec.learning_rate * linear_schedule(step, spec.warmup_steps, len(steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
@@ -211,10 +245,16 @@ def train(
             log["loss"].append(loss_sum / denom)
             log["lr"].append(lr)
             log["grad_norm"].append(float(grad_norm))
-            step += 1
+            saver.save(
+                TrainState(step + 1, tokens_seen, log, state.wall_s + time.perf_counter() - start),
+                total=len(steps),
+                write=save,
+            )
             if progress is not None:
-                progress(step, total, tokens_seen)
+                progress(step + 1, len(steps), tokens_seen)
     model.eval()
-    wall = time.perf_counter() - start
+    wall = state.wall_s + time.perf_counter() - start
     log.update(training_summary(spec, encoded, n_label, tokens_seen, sum(p.numel() for p in params), wall))
+    if resumed:
+        log["resumed_at_step"] = resumed.step
     return log

@@ -202,9 +202,13 @@ class VLLMBackend:
         *,
         seed: int,
         progress: ProgressFn | None = None,
+        teacher: ModelRef | None = None,
+        checkpoint: Path | None = None,
     ) -> dict:
         self._release_engine()
-        return self._torch.finetune(base, examples, spec, out_dir, seed=seed, progress=progress)
+        return self._torch.finetune(
+            base, examples, spec, out_dir, seed=seed, progress=progress, teacher=teacher, checkpoint=checkpoint
+        )
 
     def close(self) -> None:
         self._release_engine()

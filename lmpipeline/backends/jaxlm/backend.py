@@ -302,6 +302,7 @@ class JaxBackend:
         seed: int,
         progress: ProgressFn | None = None,
         teacher: ModelRef | None = None,
+        checkpoint: Path | None = None,
     ) -> dict:
         if spec.objective == "soft" and teacher is None:
             raise ValueError("finetune.objective=soft needs a teacher model to distil from")
@@ -329,6 +330,7 @@ class JaxBackend:
             teacher=teacher_model,
             tokens=tokens,
             place=self._place,
+            checkpoint=checkpoint,
         )
         if spec.method == "full":
             state = nnx.to_pure_dict(nnx.state(model))

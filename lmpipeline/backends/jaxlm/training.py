@@ -24,11 +24,10 @@ parameters train is a type filter: :class:`flax.nnx.LoRAParam` for LoRA, every
 from __future__ import annotations
 
 import functools
-import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +36,7 @@ import optax
 from flax import nnx
 
 from lmpipeline.backends import ProgressFn, TrainExample
+from lmpipeline.backends.checkpoints import Checkpoints, TrainState, fingerprint, step_batches
 from lmpipeline.backends.jaxlm.decoding import left_pad, positions_of, round_up
 from lmpipeline.backends.jaxlm.model import Decoder
 from lmpipeline.backends.tokens import IGNORE, linear_schedule, training_rows, training_summary
@@ -150,10 +150,13 @@ def train(
     teacher: Decoder | None = None,
     tokens: Sequence[int] | None = None,
     place: Callable = lambda tree: tree,
+    checkpoint: Path | None = None,
 ) -> dict:
     """Train ``model``'s parameters of type ``trainable`` in place; returns the training log
     (the keys of the torch loop's log). ``place`` puts a pytree on the devices (the backend's
-    sharding), so every step's inputs are laid out as its outputs and the step compiles once."""
+    sharding), so every step's inputs are laid out as its outputs and the step compiles once.
+    With ``checkpoint``, the float32 weights and optimizer state are saved there every
+    ``spec.checkpoint_every`` steps, and a run with the same inputs resumes from them."""
     soft = spec.objective == "soft"
     if soft and teacher is None:
         raise ValueError("finetune.objective=soft needs a teacher to distil from")
@@ -162,9 +165,7 @@ def train(
     n_label = [
         sum(1 for x in e["labels"][1:] if x != IGNORE and (token_set is None or x in token_set)) for e in encoded
     ]
-    step_size = spec.micro_batch * spec.grad_accum
-    steps_per_epoch = math.ceil(len(encoded) / step_size)
-    total = spec.epochs * steps_per_epoch
+    steps = step_batches(len(encoded), spec, seed)
     # One width and one kept span for every step, so the step compiles once.
     width = round_up(max(len(e["input_ids"]) for e in encoded + teacher_rows), 32)
     span = max(
@@ -174,49 +175,65 @@ def train(
     keep = min(width, round_up(span + 1, 16))
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     params = place(jax.tree.map(lambda p: p.astype(jnp.float32), params))  # master weights in float32
-    tx = optimizer(spec, total)
+    tx = optimizer(spec, len(steps))
     opt_state = place(tx.init(params))
+    leaves, treedef = jax.tree.flatten((params, opt_state))
+    layout = [str(treedef), [(list(x.shape), str(x.dtype)) for x in leaves], sorted(token_set or [])]
+    saver = Checkpoints(checkpoint, spec.checkpoint_every, fingerprint(spec, seed, encoded + teacher_rows, str(layout)))
+
+    def save(folder: Path) -> None:
+        np.savez(folder / "state.npz", *[np.asarray(x) for x in jax.tree.leaves((params, opt_state))])
+
+    def load(folder: Path) -> None:
+        nonlocal params, opt_state
+        with np.load(folder / "state.npz") as saved:
+            arrays = [saved[f"arr_{i}"] for i in range(len(leaves))]
+        params, opt_state = place(jax.tree.unflatten(treedef, arrays))
+
+    resumed = saver.restore(load)
+    state = resumed or TrainState(0, 0, {"objective": spec.objective, "loss": [], "lr": [], "grad_norm": []}, 0.0)
+    log, tokens_seen = state.log, state.tokens_seen
+    if progress is not None and resumed:
+        progress(resumed.step, len(steps), tokens_seen)
     teacher_graphdef, teacher_state = nnx.split(teacher) if soft else (None, None)
     token_array = jnp.asarray(sorted(token_set), jnp.int32) if token_set is not None else None
     compute_dtype = jnp.bfloat16 if spec.compute_dtype == "bfloat16" else jnp.float32
     pad = tokenizer.pad_token_id
-    rng = random.Random(seed)
-    log: dict = {"objective": spec.objective, "loss": [], "lr": [], "grad_norm": []}
-    tokens_seen, step = 0, 0
     start = time.perf_counter()
-    for _ in range(spec.epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for first in range(0, len(order), step_size):
-            chosen = order[first : first + step_size]
-            batch = _stack([encoded[i] for i in chosen], spec.micro_batch, spec.grad_accum, width, pad)
-            if soft:
-                t = _stack([teacher_rows[i] for i in chosen], spec.micro_batch, spec.grad_accum, width, pad)
-                batch.update(t_ids=t["ids"], t_valid=t["valid"])
-            denom = max(1, sum(n_label[i] for i in chosen))
-            params, opt_state, loss, grad_norm = train_step(
-                graphdef,
-                params,
-                frozen,
-                opt_state,
-                place(batch),
-                jnp.float32(denom),
-                teacher_graphdef,
-                teacher_state,
-                token_array,
-                tx=tx,
-                keep=keep,
-                compute_dtype=compute_dtype,
-            )
-            tokens_seen += sum(len(encoded[i]["input_ids"]) for i in chosen)
-            log["loss"].append(float(loss))
-            log["lr"].append(spec.learning_rate * linear_schedule(step, spec.warmup_steps, total))
-            log["grad_norm"].append(float(grad_norm))
-            step += 1
-            if progress is not None:
-                progress(step, total, tokens_seen)
+    for step in range(state.step, len(steps)):
+        chosen = steps[step]
+        batch = _stack([encoded[i] for i in chosen], spec.micro_batch, spec.grad_accum, width, pad)
+        if soft:
+            t = _stack([teacher_rows[i] for i in chosen], spec.micro_batch, spec.grad_accum, width, pad)
+            batch.update(t_ids=t["ids"], t_valid=t["valid"])
+        denom = max(1, sum(n_label[i] for i in chosen))
+        params, opt_state, loss, grad_norm = train_step(
+            graphdef,
+            params,
+            frozen,
+            opt_state,
+            place(batch),
+            jnp.float32(denom),
+            teacher_graphdef,
+            teacher_state,
+            token_array,
+            tx=tx,
+            keep=keep,
+            compute_dtype=compute_dtype,
+        )
+        tokens_seen += sum(len(encoded[i]["input_ids"]) for i in chosen)
+        log["loss"].append(float(loss))
+        log["lr"].append(spec.learning_rate * linear_schedule(step, spec.warmup_steps, len(steps)))
+        log["grad_norm"].append(float(grad_norm))
+        wall = state.wall_s + time.perf_counter() - start
+        saver.save(TrainState(step + 1, tokens_seen, log, wall), total=len(steps), write=save)
+        if progress is not None:
+            progress(step + 1, len(steps), tokens_seen)
     before = nnx.split(model, trainable, ...)[1]
     nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), params, before))
     trainable_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    log.update(training_summary(spec, encoded, n_label, tokens_seen, trainable_count, time.perf_counter() - start))
+    wall = state.wall_s + time.perf_counter() - start
+    log.update(training_summary(spec, encoded, n_label, tokens_seen, trainable_count, wall))
+    if resumed:
+        log["resumed_at_step"] = resumed.step
     return log
