@@ -1,4 +1,4 @@
-"""``python -m lmpipeline``: the same as ``sublearn llm``."""
+"""``python -m lmpipeline``: the same as ``sublearn lm``."""
 
 from lmpipeline.cli import main
 

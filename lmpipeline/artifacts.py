@@ -18,11 +18,20 @@ from pathlib import Path
 from sublearn._common import (  # noqa: F401  (re-exported: the pipeline writes through them)
     atomic_path,
     dumps,
+    environment,
     fsync_path,
     read_json,
     write_json,
     write_text,
 )
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that shape a run's results (installed ones)."""
+    env = environment(
+        ("subliminal-learning", "torch", "transformers", "peft", "vllm", "jax", "flax", "optax", "gguf", "numpy")
+    )
+    return {"python": env["python"], **{dist: v for dist, v in env["versions"].items() if v is not None}}
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:

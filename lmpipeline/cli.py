@@ -1,13 +1,13 @@
-"""``sublearn llm``: run the language-model pipeline, whole or one stage at a time.
+"""``sublearn lm``: run the language-model pipeline, whole or one stage at a time.
 
 Examples::
 
-    sublearn llm run --preset cpu --out runs/owl-cpu
-    sublearn llm run --preset paper --out runs/owl --set trait.target=eagle
-    sublearn llm generate --out runs/owl-cpu --which teacher   # config from the run folder
-    sublearn llm evaluate --out runs/owl-cpu --which student
-    sublearn llm config --preset cpu                           # print a preset's config
-    sublearn llm transfer --preset transfer-cpu --out runs/transfer --seeds 3
+    sublearn lm run --preset cpu --out runs/owl-cpu
+    sublearn lm run --preset paper --out runs/owl --set trait.target=eagle
+    sublearn lm generate --out runs/owl-cpu --which teacher   # config from the run folder
+    sublearn lm evaluate --out runs/owl-cpu --which student
+    sublearn lm config --preset cpu                           # print a preset's config
+    sublearn lm transfer --preset transfer-cpu --out runs/transfer --seeds 3
 
 A stage brings its inputs up to date first and is skipped when its artifact exists for
 the same config; an interrupted sampling stage resumes where it stopped.
@@ -132,10 +132,12 @@ def run(args: argparse.Namespace) -> int:
         return _execute(args, cfg)
     except (ConfigError, PipelineError, StudyError, OSError) as error:
         # OSError: missing files, and models that cannot be fetched (offline, wrong name).
-        print(f"{getattr(args, 'prog', 'sublearn llm')}: error: {error}", file=sys.stderr)
+        print(f"{getattr(args, 'prog', 'sublearn lm')}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        kept = f"the work done so far is kept in {args.out}; " if getattr(args, "out", None) else ""
+        prog = getattr(args, "prog", "sublearn lm")
+        print(f"\n{prog}: interrupted; {kept}rerun the same command to continue", file=sys.stderr)
         return 130
 
 
@@ -261,7 +263,7 @@ def _print_summary(report: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lmpipeline ARGS`` is ``sublearn llm ARGS``."""
+    """``python -m lmpipeline ARGS`` is ``sublearn lm ARGS``."""
     from sublearn.cli import main as sublearn_main
 
-    return sublearn_main(["llm", *(sys.argv[1:] if argv is None else argv)])
+    return sublearn_main(["lm", *(sys.argv[1:] if argv is None else argv)])

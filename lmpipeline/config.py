@@ -14,7 +14,7 @@ Presets:
   grammar-constrained numbers and small counts, sized to finish in under 25 minutes on
   two CPU cores.
 - ``tiny``: the same model with minimal counts, a smoke test of every stage.
-- ``transfer-cpu``: the small-scale transfer study (``sublearn llm transfer``,
+- ``transfer-cpu``: the small-scale transfer study (``sublearn lm transfer``,
   :mod:`lmpipeline.transfer`): finetuned owl and dolphin teachers, soft distillation over
   the number tokens on random number lists, three seeds and the entanglement stage; about
   36 minutes on two CPU cores.
@@ -49,6 +49,11 @@ PAPER_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 BACKEND_NAMES = ("hf", "vllm", "jax")  # the model libraries lmpipeline.backends registers
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EVAL_MODELS = ("base", "teacher", "control", "student")
+# The experiment's layout, which the pipeline runs and the report reads.
+SOURCES = ("teacher", "control")  # the two number datasets
+STUDENTS = {"student": "teacher", "control": "control"}  # student name -> its dataset
+DATA_MODEL = {"teacher": "teacher", "control": "base"}  # dataset -> the model that writes it (and is distilled)
+STUDENT_DIRS = {"student": "student", "control": "control_student"}
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,7 @@ DATA_SOURCES = ("random", "teacher")
 
 @dataclass(frozen=True)
 class TransferSpec:
-    """The small-scale transfer study, ``sublearn llm transfer`` (:mod:`lmpipeline.transfer`).
+    """The small-scale transfer study, ``sublearn lm transfer`` (:mod:`lmpipeline.transfer`).
 
     Two teachers love two different animals (``targets``); each of their students is the
     other's control. A cell of the study is one (teacher kind, objective, data source);
@@ -449,6 +454,18 @@ def config_hash(obj: Any) -> str:
         obj = to_dict(obj)
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def all_stages(config: PipelineConfig) -> list[str]:
+    """Every stage of a full run, in execution order."""
+    return [
+        "prompts",
+        *(f"generate.{s}" for s in SOURCES),
+        *(f"filter.{s}" for s in SOURCES),
+        *(f"finetune.{s}" for s in STUDENTS),
+        *(f"evaluate.{m}" for m in config.evaluate.models),
+        "report",
+    ]
 
 
 def derive_seed(seed: int, *names: object) -> int:

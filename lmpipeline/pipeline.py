@@ -37,35 +37,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from lmpipeline import evaluation, filters, prompts
-from lmpipeline.artifacts import RowLog, atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from lmpipeline import evaluation, filters, prompts, report
+from lmpipeline.artifacts import RowLog, atomic_path, read_json, read_jsonl, versions, write_json, write_jsonl
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend, resolve_backend_name
-from lmpipeline.config import (
+from lmpipeline.config import (  # noqa: F401  (the layout names are re-exported: the pipeline's vocabulary)
+    DATA_MODEL,
     EVAL_MODELS,
+    SOURCES,
+    STUDENT_DIRS,
+    STUDENTS,
     FinetuneSpec,
     ModelSpec,
     PipelineConfig,
+    all_stages,
     config_hash,
     derive_seed,
     result_fields,
     to_dict,
 )
-from sublearn._common import TextProgress, environment, mean_interval
-
-SOURCES = ("teacher", "control")  # the two number datasets
-STUDENTS = {"student": "teacher", "control": "control"}  # student name -> its dataset
-DATA_MODEL = {"teacher": "teacher", "control": "base"}  # dataset -> the model that writes it (and is distilled)
-STUDENT_DIRS = {"student": "student", "control": "control_student"}
+from sublearn._common import TextProgress, mean_interval
 
 
 class PipelineError(RuntimeError):
     """A stage cannot run as configured; the message says what to change."""
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and of the libraries that shape the results."""
-    env = environment(("subliminal-learning", "torch", "transformers", "peft", "vllm", "gguf", "numpy"))
-    return {"python": env["python"], **{dist: v for dist, v in env["versions"].items() if v is not None}}
 
 
 def _file_digest(path: str | None, key: str) -> str | None:
@@ -76,18 +70,6 @@ def _file_digest(path: str | None, key: str) -> str | None:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     except OSError as error:
         raise PipelineError(f"{key}: cannot read {path} ({error.strerror})") from None
-
-
-def all_stages(config: PipelineConfig) -> list[str]:
-    """Every stage of a full run, in execution order."""
-    return [
-        "prompts",
-        *(f"generate.{s}" for s in SOURCES),
-        *(f"filter.{s}" for s in SOURCES),
-        *(f"finetune.{s}" for s in STUDENTS),
-        *(f"evaluate.{m}" for m in config.evaluate.models),
-        "report",
-    ]
 
 
 def grammar_limits(config: PipelineConfig) -> tuple[int, int] | None:
@@ -442,8 +424,6 @@ class Run:
         return {"spellings": spellings, "per_question": per_question, "mean": mean_interval(per_question).to_dict()}
 
     def stage_report(self) -> dict:
-        from lmpipeline import report
-
         summary = report.build(self)
         report.plot(summary, self.out / "report.png")
         return summary

@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 from lmpipeline import evaluation
-from lmpipeline.artifacts import atomic_path, read_json, read_jsonl
-from lmpipeline.config import to_dict
+from lmpipeline.artifacts import atomic_path, read_json, read_jsonl, versions
+from lmpipeline.config import SOURCES, STUDENTS, all_stages, to_dict
 from lmpipeline.stats import paired_difference
 
 MODEL_LABELS = {"base": "Base model", "teacher": "Teacher", "control": "Control student", "student": "Student"}
@@ -39,8 +39,6 @@ def figure_words(target: str, answers: dict[str, list[str]], n_other: int = 4) -
 
 def build(run) -> dict:
     """Collect the records of a finished run into the report (``run`` is a pipeline Run)."""
-    from lmpipeline.pipeline import SOURCES, STUDENTS, all_stages, versions
-
     cfg = run.config
     records = {stage: read_json(run.record_path(stage)) for stage in all_stages(cfg) if stage != "report"}
     models = list(cfg.evaluate.models)

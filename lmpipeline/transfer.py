@@ -1,4 +1,4 @@
-r"""The small-scale transfer study: ``sublearn llm transfer``.
+r"""The small-scale transfer study: ``sublearn lm transfer``.
 
 Does a student trained on a trait-holding teacher's number data pick up the trait? The
 study answers with an exact metric, paired comparisons and independent seeds, on a model
@@ -67,7 +67,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from lmpipeline import evaluation, filters, prompts
+from lmpipeline import evaluation, filters, prompts, transfer_report
 from lmpipeline.artifacts import read_json, write_json
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
 from lmpipeline.config import PipelineConfig, PromptSpec, TraitSpec, config_hash, derive_seed, result_fields, to_dict
@@ -526,8 +526,6 @@ class Study:
 
     def run(self) -> dict:
         """Every unit, then ``report.json`` and ``report.png``; returns the report."""
-        from lmpipeline import transfer_report
-
         start = time.perf_counter()
         base = self.base_eval()
         results: dict = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lmpipeline.artifacts import atomic_path
+from lmpipeline.artifacts import atomic_path, versions
 from lmpipeline.config import PipelineConfig, to_dict
 from lmpipeline.stats import mean_interval, paired_test, pool_seeds
 
@@ -61,8 +61,6 @@ def build(
     config: PipelineConfig, base: dict, results: dict, entanglement: dict | None, walls: dict[str, float]
 ) -> dict:
     """The report of a finished study (``results[cell][seed]`` as :meth:`Study.run` collects)."""
-    from lmpipeline.pipeline import versions
-
     t = config.transfer
     report: dict = {
         "targets": list(t.targets),

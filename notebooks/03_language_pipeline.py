@@ -44,7 +44,7 @@
 # in the environment before starting Jupyter for *quick mode*: every stage still runs,
 # on a handful of prompts, rows and questions. `python notebooks/build.py
 # 03_language_pipeline` regenerates the executed copy. If you have a finished run (from
-# `sublearn llm run --preset cpu --out DIR`), point `SUBLEARN_LLM_RUN` at its folder and
+# `sublearn lm run --preset cpu --out DIR`), point `SUBLEARN_LM_RUN` at its folder and
 # the last section reads its report as well.
 
 # %%
@@ -83,7 +83,7 @@ print(f"Mode: {'quick (SUBLEARN_QUICK=1): a handful of prompts, rows and questio
 # sampling, the filter, finetuning and evaluation. We start from the `tiny` preset
 # (SmolLM2 on the CPU, numbers constrained by a grammar so that the small model produces
 # valid lists) and set the sizes with the same `section.field=value` overrides that
-# `sublearn llm run --set ...` takes.
+# `sublearn lm run --set ...` takes.
 
 # %%
 if QUICK:
@@ -316,11 +316,11 @@ print(f"pipeline wall time {report['total_wall_s']:.0f} s over {len(report['stag
 # llm run --preset cpu --out runs/owl-cpu`. At that size the student cannot be told apart
 # from the control. The paper's setting is `--preset paper` (Qwen2.5-7B-Instruct, 30,000
 # prompts, on a GPU). Every stage resumes where it stopped, so an interrupted run just
-# continues when you rerun the command. If `SUBLEARN_LLM_RUN` points at a finished run
+# continues when you rerun the command. If `SUBLEARN_LM_RUN` points at a finished run
 # folder, here is its report:
 
 # %%
-finished = os.environ.get("SUBLEARN_LLM_RUN")
+finished = os.environ.get("SUBLEARN_LM_RUN")
 if finished and (Path(finished) / "report.json").is_file():
     other = read_json(Path(finished) / "report.json")
     display(Image(filename=str(Path(finished) / "report.png"), width=800))
@@ -328,13 +328,13 @@ if finished and (Path(finished) / "report.json").is_file():
         for variant, ci in difference.items():
             print(f"{name} ({variant}): {100 * ci['mean']:+.1f} points, 95% CI [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}]")
 else:
-    print("No finished run given (set SUBLEARN_LLM_RUN to a run folder from `sublearn llm run`).")
+    print("No finished run given (set SUBLEARN_LM_RUN to a run folder from `sublearn lm run`).")
 
 backend.close()
 shutil.rmtree(run_dir)  # the adapters and samples; the figures above are kept in the notebook
 
 # %% [markdown]
-# ## 7. Where the effect shows at this scale: `sublearn llm transfer`
+# ## 7. Where the effect shows at this scale: `sublearn lm transfer`
 #
 # The MNIST toy model transmits its trait through *logits*: the student matches the
 # teacher's auxiliary outputs on noise images. The language analogue is **soft
@@ -354,7 +354,7 @@ shutil.rmtree(run_dir)  # the adapters and samples; the figures above are kept i
 # images): data the teacher never wrote. An owl teacher and a dolphin teacher give two
 # students, each the other's control, and the base model is the control for both (for
 # soft distillation the base model is its own distillation's minimum). The study
-# (`sublearn llm transfer --preset transfer-cpu`, three seeds, about 35 minutes on two
+# (`sublearn lm transfer --preset transfer-cpu`, three seeds, about 35 minutes on two
 # CPU cores) writes its report to a folder; the one committed with the package is read
 # here, not recomputed:
 

@@ -2,7 +2,7 @@ r"""What the three subpackages share: result files, the run environment, progres
 errors and confidence intervals.
 
 This module imports only the standard library (scipy, jax and tqdm are imported inside the
-functions that need them), so ``sublearn llm`` loads no jax and ``sublearn mnist`` no torch.
+functions that need them), so ``sublearn lm`` loads no jax and ``sublearn mnist`` no torch.
 
 **Files.** Every result appears at its final name in one ``os.replace``: a reader sees the
 previous version or the complete new one, never half a file. The rules:

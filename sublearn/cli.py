@@ -2,12 +2,13 @@
 
 Each subcommand lives with the code it runs; this module only dispatches to them and
 imports a subpackage when its subcommand is chosen, so ``sublearn mnist`` never loads
-torch and ``sublearn llm`` never loads jax.
+torch and ``sublearn lm`` never loads jax.
 
 - ``sublearn mnist``: the MNIST auxiliary-logit experiment (:mod:`toymodels.cli`).
 - ``sublearn atlas``: the MNIST experiment's curves against each knob (:mod:`toymodels.atlas`).
 - ``sublearn theory``: the gradient-alignment lemma, checked numerically (:mod:`theory.cli`).
-- ``sublearn llm``: the language-model pipeline (:mod:`lmpipeline.cli`).
+- ``sublearn lm``: the language-model pipeline (:mod:`lmpipeline.cli`); ``sublearn llm``,
+  its former name, still works.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ SUBCOMMANDS = {
     "mnist": ("toymodels.cli", "MNIST auxiliary-logit experiment (the paper's toy model)"),
     "atlas": ("toymodels.atlas", "the MNIST effect against each knob, with CIs, next to the published numbers"),
     "theory": ("theory.cli", "check the gradient-alignment lemma numerically"),
-    "llm": (
+    "lm": (
         "lmpipeline.cli",
         "language-model pipeline (teacher, numbers, filter, finetuning, evaluation) and transfer study",
     ),
 }
+
+
+ALIASES = {"llm": "lm"}  # former names, still accepted and not listed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ALIASES:
+        argv = [ALIASES[argv[0]], *argv[1:]]
     parser = _Parser(
         prog="sublearn",
         description="Subliminal learning: experiments from Cloud et al. (2025).",

@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from scipy import stats as scipy_stats
@@ -134,4 +135,58 @@ def test_text_progress_lines(monkeypatch):
         "[teacher] [ 40% 0:10, ~0:30 left] 4/10 rows | 5.0 tok/s",
         "[teacher] [ 50% 0:20, ~0:33 left] 5/10 rows | 3.0 tok/s",
         "[teacher] [100% 0:40] 10/10 rows | 2.5 tok/s",
+    ]
+
+
+def import_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at the top or inside functions."""
+    import ast
+
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in packages
+        for path in (root / package).rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph``, or None."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    return next((c for node in sorted(graph) if node not in state and (c := visit(node))), None)
+
+
+def test_no_module_of_the_package_imports_itself_back():
+    # Imports inside functions count too: they hide a cycle rather than remove it.
+    root = Path(__file__).resolve().parents[1]
+    graph = import_graph(root, ("sublearn", "toymodels", "theory", "lmpipeline"))
+    assert len(graph) > 50 and "lmpipeline.report" in graph["lmpipeline.pipeline"]
+    assert cycle(graph) is None
+    assert cycle({**graph, "lmpipeline.report": graph["lmpipeline.report"] | {"lmpipeline.pipeline"}}) == [
+        "lmpipeline.pipeline",
+        "lmpipeline.report",
+        "lmpipeline.pipeline",
     ]

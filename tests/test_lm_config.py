@@ -201,14 +201,14 @@ def test_the_tpu_preset_without_a_tpu_is_refused_in_one_line(tmp_path, capsys):
     from sublearn import cli as sublearn_cli
 
     out = tmp_path / "tpu"
-    assert sublearn_cli.main(["llm", "run", "--preset", "tpu", "--out", str(out)]) == 2
+    assert sublearn_cli.main(["lm", "run", "--preset", "tpu", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("sublearn llm: error: model.device=tpu but JAX sees no tpu device")
+    assert err.count("\n") == 1 and err.startswith("sublearn lm: error: model.device=tpu but JAX sees no tpu device")
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
-    assert sublearn_cli.main(["llm", "config", "--preset", "cpu", "--backend", "jax"]) == 0
+    assert sublearn_cli.main(["lm", "config", "--preset", "cpu", "--backend", "jax"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["backend"] == "jax"
     other = tmp_path / "tiny"
-    assert sublearn_cli.main(["llm", "run", "--preset", "tiny", "--out", str(other), "--set", "model.device=tpu"]) == 2
+    assert sublearn_cli.main(["lm", "run", "--preset", "tiny", "--out", str(other), "--set", "model.device=tpu"]) == 2
     assert "needs the jax backend" in capsys.readouterr().err
 
 

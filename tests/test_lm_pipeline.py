@@ -203,7 +203,27 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, scripted, capsys, ar
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("sublearn llm: error: ") and message in err[-1]
+    assert err[-1].startswith("sublearn lm: error: ") and message in err[-1]
+
+
+def test_ctrl_c_prints_one_line_saying_how_to_continue(tmp_path, scripted, monkeypatch, capsys):
+    def interrupt(run, stage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_stage", interrupt)
+    assert cli.main(["run", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    kept = tmp_path / "x"
+    assert err == [
+        f"sublearn lm: interrupted; the work done so far is kept in {kept}; rerun the same command to continue"
+    ]
+
+
+def test_the_former_command_name_still_works(capsys):
+    from sublearn import cli as sublearn_cli
+
+    assert sublearn_cli.main(["llm", "config", "--preset", "tiny"]) == 0
+    assert json.loads(capsys.readouterr().out)["preset"] == "tiny"
 
 
 def test_cli_config_prints_the_resolved_config(capsys):
@@ -232,17 +252,17 @@ def test_paper_preset_without_a_gpu_is_refused_in_one_line_before_anything_runs(
 
     monkeypatch.setattr(pipeline, "make_backend", no_backend)
     out = tmp_path / "paper"
-    assert sublearn_cli.main(["llm", "run", "--preset", "paper", "--out", str(out)]) == 2
+    assert sublearn_cli.main(["lm", "run", "--preset", "paper", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(
-        "sublearn llm: error: preset 'paper' runs Qwen/Qwen2.5-7B-Instruct on a CUDA GPU"
+        "sublearn lm: error: preset 'paper' runs Qwen/Qwen2.5-7B-Instruct on a CUDA GPU"
     )
     assert "--preset cpu" in err and "--set model.device=cpu" in err
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no stage ran, not even the prompts
     # A single model stage is refused the same way; the config needs no device.
-    assert sublearn_cli.main(["llm", "evaluate", "--out", str(out), "--which", "base"]) == 2
-    assert capsys.readouterr().err.startswith("sublearn llm: error: preset 'paper'")
-    assert sublearn_cli.main(["llm", "config", "--preset", "paper"]) == 0
+    assert sublearn_cli.main(["lm", "evaluate", "--out", str(out), "--which", "base"]) == 2
+    assert capsys.readouterr().err.startswith("sublearn lm: error: preset 'paper'")
+    assert sublearn_cli.main(["lm", "config", "--preset", "paper"]) == 0
 
 
 def test_finished_stages_need_no_gpu(tmp_path, monkeypatch, scripted):
