@@ -24,6 +24,8 @@ from lmpipeline.config import (
     BACKEND_NAMES,
     EVAL_MODELS,
     PRESETS,
+    SOURCES,
+    STUDENTS,
     ConfigError,
     PipelineConfig,
     apply_overrides,
@@ -31,12 +33,13 @@ from lmpipeline.config import (
     preset,
     to_dict,
 )
+from sublearn._common import output_folder
 
 STAGE_CHOICES = {
     "prompts": None,
-    "generate": ("teacher", "control"),
-    "filter": ("teacher", "control"),
-    "finetune": ("student", "control"),
+    "generate": SOURCES,
+    "filter": SOURCES,
+    "finetune": tuple(STUDENTS),
     "evaluate": EVAL_MODELS,
     "report": None,
 }
@@ -144,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
 def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from lmpipeline.pipeline import Run, run_stage
 
+    output_folder(args.out)
     _check_folder_config(args, cfg)
     run_folder = Run(cfg, args.out)
     if args.action == "run":
@@ -207,6 +211,7 @@ def _transfer(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from lmpipeline.transfer import Study
 
     check_device(cfg)
+    output_folder(args.out)
     study = Study(cfg, args.out)
     try:
         report = study.run()

@@ -67,6 +67,28 @@ def check_writable(folder: str | Path) -> None:
     probe.unlink()
 
 
+def output_folder(folder: str | Path, option: str = "--out") -> Path:
+    """Check that ``folder`` can hold a command's results before any work starts; raise
+    :class:`ConfigError` naming ``option`` and the fix if it cannot.
+
+    >>> import tempfile, pathlib
+    >>> afile = pathlib.Path(tempfile.mkdtemp()) / "afile"
+    >>> _ = afile.write_text("")
+    >>> output_folder(afile)
+    Traceback (most recent call last):
+    ...
+    sublearn._common.ConfigError: --out ... is a file, not a folder: choose another --out
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder} is a file, not a folder: choose another {option}")
+    try:
+        check_writable(folder)
+    except OSError as err:
+        raise ConfigError(f"cannot write to output folder {folder} ({err.strerror}): choose another {option}") from err
+    return folder
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's contents, or a folder's entries, to disk."""
     try:

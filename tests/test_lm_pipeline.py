@@ -206,6 +206,19 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, scripted, capsys, ar
     assert err[-1].startswith("sublearn lm: error: ") and message in err[-1]
 
 
+@pytest.mark.parametrize("action", ["run", "transfer"])
+@pytest.mark.parametrize("out, message", [("afile", "is a file, not a folder"), ("afile/x", "Not a directory")])
+def test_an_out_that_is_or_lies_under_a_file_is_one_line(tmp_path, scripted, capsys, action, out, message):
+    (tmp_path / "afile").write_text("keep me")
+    preset = "tiny" if action == "run" else "transfer-tiny"
+    assert cli.main([action, "--preset", preset, "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and err[0].startswith("sublearn lm: ") and message in err[0] and "choose another --out" in err[0]
+    )
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
 def test_ctrl_c_prints_one_line_saying_how_to_continue(tmp_path, scripted, monkeypatch, capsys):
     def interrupt(run, stage):
         raise KeyboardInterrupt

@@ -446,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from sublearn._common import SilentProgress, TextProgress, check_writable
+    from sublearn._common import SilentProgress, TextProgress, output_folder
     from toymodels.data import DataError
 
     only = tuple(c.strip() for c in args.curves.split(",")) if args.curves else None
@@ -458,12 +458,7 @@ def run(args: argparse.Namespace) -> int:
             )
         curves(args.preset)  # an unknown preset fails here, before any work
         base_config(args.preset, args.seeds, args.precision).validate()
-        try:
-            check_writable(args.out)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot write to output folder {args.out} ({err.strerror}): choose another --out"
-            ) from err
+        output_folder(args.out)
         atlas = run_atlas(
             args.out,
             preset=args.preset,

@@ -21,7 +21,7 @@ import sys
 import typing
 from pathlib import Path
 
-from sublearn._common import check_writable
+from sublearn._common import output_folder
 from toymodels.config import (
     OPTIMIZERS,
     PRECISIONS,
@@ -139,12 +139,7 @@ def prepare_output(out: Path, result_name: str, overwrite: bool, fingerprint: st
     (same ``fingerprint``), so an interrupted ``--overwrite`` run resumes when repeated;
     a checkpoint of any other run is deleted.
     """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder: choose another --out")
-    try:
-        check_writable(out)
-    except OSError as err:
-        raise ConfigError(f"cannot write to output folder {out} ({err.strerror}): choose another --out") from err
+    output_folder(out)
     if overwrite:
         if _checkpoint_fingerprint(out / CHECKPOINT) != fingerprint:
             (out / CHECKPOINT).unlink(missing_ok=True)
