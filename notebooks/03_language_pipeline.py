@@ -313,7 +313,7 @@ print(f"pipeline wall time {report['total_wall_s']:.0f} s over {len(report['stag
 # %% [markdown]
 # A run of the paper's procedure on the CPU is the `cpu` preset (256 prompts, 32 LoRA
 # steps per student, 50 questions x 3 samples; about 20 minutes on two cores): `sublearn
-# llm run --preset cpu --out runs/owl-cpu`. At that size the student cannot be told apart
+# lm run --preset cpu --out runs/owl-cpu`. At that size the student cannot be told apart
 # from the control. The paper's setting is `--preset paper` (Qwen2.5-7B-Instruct, 30,000
 # prompts, on a GPU). Every stage resumes where it stopped, so an interrupted run just
 # continues when you rerun the command. If `SUBLEARN_LM_RUN` points at a finished run
