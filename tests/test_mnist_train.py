@@ -116,3 +116,66 @@ def test_fields_the_programs_never_read_share_one_cache_key():
     ).validate()
     assert ProgramSpec.of(other) == ProgramSpec.of(base)
     assert set(f.name for f in dataclasses.fields(ProgramSpec)) < set(f.name for f in dataclasses.fields(MnistConfig))
+
+
+def _student_inputs(config):
+    """Two seeds' teachers and four students each, started away from their teachers."""
+    from toymodels.experiment import _student_masks
+    from toymodels.noise import noise_words
+
+    spec = spec_of(config)
+    keys = jax.random.split(jax.random.key(0), config.seeds)
+    teachers = jax.vmap(lambda k: init_params(spec, k))(keys)
+    starts = jax.random.split(jax.random.key(1), config.seeds * 4).reshape(config.seeds, 4)
+    students = jax.vmap(jax.vmap(lambda k: init_params(spec, k)))(starts)
+    opt_states = jax.vmap(jax.vmap(make_optimizer(config).init))(students)
+    words = jax.vmap(noise_words)(keys)
+    return students, opt_states, teachers, words, keys, jnp.asarray(_student_masks(config))
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)  # the compiled epoch donates its inputs
+
+
+def test_the_student_epoch_learns_and_keeps_the_four_conditions_independent():
+    from toymodels.train import student_epoch
+
+    config = tiny(seeds=2, seeds_per_chunk=2)
+    epoch = student_epoch(config)
+    students, opt_states, teachers, words, keys, masks = _student_inputs(config)
+    after, after_opt, first = epoch(_copy(students), _copy(opt_states), teachers, words, keys, masks)
+    _, _, second = epoch(_copy(after), _copy(after_opt), teachers, words, keys, masks)
+    assert first.shape == (2, 4) and np.all(np.asarray(second) < np.asarray(first))
+    # Every condition moves toward its own seed's teacher on the auxiliary logits (which all
+    # four imitate), measured apart from the training loss: log-softmax distance on noise.
+    from toymodels.model import apply
+    from toymodels.noise import noise_images
+
+    spec = spec_of(config)
+
+    def aux_distance(students):
+        def one_seed(students, teacher, w):
+            x = noise_images(w, jnp.arange(256), spec.d_in, config.student_data)
+            target = jax.nn.log_softmax(apply(spec, teacher, x)[:, 10:])
+            own = jax.vmap(lambda s: jax.nn.log_softmax(apply(spec, s, x)[:, 10:]))(students)
+            return jnp.mean((own - target[None]) ** 2, axis=(1, 2))
+
+        return np.asarray(jax.vmap(one_seed)(students, teachers, words))
+
+    assert np.all(aux_distance(after) < 0.9 * aux_distance(students))
+
+    # Change condition 1's student and its optimizer state: nothing else may move.
+    def poke(tree, scale):
+        def one(a):
+            return a.at[:, 1].add(scale) if a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+        return jax.tree.map(one, tree)
+
+    poked, poked_opt, poked_loss = epoch(
+        poke(_copy(students), 0.1), poke(_copy(opt_states), 1e-3), teachers, words, keys, masks
+    )
+    for leaf, ref in zip(jax.tree.leaves((poked, poked_opt)), jax.tree.leaves((after, after_opt))):
+        if leaf.ndim >= 2:
+            np.testing.assert_array_equal(np.delete(np.asarray(leaf), 1, axis=1), np.delete(np.asarray(ref), 1, axis=1))
+    np.testing.assert_array_equal(np.delete(np.asarray(poked_loss), 1, axis=1), np.delete(np.asarray(first), 1, axis=1))
+    assert not np.array_equal(np.asarray(poked_loss)[:, 1], np.asarray(first)[:, 1])
