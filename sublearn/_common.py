@@ -32,10 +32,12 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -50,6 +52,28 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 class ConfigError(ValueError):
     """An option or config value that cannot be used; the message names it and the fix."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    r"""Each field's entry under ``Attributes:`` in the docstring of ``cls``, on one line,
+    as plain text for a terminal (``literal`` and :role:`target` lose their markup).
+
+    Configs document their fields there, and command-line help is read from it, so a
+    setting is documented in one place.
+
+    >>> doc = "A spec.\n\nAttributes:\n    rate: the step size, see :func:`step`; ``0`` stops.\n"
+    >>> field_docs(type("Spec", (), {"__doc__": doc + "    width: hidden units,\n        per layer.\n"}))
+    {'rate': 'the step size, see step; 0 stops.', 'width': 'hidden units, per layer.'}
+    """
+    docs: dict[str, list[str]] = {}
+    lines = inspect.cleandoc(cls.__doc__ or "").partition("Attributes:")[2].splitlines()
+    for line in lines:
+        name, colon, text = line.strip().partition(": ")
+        if line.startswith("    ") and not line.startswith("        ") and colon and name.isidentifier():
+            docs[name] = [text]
+        elif line.strip() and docs:
+            docs[next(reversed(docs))].append(line.strip())
+    return {name: re.sub(r":\w+:`([^`]*)`", r"\1", " ".join(parts)).replace("``", "") for name, parts in docs.items()}
 
 
 # --- files -------------------------------------------------------------------------------

@@ -221,3 +221,29 @@ def test_the_jax_extra_pulls_no_torch():
     ]
     names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in extras["jax-lm"]}
     assert names.isdisjoint({"torch", "peft", "accelerate", "vllm"}) and {"transformers", "gguf"} <= names
+
+
+def test_every_setting_is_documented_and_explained_in_the_set_spelling(capsys):
+    import dataclasses
+
+    from lmpipeline import cli
+    from lmpipeline.config import explain
+    from sublearn._common import field_docs
+
+    cfg = apply_overrides(preset("cpu"), ["trait.target=eagle", "filter.banned_numbers=[7, 13]"])
+    sections = [
+        cfg,
+        *(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))),
+    ]
+    assert len(sections) == 9  # the config and its eight sections
+    for section in sections:
+        docs = field_docs(type(section))
+        assert set(docs) == {f.name for f in dataclasses.fields(section)}, type(section).__name__
+        assert all(len(text) > 10 for text in docs.values()), type(section).__name__
+    lines = explain(cfg)
+    assert "filter.banned_numbers = [7, 13]  # numbers no completion may contain" in "\n".join(lines)
+    # Each line, fed back as --set KEY=VALUE, reproduces the config.
+    overrides = [line.split("  # ")[0].replace(" = ", "=", 1) for line in lines]
+    assert apply_overrides(preset("tiny"), overrides) == cfg
+    assert cli.main(["config", "--preset", "cpu", "--explain"]) == 0
+    assert capsys.readouterr().out.splitlines() == explain(preset("cpu"))

@@ -16,13 +16,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import math
-import re
 from typing import Any
 
 from sublearn._common import ConfigError  # noqa: F401  (raised here; imported from here by the package)
+from sublearn._common import field_docs as _field_docs
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 NOISE_DISTRIBUTIONS = ("uniform", "gaussian")
@@ -219,23 +218,13 @@ PAPER = MnistConfig()
 
 @functools.cache
 def field_docs() -> dict[str, str]:
-    """Each field's entry under ``Attributes:`` in :class:`MnistConfig`'s docstring, on one line.
-
-    The command-line help is read from here, so an option is documented in one place.
+    """:class:`MnistConfig`'s field documentation (:func:`sublearn._common.field_docs`),
+    which the command-line help is read from.
 
     >>> field_docs()["n_aux"]
     'auxiliary logits m appended to the ten digit logits.'
     """
-    docs: dict[str, list[str]] = {}
-    lines = inspect.cleandoc(MnistConfig.__doc__).split("Attributes:", 1)[1].splitlines()
-    for line in lines:
-        name, colon, text = line.strip().partition(": ")
-        if line.startswith("    ") and not line.startswith("        ") and colon and name.isidentifier():
-            docs[name] = [text]
-        elif line.strip() and docs:
-            docs[next(reversed(docs))].append(line.strip())
-    # Plain text for a terminal: ``literal`` and :role:`target` lose their markup.
-    return {name: re.sub(r":\w+:`([^`]*)`", r"\1", " ".join(parts)).replace("``", "") for name, parts in docs.items()}
+    return _field_docs(MnistConfig)
 
 
 def tiny(**overrides: Any) -> MnistConfig:
