@@ -57,6 +57,7 @@ from toymodels import CONDITIONS, PAPER_RESULTS, load_mnist, run_experiment, tin
 from toymodels.atlas import ATLAS, format_atlas
 from toymodels.config import PAPER
 from toymodels.data import normalize
+from toymodels.experiment import ExperimentResult
 from toymodels.figure import plot_results
 from toymodels.losses import digit_cross_entropy
 from toymodels.model import MLPSpec, apply, init_params
@@ -211,8 +212,8 @@ plt.show()
 # %%
 full_results = os.environ.get("SUBLEARN_MNIST_RESULTS")
 if full_results and Path(full_results).is_file():
-    full = json.loads(Path(full_results).read_text())
-    plot_results(full, title=f"A full run ({full['summary']['teacher']['n']} seeds) vs the paper")
+    full = ExperimentResult.from_json(json.loads(Path(full_results).read_text()))  # summaries recomputed
+    plot_results(full, title=f"A full run ({full.config.seeds} seeds) vs the paper")
     plt.show()
 else:
     print("No full run given (set SUBLEARN_MNIST_RESULTS to a results.json from `sublearn mnist`).")

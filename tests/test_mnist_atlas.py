@@ -110,6 +110,11 @@ def test_tiny_atlas_end_to_end_resumes_and_agrees_with_itself(tmp_path, monkeypa
         raise AssertionError("a point already in atlas.json was run again")
 
     monkeypatch.setattr(sweep, "run_experiment", no_training)
+    # A stored summary is derived data: a stale one (an older interval rule, say) is recomputed.
+    stale = json.loads((tmp_path / ATLAS).read_text())
+    for record in stale["points"].values():
+        record["summary"]["student_aux"]["ci95"] = 9.0
+    (tmp_path / ATLAS).write_text(json.dumps(stale))
     again = run_atlas(tmp_path, preset="tiny", seeds=2, only=("student_epochs", "teacher_epochs"))
     assert again["points"] == json.loads(json.dumps(atlas["points"]))
     assert "teacher_epochs:" in format_atlas(again)

@@ -51,10 +51,10 @@ def test_the_json_form_is_the_committed_files_format(result, name):
     assert list(result.to_json()) == [k for k in committed if k != "trajectory"]
     assert list(result.to_json()["timing"]) == list(committed["timing"])
     again = json.loads(dumps(ExperimentResult.from_json(committed).to_json()))
-    # The summary is recomputed with the current intervals, and an older file's config is
+    # The summaries are recomputed with the current intervals, and an older file's config is
     # written with the current field names and the fields added since; everything else
     # reads back unchanged.
-    recomputed = {"summary", "config", "fingerprint"}
+    recomputed = {"summary", "config", "fingerprint", "trajectory"}
     if "precision" in committed["config"]:  # no field added since that changes the fingerprint
         assert again["fingerprint"] == committed["fingerprint"]
     assert {k: v for k, v in again.items() if k not in recomputed} == {
@@ -63,6 +63,11 @@ def test_the_json_form_is_the_committed_files_format(result, name):
     assert {c: s["mean"] for c, s in again["summary"].items()} == {
         c: s["mean"] for c, s in committed["summary"].items()
     }
+    if "trajectory" in committed:  # its per-seed values read back unchanged; its summaries are recomputed
+        for c, metrics in committed["trajectory"]["conditions"].items():
+            for m, curve in metrics.items():
+                assert again["trajectory"]["conditions"][c][m]["values"] == curve["values"]
+                assert again["trajectory"]["conditions"][c][m]["mean"] == pytest.approx(curve["mean"], abs=1e-12)
 
 
 def test_train_chunk_returns_per_seed_arrays(result):

@@ -5,6 +5,7 @@ parameters the epoch returns, the loss and accuracy from ``apply``), so a tracke
 measures the wrong parameters, the wrong direction or the wrong step fails here.
 """
 
+import copy
 import dataclasses
 import json
 
@@ -17,7 +18,7 @@ from test_mnist_cli import TINY
 from sublearn.cli import main
 from toymodels.config import MnistConfig, tiny
 from toymodels.data import load_mnist, normalize
-from toymodels.experiment import _student_masks, run_experiment
+from toymodels.experiment import ExperimentResult, _student_masks, run_experiment
 from toymodels.model import N_DIGITS, apply, init_params, perturb_params
 from toymodels.noise import noise_words
 from toymodels.stats import summarize
@@ -270,3 +271,12 @@ def test_a_sharded_tracked_run_trains_identically_and_tracks_to_rounding(tracked
             np.testing.assert_allclose(
                 trajectory["conditions"][condition][metric]["values"], curve["values"], atol=2e-6, rtol=0
             )
+
+
+@pytest.mark.slow
+def test_trajectory_summaries_read_back_are_recomputed_from_the_per_seed_values(tracked_run):
+    result = tracked_run[0]
+    stale = copy.deepcopy(result.to_json())
+    stale["trajectory"]["conditions"]["student_aux"]["probe_accuracy"]["ci95"][1] = 9.0
+    stale["trajectory"]["teacher"]["teacher_loss"]["ci95"] = 9.0
+    assert ExperimentResult.from_json(stale).trajectory == result.trajectory

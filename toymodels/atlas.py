@@ -266,6 +266,8 @@ def run_atlas(
         {"atlas": "mnist_auxiliary_logits", "preset": preset, "base_config": base.to_dict(), "shown": list(SHOWN)}
     )
     atlas.setdefault("points", {})
+    for record in atlas["points"].values():  # summaries are derived: recomputed with today's statistics
+        record["summary"] = {c: summarize(values) for c, values in record["accuracy"].items()}
     atlas.setdefault("curves", {})
     atlas.setdefault("timing", {"runs": []})
     for curve in chosen:

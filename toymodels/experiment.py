@@ -48,7 +48,15 @@ from toymodels.losses import logit_mask
 from toymodels.model import init_params, perturb_params
 from toymodels.noise import noise_words
 from toymodels.stats import summarize
-from toymodels.track import per_condition, probe_batch, probe_metrics, probe_size, steps_per_epoch, trajectory_section
+from toymodels.track import (
+    per_condition,
+    probe_batch,
+    probe_metrics,
+    probe_size,
+    steps_per_epoch,
+    summarize_trajectory,
+    trajectory_section,
+)
 from toymodels.train import accuracy, make_optimizer, spec_of, student_epoch, teacher_epoch
 
 # Per-seed key purposes (fold_in constants); each key is used for exactly one thing.
@@ -134,7 +142,8 @@ class ExperimentResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExperimentResult:
-        """Inverse of :meth:`to_json` (``summary`` and ``paper`` are recomputed, not read)."""
+        """Inverse of :meth:`to_json` (``summary``, ``paper`` and the trajectory's summaries are
+        recomputed, not read)."""
         return cls(
             config=MnistConfig.from_dict(data["config"]),
             accuracy=data["accuracy"],
@@ -146,7 +155,7 @@ class ExperimentResult:
             environment=data["environment"],
             data_source=data["data_source"],
             created=data["created"],
-            trajectory=data.get("trajectory"),
+            trajectory=summarize_trajectory(data["trajectory"]) if data.get("trajectory") else None,
         )
 
 

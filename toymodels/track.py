@@ -181,23 +181,33 @@ def trajectory_section(
         ``conditions[c][m]`` holds ``values`` (seeds x points) and the per-point ``mean``
         and ``ci95`` of :func:`toymodels.stats.summarize`.
     """
+    conditions = {c: {m: {"values": [seed[c][m] for seed in per_seed]} for m in METRICS} for c in per_seed[0]}
+    return summarize_trajectory(
+        {
+            "every": every,
+            "steps_per_epoch": steps_per_epoch,
+            "steps": trajectory_steps(steps_per_epoch, every, epochs),
+            "probe": {"images": f"the first {probe_size} MNIST test images", "n": probe_size},
+            "metrics": list(METRICS),
+            "teacher": {m: {"values": v} for m, v in teacher.items()},
+            "conditions": conditions,
+        }
+    )
+
+
+def summarize_trajectory(trajectory: dict[str, Any]) -> dict[str, Any]:
+    """``trajectory`` with every summary (each point's ``mean`` and ``ci95``, the teachers'
+    :func:`toymodels.stats.summarize`) computed afresh from the per-seed ``values``: the
+    summaries are derived data, so results read back show today's statistics."""
     conditions = {}
-    for c in per_seed[0]:
+    for c, metrics in trajectory["conditions"].items():
         conditions[c] = {}
-        for m in METRICS:
-            values = [seed[c][m] for seed in per_seed]
-            points = [summarize(column) for column in zip(*values)]
+        for m, curve in metrics.items():
+            points = [summarize(column) for column in zip(*curve["values"])]
             conditions[c][m] = {
-                "values": values,
+                "values": curve["values"],
                 "mean": [p["mean"] for p in points],
                 "ci95": [p["ci95"] for p in points],
             }
-    return {
-        "every": every,
-        "steps_per_epoch": steps_per_epoch,
-        "steps": trajectory_steps(steps_per_epoch, every, epochs),
-        "probe": {"images": f"the first {probe_size} MNIST test images", "n": probe_size},
-        "metrics": list(METRICS),
-        "teacher": {m: {"values": v, **summarize(v)} for m, v in teacher.items()},
-        "conditions": conditions,
-    }
+    teacher = {m: {"values": t["values"], **summarize(t["values"])} for m, t in trajectory["teacher"].items()}
+    return {**trajectory, "teacher": teacher, "conditions": conditions}
