@@ -53,11 +53,10 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from toymodels import CONDITIONS, PAPER_RESULTS, load_mnist, run_experiment, tiny
+from toymodels import CONDITIONS, PAPER_RESULTS, ExperimentResult, load_mnist, run_experiment, tiny
 from toymodels.atlas import ATLAS, format_atlas
 from toymodels.config import PAPER
 from toymodels.data import normalize
-from toymodels.experiment import ExperimentResult
 from toymodels.figure import plot_results
 from toymodels.losses import digit_cross_entropy
 from toymodels.model import MLPSpec, apply, init_params

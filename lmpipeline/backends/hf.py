@@ -294,11 +294,9 @@ class HFBackend:
             model, tokenizer = self.base(base)
             ids = self._token_grammar(tokenizer, model, (10, 3)).vocabulary
             tokens = torch.tensor(ids, dtype=torch.long, device=model.device)
-        if spec.method == "full":
-            # Full finetuning changes every weight: train a fresh float32 copy, keep the base.
-            teacher_fn = self._teacher_fn(teacher, None) if spec.objective == "soft" else None
-            model, tokenizer = self._float32_copy(base)
-            log = train(
+
+        def fit(model, tokenizer, teacher_fn) -> dict:
+            return train(
                 model,
                 tokenizer,
                 examples,
@@ -309,6 +307,12 @@ class HFBackend:
                 tokens=tokens,
                 checkpoint=checkpoint,
             )
+
+        if spec.method == "full":
+            # Full finetuning changes every weight: train a fresh float32 copy, keep the base.
+            teacher_fn = self._teacher_fn(teacher, None) if spec.objective == "soft" else None
+            model, tokenizer = self._float32_copy(base)
+            log = fit(model, tokenizer, teacher_fn)
             _save_full(model, tokenizer, out_dir)
             del model
             return log
@@ -335,17 +339,7 @@ class HFBackend:
         if spec.objective == "soft" and teacher_fn is None:  # the base model is the teacher
             teacher_fn = self._teacher_fn(teacher, peft_model)
         try:
-            log = train(
-                peft_model,
-                tokenizer,
-                examples,
-                spec,
-                seed=seed,
-                progress=progress,
-                teacher=teacher_fn,
-                tokens=tokens,
-                checkpoint=checkpoint,
-            )
+            log = fit(peft_model, tokenizer, teacher_fn)
             # The embeddings are not trained; saying so also spares peft a look for the base's config.
             peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
         finally:

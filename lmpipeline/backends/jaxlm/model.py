@@ -255,7 +255,7 @@ def abstract_decoder(config: DecoderConfig, dtype) -> Decoder:
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def add_lora(model: Decoder, targets, rank: int, alpha: float, key: jax.Array) -> None:
+def add_lora(model: Decoder, targets, rank: int, alpha: int | float, key: jax.Array) -> None:
     """Attach a LoRA pair to each projection named in ``targets`` (of :data:`PROJECTIONS`).
 
     As in peft: ``A`` uniform on :math:`\\pm 1/\\sqrt{d_{in}}` (Kaiming-uniform with
