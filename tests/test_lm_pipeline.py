@@ -351,3 +351,41 @@ def test_a_changed_config_is_refused_naming_what_it_would_recompute(tmp_path, sc
     assert read_json(tmp_path / "config.json")["evaluate"]["n_samples"] == 2  # nothing was touched
     assert cli.main(["run", "--out", out, "--set", "evaluate.n_samples=3", "--overwrite"]) == 0
     assert read_json(tmp_path / "report.json")["counts"]["base"]["plain"]["n_samples"] == 6
+
+
+def test_the_summary_prints_no_interval_where_there_is_none(tmp_path, capsys):
+    from sublearn._common import mean_interval
+
+    report = {
+        "target": "owl",
+        "rates": {
+            "student": {
+                "plain": mean_interval([0.0, 0.0, 0.0]).to_dict(),  # every answer missed
+                "numbers": mean_interval([0.5]).to_dict(),  # one question: no spread
+                "other": mean_interval([0.1, 0.3]).to_dict(),
+            }
+        },
+        "target_probability": {},
+        "differences": {},
+        "datasets": {},
+        "total_wall_s": 1.0,
+    }
+    cli._print_summary(report, tmp_path)
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "plain: 0.0% (same on every question)" in line and "numbers: 50.0%  " in line
+    assert "[0.0, 0.0]" not in line and "other: 20.0% [" in line
+
+
+def test_python_dash_m_lmpipeline_is_the_lm_command(tmp_path):
+    import subprocess
+    import sys
+
+    ok = subprocess.run(
+        [sys.executable, "-m", "lmpipeline", "config", "--preset", "tiny"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and json.loads(ok.stdout)["preset"] == "tiny"
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmpipeline", "config", "--preset", "nope"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("sublearn lm config: error: argument --preset: invalid choice: 'nope'")

@@ -124,8 +124,3 @@ class Checkpoints:
         for old in self._saved():
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-
-    def clear(self) -> None:
-        """Remove the checkpoints (the run finished and its result is saved)."""
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
