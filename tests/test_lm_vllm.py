@@ -112,7 +112,7 @@ class FakeTorchBackend:
         self.events.append(("torch.score", len(conversations)))
         return [-1.0] * len(conversations)
 
-    def finetune(self, base, examples, spec, out_dir, *, seed, progress=None):
+    def finetune(self, base, examples, spec, out_dir, *, seed, progress=None, teacher=None, checkpoint=None):
         self.events.append(("torch.finetune", len(examples)))
         Path(out_dir).mkdir()
         return {"loss": [1.0], "steps": 1}
