@@ -199,7 +199,7 @@ class HFBackend:
 
             self._detach()
             with _quiet_peft():
-                self._attached = (ref.adapter, PeftModel.from_pretrained(model, ref.adapter).eval())
+                self._attached = (ref.adapter, _unfreeze(PeftModel.from_pretrained(model, ref.adapter).eval()))
         return self._attached[1], tokenizer
 
     def _token_grammar(self, tokenizer, model, limits: tuple[int, int]) -> TokenGrammar:
@@ -344,6 +344,7 @@ class HFBackend:
             peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
         finally:
             peft_model.unload()
+            _unfreeze(model)
             model.eval()
         return log
 
@@ -387,6 +388,19 @@ def _quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+def _unfreeze(model):
+    """``model`` with every parameter's ``requires_grad`` on, as models load; returns it.
+
+    peft freezes the base weights when it wraps a model, and unloading leaves them frozen.
+    Decoding runs under ``no_grad`` either way, but torch's CPU bfloat16 decoding with frozen
+    weights measured 3.4x slower: 100 two-token SmolLM2 samples took 24.3 s with a frozen
+    adapter model and 7.2 s unfrozen (20.3 s against 6.6 s for the bare base model).
+    """
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def _save_full(model, tokenizer, out_dir: Path) -> None:
