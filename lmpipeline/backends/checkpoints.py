@@ -111,6 +111,18 @@ class Checkpoints:
                 return TrainState(meta["step"], meta["tokens_seen"], meta["log"], meta["wall_s"])
         return None
 
+    def resume(
+        self, load: Callable[[Path], None], *, objective: str, total: int, progress: Callable | None = None
+    ) -> TrainState:
+        """The state a run starts from: the newest matching checkpoint (see :meth:`restore`;
+        its step is reported to ``progress(done, total, tokens)``), else step 0 with an empty log."""
+        state = self.restore(load)
+        if state is None:
+            return TrainState(0, 0, {"objective": objective, "loss": [], "lr": [], "grad_norm": []}, 0.0)
+        if progress is not None:
+            progress(state.step, total, 0)
+        return state
+
     def save(self, state: TrainState, *, total: int, write: Callable[[Path], None]) -> None:
         """After step ``state.step`` of ``total``: on every ``every``-th step before the last,
         have ``write(folder)`` write the backend's state and record ``state`` beside it."""

@@ -203,11 +203,8 @@ def train(
     # Dropout masks follow the seed, and a resumed run continues the saved stream.
     with torch.random.fork_rng(devices=cuda_devices(device)):
         torch.manual_seed(seed)
-        resumed = saver.restore(load)
-        state = resumed or TrainState(0, 0, {"objective": spec.objective, "loss": [], "lr": [], "grad_norm": []}, 0.0)
+        state = saver.resume(load, objective=spec.objective, total=len(steps), progress=progress)
         log, tokens_seen = state.log, state.tokens_seen
-        if progress is not None and resumed:
-            progress(resumed.step, len(steps), tokens_seen)
         start = time.perf_counter()
         model.train()
         pad = tokenizer.pad_token_id
@@ -250,11 +247,11 @@ def train(
                 total=len(steps),
                 write=save,
             )
-            if progress is not None:
-                progress(step + 1, len(steps), tokens_seen)
+            if progress is not None:  # tokens since this process started, as progress counts them
+                progress(step + 1, len(steps), tokens_seen - state.tokens_seen)
     model.eval()
     wall = state.wall_s + time.perf_counter() - start
     log.update(training_summary(spec, encoded, n_label, tokens_seen, sum(p.numel() for p in params), wall))
-    if resumed:
-        log["resumed_at_step"] = resumed.step
+    if state.step:
+        log["resumed_at_step"] = state.step
     return log

@@ -190,11 +190,8 @@ def train(
             arrays = [saved[f"arr_{i}"] for i in range(len(leaves))]
         params, opt_state = place(jax.tree.unflatten(treedef, arrays))
 
-    resumed = saver.restore(load)
-    state = resumed or TrainState(0, 0, {"objective": spec.objective, "loss": [], "lr": [], "grad_norm": []}, 0.0)
+    state = saver.resume(load, objective=spec.objective, total=len(steps), progress=progress)
     log, tokens_seen = state.log, state.tokens_seen
-    if progress is not None and resumed:
-        progress(resumed.step, len(steps), tokens_seen)
     teacher_graphdef, teacher_state = nnx.split(teacher) if soft else (None, None)
     token_array = jnp.asarray(sorted(token_set), jnp.int32) if token_set is not None else None
     compute_dtype = jnp.bfloat16 if spec.compute_dtype == "bfloat16" else jnp.float32
@@ -227,13 +224,13 @@ def train(
         log["grad_norm"].append(float(grad_norm))
         wall = state.wall_s + time.perf_counter() - start
         saver.save(TrainState(step + 1, tokens_seen, log, wall), total=len(steps), write=save)
-        if progress is not None:
-            progress(step + 1, len(steps), tokens_seen)
+        if progress is not None:  # tokens since this process started, as progress counts them
+            progress(step + 1, len(steps), tokens_seen - state.tokens_seen)
     before = nnx.split(model, trainable, ...)[1]
     nnx.update(model, jax.tree.map(lambda new, old: new.astype(old.dtype), params, before))
     trainable_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     wall = state.wall_s + time.perf_counter() - start
     log.update(training_summary(spec, encoded, n_label, tokens_seen, trainable_count, wall))
-    if resumed:
-        log["resumed_at_step"] = resumed.step
+    if state.step:
+        log["resumed_at_step"] = state.step
     return log
