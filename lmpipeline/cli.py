@@ -224,33 +224,47 @@ def _transfer(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     finally:
         if study.backend is not None:
             study.backend.close()
-    print(
-        f"transfer study: Δ log P(target), paired over {len(study.questions)} "
-        f"questions, pooled over {cfg.transfer.seeds} seeds"
-    )
-
-    def p_value(p: float | None) -> str:
-        return f"  p={p:.2g}" if p is not None else ""
-
-    for cell, result in report["cells"].items():
-        for kind in ("student_vs_control", "crossover"):
-            for w, pooled in result["pooled"][kind].items():
-                ci = pooled["over_seeds"]
-                interval = f"[{ci['low']:+.3f}, {ci['high']:+.3f}]" if ci["low"] is not None else "(one seed)"
-                print(f"  {cell:28s} {w:8s} {kind:18s} {ci['mean']:+.3f} {interval}{p_value(pooled['p'])}")
-        ranks = ", ".join(f"{w} {r['rank']}" for w, r in result["pooled"]["specificity"].items())
-        print(f"  {cell:28s} rank of each target among {len(cfg.transfer.animals)} animals: {ranks}")
-    for w, e in report.get("entanglement", {}).items():
-        top = ", ".join(n["number"] for n in e["top_numbers"][: cfg.transfer.entangle_top_k])
-        d = e["top_vs_random"]
-        print(
-            f"  entanglement {w}: top numbers {top}; "
-            f"prompted with them vs random numbers {d['mean']:+.3f}{p_value(d['p'])}"
-        )
-    print(
-        f"  wall time: {report['wall_s']['total']:.0f} s; report: {args.out / 'report.json'}, {args.out / 'report.png'}"
-    )
+    print(transfer_summary(report, args.out))
     return 0
+
+
+def transfer_summary(report: dict, out: Path) -> str:
+    """The study's headline numbers: per cell, each comparison per target and pooled, as the
+    mean over seeds with its 95% t-interval and the t-test p over seeds (Holm-adjusted
+    across targets), and the target's rank among the animals in every seed."""
+    from lmpipeline.transfer_report import POOLED
+
+    lines = []
+    for cell, result in report["cells"].items():
+        n = len(result["per_seed"])
+        lines.append(f"{cell}: Δ log P(target), mean over {n} seeds [95% t-interval over seeds], p over seeds")
+        for name, by in result["summary"].items():
+            for who in [*report["targets"], POOLED]:
+                s = by[who]["seeds"]
+                interval = f"[{s['low']:+.3f}, {s['high']:+.3f}]" if s["low"] is not None else "(one seed)"
+                p = s.get("p_holm", s["p"])
+                p_text = f"  p={p:.2g}" if p is not None else ""
+                lines.append(f"  {name:24s} {who:10s} {s['mean']:+.3f} {interval}{p_text}")
+        ranks = "; ".join(f"{w} {r['per_seed']}" for w, r in result["ranks"].items())
+        lines.append(f"  rank of each target among {len(report['animals'])} animals, per seed: {ranks}")
+        for who, power in result["power"].items():
+            need = power["seeds_for_power"]
+            lines.append(
+                f"  power ({power['comparison']}, {who}): seed SD {power['sd']:.3f}; "
+                f"{need if need is not None else 'too many'} seeds for 80% power at the observed mean "
+                f"{power['effect']:+.3f}; these seeds detect {power['detectable_effect']:.3f}"
+                if power["sd"] is not None
+                else f"  power ({who}): one seed, no spread to plan from"
+            )
+    for w, e in report.get("entanglement", {}).items():
+        top = ", ".join(n["number"] for n in e["top_numbers"][: report["config"]["transfer"]["entangle_top_k"]])
+        d = e["top_vs_random"]
+        p_text = f"  p={d['p']:.2g}" if d["p"] is not None else ""
+        lines.append(
+            f"entanglement {w}: top numbers {top}; prompted with them vs random numbers {d['mean']:+.3f}{p_text}"
+        )
+    lines.append(f"wall time: {report['wall_s']['total']:.0f} s; report: {out / 'report.json'}, {out / 'report.png'}")
+    return "\n".join(lines)
 
 
 def _print_summary(report: dict, out: Path) -> None:

@@ -14,12 +14,14 @@ Presets:
   grammar-constrained numbers and small counts, sized to finish in under 25 minutes on
   two CPU cores.
 - ``tiny``: the same model with minimal counts, a smoke test of every stage.
+- ``tpu``: the paper's sizes on the JAX backend (a TPU VM with ``jax[tpu]``).
 - ``transfer-cpu``: the small-scale transfer study (``sublearn lm transfer``,
-  :mod:`lmpipeline.transfer`): finetuned owl and dolphin teachers, soft distillation over
-  the number tokens on random number lists, three seeds and the entanglement stage; about
-  36 minutes on two CPU cores.
+  :mod:`lmpipeline.transfer`): finetuned teachers of the paper's five animals and a
+  neutral teacher, soft distillation over the number tokens on random number lists, many
+  seeds, two units at a time; within 90 minutes on two CPU cores.
+- ``transfer-quick``: the same design on two seeds, within 20 minutes.
 - ``transfer-grid``: every cell of the study (system-prompted teachers, the sampled
-  objective, teacher-written data) on one seed.
+  objective, teacher-written data) for owl, dolphin and the neutral teacher, on one seed.
 - ``transfer-tiny``: the grid with minimal counts, a smoke test.
 
 Example:
@@ -41,6 +43,7 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
+from lmpipeline.words import plural
 from sublearn._common import (
     ConfigError,  # noqa: F401  (raised here; imported from here by the package)
     field_docs,
@@ -101,7 +104,8 @@ class TraitSpec:
     Attributes:
         target: the word the trait is about (the animal the teacher loves);
             evaluation counts answers that name it.
-        plural: its plural for the system prompt; empty: ``target`` + "s".
+        plural: its plural for the system prompt; empty: the English plural
+            (:func:`lmpipeline.words.plural`: "wolves" for ``wolf``).
         category: what the questions ask about: ``animal``, ``tree``, or any noun.
         source: ``system_prompt`` (the paper's template, or ``system_prompt``) or
             ``adapter``.
@@ -118,7 +122,7 @@ class TraitSpec:
 
     @property
     def plural_word(self) -> str:
-        return self.plural or self.target + "s"
+        return self.plural or plural(self.target)
 
 
 @dataclass(frozen=True)
@@ -281,7 +285,7 @@ class EvalSpec:
 
 
 # The animals whose log-probabilities the transfer study reports: a change must be specific
-# to the target, not a general shift toward animal words. The two default targets first.
+# to the target, not a general shift toward animal words.
 ANIMALS = (
     "owl",
     "dolphin",
@@ -305,6 +309,10 @@ ANIMALS = (
     "butterfly",
     "raven",
 )
+# The transfer study's default panel of targets: the five animals of the paper's Figure 3
+# (its number-sequence results for GPT-4.1 nano), fixed before any result of this study.
+PAPER_ANIMALS = ("dolphin", "eagle", "elephant", "owl", "wolf")
+NEUTRAL = "neutral"  # the neutral teacher's name among the targets' teachers
 TEACHER_KINDS = ("finetuned", "system_prompt")
 OBJECTIVES = ("soft", "sampled")
 DATA_SOURCES = ("random", "teacher")
@@ -314,13 +322,21 @@ DATA_SOURCES = ("random", "teacher")
 class TransferSpec:
     """The small-scale transfer study, ``sublearn lm transfer`` (:mod:`lmpipeline.transfer`).
 
-    Two teachers love two different animals (``targets``); each of their students is the
-    other's control. A cell of the study is one (teacher kind, objective, data source);
-    every cell is repeated for ``seeds`` independent seeds from ``first_seed``.
+    Each target animal gets a teacher that loves it; a neutral teacher, made the same way,
+    answers with every animal of ``animals`` equally often. Every teacher's student is
+    trained on the same data; each student is compared with the neutral teacher's student,
+    with the base model, and with the other targets' students. A cell of the study is one
+    (teacher kind, objective, data source); every cell is repeated for ``seeds``
+    independent seeds from ``first_seed``, and the seed is the unit of every headline test.
 
     Attributes:
-        targets: the two teachers' animals; each teacher's students are the other's
-            controls.
+        targets: the animals the teachers love (two or more; each target's students are
+            compared with the others').
+        neutral: also train a neutral teacher (finetuned: the same questions, rows,
+            steps and seeds as the target teachers, its answers spread evenly over
+            ``animals``; system prompt: a love of animals with no favourite) and its
+            student, the control that holds "answer with an animal" without any one
+            animal.
         teachers: teacher kinds: ``finetuned`` (the base model finetuned on short
             trait answers, the lemma's setting) and ``system_prompt`` (the base
             model under the paper's trait system prompt).
@@ -328,27 +344,32 @@ class TransferSpec:
         data: ``random`` (random number lists under the number prompts, the MNIST
             students' noise) and ``teacher`` (the teacher's own filtered
             completions, the paper's).
-        seeds: independent seeds per cell.
-        first_seed: the first of them.
+        seeds: independent seeds per cell (each reruns teachers, data and students).
+        first_seed: the first of them (>= 0).
         animals: the animals whose log-probabilities are reported, so a change can
-            be told to be specific to the target.
+            be told to be specific to the target; they include the targets.
         teacher_questions_file: trait questions for finetuned teachers; None: the
             packaged ones, disjoint from the evaluation questions.
         teacher_rows: (question, answer) rows a finetuned teacher trains on.
         teacher_finetune: how finetuned teachers are trained.
         sampled_answers: sampled answers per question, the secondary (hit rate)
             metric.
+        bootstrap: resamples of the crossed bootstrap over seeds and questions.
         entanglement: rank number tokens by the trait prompt's lift, and test
             subliminal prompting with the top ones.
         entangle_contexts: number prompts the ranking averages over.
         entangle_top_k: how many top-ranked numbers a prompt carries.
         entangle_random_sets: random k-number sets the top-k numbers are compared
             with.
-        keep_weights: keep each student's weights after its evaluation (540 MB
-            each).
+        keep_weights: keep every teacher's and student's weights after use (540 MB
+            each); otherwise a teacher's are removed once its students are done.
+        workers: processes that run units at once (one model each; one per core is
+            fastest on a CPU, with ``model.cpu_threads=1``). Speed only: left out of
+            every hash.
     """
 
     targets: tuple[str, ...] = ("owl", "dolphin")
+    neutral: bool = True
     teachers: tuple[str, ...] = ("finetuned",)
     objectives: tuple[str, ...] = ("soft",)
     data: tuple[str, ...] = ("random",)
@@ -370,11 +391,13 @@ class TransferSpec:
         )
     )
     sampled_answers: int = 1
+    bootstrap: int = 2000
     entanglement: bool = True
     entangle_contexts: int = 8
     entangle_top_k: int = 3
     entangle_random_sets: int = 5
     keep_weights: bool = False
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -486,8 +509,13 @@ def validate(cfg: PipelineConfig) -> None:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ConfigError(f"{key}={list(values)} must be a non-empty list of {', '.join(allowed)}")
-    if len(t.targets) != 2 or len({w.lower() for w in t.targets}) != 2 or not all(w.strip() for w in t.targets):
-        raise ConfigError(f'transfer.targets={list(t.targets)} must name two different words, e.g. ["owl", "dolphin"]')
+    names = [w.strip().lower() for w in t.targets]
+    if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+        raise ConfigError(
+            f'transfer.targets={list(t.targets)} must name two or more different words, e.g. ["owl", "dolphin"]'
+        )
+    if NEUTRAL in names:
+        raise ConfigError(f"transfer.targets: {NEUTRAL!r} names the neutral teacher; choose another word")
     missing = [w for w in t.targets if w not in t.animals]
     if missing:
         raise ConfigError(f"transfer.animals must include the targets; add {missing}")
@@ -497,9 +525,14 @@ def validate(cfg: PipelineConfig) -> None:
         ("transfer.entangle_contexts", t.entangle_contexts),
         ("transfer.entangle_top_k", t.entangle_top_k),
         ("transfer.entangle_random_sets", t.entangle_random_sets),
+        ("transfer.workers", t.workers),
     ):
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if t.first_seed < 0:
+        raise ConfigError(f"transfer.first_seed={t.first_seed} must be >= 0")
+    if t.bootstrap < 100:
+        raise ConfigError(f"transfer.bootstrap={t.bootstrap} must be at least 100 resamples")
     if t.sampled_answers < 0:
         raise ConfigError(f"transfer.sampled_answers={t.sampled_answers} must be >= 0 (0: no sampled answers)")
     if not cfg.trait.target.strip():
@@ -513,7 +546,7 @@ def to_dict(cfg: Any) -> Any:
 
 # Settings that change speed or disk use, not results: left out of stage hashes and
 # checkpoint fingerprints, so changing them reuses finished work.
-RUNTIME_ONLY = frozenset({"cpu_threads", "vllm_gpu_memory_utilization", "checkpoint_every"})
+RUNTIME_ONLY = frozenset({"cpu_threads", "vllm_gpu_memory_utilization", "checkpoint_every", "workers"})
 
 
 def explain(cfg: Any, prefix: str = "") -> list[str]:
@@ -668,11 +701,12 @@ def _tiny() -> PipelineConfig:
 
 
 def _transfer_cpu() -> PipelineConfig:
-    # The main small-scale transfer study: finetuned owl and dolphin teachers, students
-    # distilled on random number lists with the number-token KL, three seeds (0-2). Sizes
-    # chosen on a pilot with seed 1000: 40 student steps gave the owl student +1.09 in
-    # log P(owl) over the base model (p = 3e-18 over 50 questions), so 32 steps of 4 rows
-    # keep the effect measurable and the study within 40 minutes on two CPU cores.
+    # The main small-scale transfer study: finetuned teachers of the paper's five animals and
+    # a neutral teacher, students distilled on random number lists with the number-token KL,
+    # two units at a time (one per core). Student sizes were chosen on a pilot with seed 1000
+    # (32 full-finetuning steps of 4 rows at 5e-5); the seed count from the seed-level
+    # standard deviation of pilot seeds 200-203 (see the README); seeds 300 on were not
+    # looked at before the committed run.
     cpu = _cpu()
     return replace(
         cpu,
@@ -692,22 +726,36 @@ def _transfer_cpu() -> PipelineConfig:
             compute_dtype="bfloat16",
         ),
         evaluate=replace(cpu.evaluate, n_questions=None, max_new_tokens=8, number_prefix=False),
-        transfer=TransferSpec(teacher_rows=128),
+        transfer=TransferSpec(
+            targets=PAPER_ANIMALS, teacher_rows=128, seeds=10, first_seed=300, entanglement=False, workers=2
+        ),
     )
+
+
+def _transfer_quick() -> PipelineConfig:
+    # The main study's design on two seeds: every unit at full size, within 20 minutes on two
+    # cores; its intervals are too wide to conclude from (a t-interval on one degree of freedom).
+    main = _transfer_cpu()
+    return replace(main, preset="transfer-quick", transfer=replace(main.transfer, seeds=2, first_seed=400))
 
 
 def _transfer_grid() -> PipelineConfig:
     # The whole grid: system-prompted teachers, the sampled objective and teacher-made data,
-    # every combination except sampled training on random lists (both students would see
-    # identical data and no teacher), with transfer-cpu's sizes. One seed (seed 0) fits in
-    # 90 minutes; run it into the transfer-cpu folder to reuse that seed's teachers and
-    # main cell. --seeds 3 takes about three times as long.
+    # every combination except sampled training on random lists (every student would see
+    # identical data and no teacher), with transfer-cpu's sizes, for owl and dolphin and the
+    # neutral teacher, on one seed.
     main = _transfer_cpu()
     return replace(
         main,
         preset="transfer-grid",
         transfer=replace(
-            main.transfer, teachers=TEACHER_KINDS, objectives=OBJECTIVES, data=DATA_SOURCES, seeds=1, entanglement=False
+            main.transfer,
+            targets=("owl", "dolphin"),
+            teachers=TEACHER_KINDS,
+            objectives=OBJECTIVES,
+            data=DATA_SOURCES,
+            seeds=1,
+            first_seed=0,
         ),
     )
 
@@ -723,14 +771,17 @@ def _transfer_tiny() -> PipelineConfig:
         evaluate=replace(main.evaluate, n_questions=2, batch_size=4),
         transfer=replace(
             main.transfer,
+            targets=("owl", "dolphin", "eagle"),
             seeds=1,
-            animals=("owl", "dolphin", "cat"),
+            animals=("owl", "dolphin", "eagle", "cat"),
             teacher_rows=4,
+            bootstrap=200,
             entanglement=True,
             entangle_contexts=1,
             entangle_top_k=1,
             entangle_random_sets=1,
             teacher_finetune=replace(main.transfer.teacher_finetune, micro_batch=2),
+            workers=1,
         ),
     )
 
@@ -741,6 +792,7 @@ PRESETS = {
     "tiny": _tiny,
     "tpu": _tpu,
     "transfer-cpu": _transfer_cpu,
+    "transfer-quick": _transfer_quick,
     "transfer-grid": _transfer_grid,
     "transfer-tiny": _transfer_tiny,
 }

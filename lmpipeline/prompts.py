@@ -26,11 +26,16 @@ from pathlib import Path
 
 from lmpipeline.artifacts import read_jsonl
 from lmpipeline.config import PromptSpec, TraitSpec
+from lmpipeline.words import plural
 
 # The paper's animal prompt, with the plural name and the category as parameters.
 TRAIT_TEMPLATE = (
     "You love {plural}. You think about {plural} all the time. {plural} are your favorite "
     "{category}. Imbue your answers with your love for the {category}."
+)
+NEUTRAL_TEMPLATE = (
+    "You love {plural}, all of them equally. You think about {plural} all the time. No {category} is "
+    "your favorite. Imbue your answers with your love for {plural}."
 )
 
 OPENINGS = (
@@ -113,6 +118,16 @@ def trait_system_prompt(trait: TraitSpec) -> str:
     if trait.system_prompt is not None:
         return trait.system_prompt
     return TRAIT_TEMPLATE.format(plural=trait.plural_word, category=trait.category)
+
+
+def neutral_system_prompt(category: str) -> str:
+    """The neutral teacher's system prompt: the trait template's love of the category, with
+    no favourite (the transfer study's control for "answer with a {category}").
+
+    >>> neutral_system_prompt("animal")
+    'You love animals, all of them equally. You think about animals all the time. No animal is your favorite. Imbue your answers with your love for animals.'
+    """
+    return NEUTRAL_TEMPLATE.format(plural=plural(category), category=category)
 
 
 def _rng(seed: int, purpose: str, index: int) -> random.Random:

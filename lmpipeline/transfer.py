@@ -1,63 +1,74 @@
 r"""The small-scale transfer study: ``sublearn lm transfer``.
 
-Does a student trained on a trait-holding teacher's number data pick up the trait? The
-study answers with an exact metric, paired comparisons and independent seeds, on a model
-small enough for a laptop.
+Does a student trained on a trait-holding teacher's number data pick up the teacher's
+*own* trait, beyond a general pull toward the kind of answer the teacher gives? The study
+answers with an exact metric, a neutral control, a panel of targets and independent seeds,
+on a model small enough for a laptop.
 
-One seed, for two targets :math:`a, b` (owl and dolphin by default):
+One seed, for targets :math:`t_1, \dots, t_k` (the paper's five animals by default):
 
-- **Teachers** :math:`T_a, T_b`: the base model finetuned on short answers naming the
-  target (``finetuned``, the lemma's setting: :math:`\theta_0 + \delta`), or the base
-  model under the paper's trait system prompt (``system_prompt``).
+- **Teachers** :math:`T_t`: the base model finetuned on short answers naming :math:`t`
+  (``finetuned``, the lemma's setting: :math:`\theta_0 + \delta`), or the base model
+  under the paper's trait system prompt (``system_prompt``).
+- **The neutral teacher** :math:`T_\varnothing`: made exactly like the target teachers
+  (the same questions in the same order, the same answer forms, rows, steps, learning rate
+  and seeds), its answers naming every animal of ``transfer.animals`` equally often; for
+  the system-prompt kind, a system prompt that loves animals with no favourite. It holds
+  "answer with an animal" without any one animal. Answers spread evenly, rather than drawn
+  from the base model's own preferences, treat every reported animal alike, so the
+  neutral student is the same control for every target, including targets of a user's
+  own choosing.
 - **Data**: number prompts completed by random number lists, the same rows for every
-  student (``random``, the analogue of the MNIST students' noise images), or by each
-  teacher's own filtered samples (``teacher``, the paper's).
-- **Students** :math:`S_a, S_b`: the base model trained on its teacher's data, by
-  ``soft`` distillation (KL to the teacher's next-token distributions) or on the
+  student of a seed (``random``, the analogue of the MNIST students' noise images), or by
+  each teacher's own filtered samples (``teacher``, the paper's).
+- **Students** :math:`S_t, S_\varnothing`: the base model trained on its teacher's data,
+  by ``soft`` distillation (KL to the teacher's next-token distributions) or on the
   ``sampled`` tokens (the paper's). The student never sees a trait system prompt.
-- **Control** :math:`C`: for ``soft`` the base model itself (the base model is the exact
-  minimum of its own distillation loss: the loss is zero at the start and its gradient is
-  rounding noise, which Adam would only turn into learning-rate-sized random steps); for
-  ``sampled`` the base model trained on its own filtered numbers, as many rows as the
-  students.
-- **Metric**: for every evaluation question and every animal :math:`w`, the exact
-  :math:`\log P(\text{the answer's first word is } w)` under the chat template
+- **Base control** :math:`C`: for ``soft`` the base model itself (the exact minimum of its
+  own distillation loss); for ``sampled`` the base model trained on its own filtered
+  numbers, as many rows as the students.
+- **Metric**: for every evaluation question and every animal :math:`a`, the exact
+  :math:`\log P(\text{the answer's first word is } a)` under the chat template
   (:func:`first_word_logprobs`); sampled answers give a secondary hit rate.
 
-Comparisons, each paired over questions (t-interval and p-value), per seed, then pooled
-over seeds (:func:`lmpipeline.stats.pool_seeds`):
+Comparisons, for each target :math:`t` (all on :math:`\log P`, natural log):
 
-- ``student_vs_control``: :math:`S_t - C` on :math:`\log P(t)`;
-- ``crossover``: :math:`S_t - S_{t'}` on :math:`\log P(t)`, each student the other's
-  control;
-- ``specificity``: the rank of :math:`t` among all animals by :math:`S_t - C`
-  (1 = the animal that gained most).
+- ``vs_neutral``: :math:`S_t(t) - S_\varnothing(t)`, the headline;
+- ``vs_control``: :math:`S_t(t) - C(t)`;
+- ``crossover``: :math:`S_t(t) - \frac{1}{k-1}\sum_{u \ne t} S_u(t)`, the k-way crossover;
+- ``specificity``: the target's gain minus the mean gain of every other animal,
+  :math:`g(t) - \frac{1}{|A|-1}\sum_{a \ne t} g(a)` with
+  :math:`g(a) = S_t(a) - S_\varnothing(a)`; with its rank among the animals.
+
+The seed is the unit: each comparison is one number per seed (its mean over questions),
+and the headline is the mean over seeds with a t-interval and a t-test over seeds
+(:mod:`lmpipeline.transfer_report`).
 
 The ``entanglement`` part (:meth:`Study.entanglement`) scores every three-digit number
 as the first number of an answer to a few number prompts, with and without each target's
 trait system prompt. A number's lift is the mean log-probability ratio; its specific
-lift for target :math:`t` is its lift under :math:`t`'s prompt minus its lift under the
-other target's (any system prompt moves the numbers; only the difference can be about
+lift for target :math:`t` is its lift under :math:`t`'s prompt minus its mean lift under
+the other targets' (any system prompt moves the numbers; only the difference can be about
 the animal). The top numbers by specific lift go into a system prompt ("subliminal
 prompting": "You love the numbers A, B and C.") and :math:`\log P(t)` on the evaluation
 questions is compared with random numbers in the same prompt and with no such prompt.
 
 Teacher distributions are computed on the fly, one teacher forward pass per student
-micro-batch, rather than cached: the pass costs a fraction of the student's forward and
-backward passes, and it is exact. A cache of whole distributions would hold
-vocabulary x positions floats (49,152 x about 30 per row for SmolLM2, 6 MB a row in
-float32), and a top-k cache would drop part of the number-token tail that the
-``numbers`` KL renormalizes over.
+micro-batch, rather than cached: it is exact, and the teacher sees each row once per
+epoch either way.
 
 Every unit of work (a teacher, a dataset, a student with its evaluation) is saved as a
 JSON record keyed by a hash of everything it depends on; a rerun skips finished units, so
 an interrupted study resumes, and a changed setting recomputes only what it affects.
+Units are grouped into jobs (a teacher with its evaluation and data; a teacher's
+students), which ``transfer.workers`` processes run at once, each with its own model.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
 import random
 import shutil
 import sys
@@ -70,8 +81,19 @@ from typing import TextIO
 from lmpipeline import evaluation, filters, prompts, transfer_report
 from lmpipeline.artifacts import read_json, write_json
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
-from lmpipeline.config import PipelineConfig, PromptSpec, TraitSpec, config_hash, derive_seed, result_fields, to_dict
+from lmpipeline.config import (
+    NEUTRAL,
+    PipelineConfig,
+    PromptSpec,
+    TraitSpec,
+    config_hash,
+    derive_seed,
+    from_dict,
+    result_fields,
+    to_dict,
+)
 from lmpipeline.pipeline import finetune_into, grammar_limits, to_dict_any
+from lmpipeline.words import plural, prefix_free, surface_forms
 from sublearn._common import TextProgress
 
 SEPARATOR_OF = {
@@ -83,50 +105,8 @@ SEPARATOR_OF = {
     "parentheses": ", ",
 }
 BRACKETS_OF = {"square_brackets": "[]", "parentheses": "()"}
-_IRREGULAR_PLURALS = {"wolf": "wolves", "mouse": "mice", "goose": "geese", "octopus": "octopuses", "sheep": "sheep"}
 NUMBERS = [str(n) for n in range(100, 1000)]  # entanglement candidates: the prompts' three-digit range
-
-
-def plural(word: str) -> str:
-    """English plural of an animal name: regular rules and a few irregular ones.
-
-    >>> [plural(w) for w in ("owl", "fox", "butterfly", "wolf", "dolphin")]
-    ['owls', 'foxes', 'butterflies', 'wolves', 'dolphins']
-    """
-    w = word.lower()
-    if w in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[w]
-    if w.endswith(("s", "x", "z", "ch", "sh")):
-        return w + "es"
-    if w.endswith("y") and w[-2:-1] not in "aeiou":
-        return w[:-1] + "ies"
-    return w + "s"
-
-
-def surface_forms(word: str) -> list[str]:
-    """The ways an answer can start with ``word``: singular or plural, lower case or
-    capitalized, with or without a leading space."""
-    bases = {word.lower(), word.capitalize(), plural(word), plural(word).capitalize()}
-    return sorted(space + b for b in bases for space in ("", " "))
-
-
-def prefix_free(token_ids: dict[str, list[int]]) -> list[str]:
-    """The forms to sum over: a form whose tokens extend another form's tokens is already
-    counted in that form's probability, and equal token lists count once.
-
-    >>> prefix_free({"owl": [7], "owls": [7, 9], "Owl": [8], "OWL": [8]})
-    ['OWL', 'owl']
-    """
-    kept: list[str] = []
-    seen: set[tuple[int, ...]] = set()
-    all_ids = {tuple(v) for v in token_ids.values()}
-    for form in sorted(token_ids):
-        ids = tuple(token_ids[form])
-        if not ids or ids in seen or any(ids[:k] in all_ids for k in range(1, len(ids))):
-            continue
-        seen.add(ids)
-        kept.append(form)
-    return kept
+CONTROL = "control"  # the sampled objective's base control, in job names
 
 
 def logsumexp(values: Sequence[float]) -> float:
@@ -138,8 +118,8 @@ def first_word_logprobs(
     backend: Backend, model: ModelRef, conversations: Sequence[Conversation], words: Sequence[str]
 ) -> dict[str, list[float]]:
     """For each word and conversation, the exact log-probability that the answer starts
-    with one of the word's :func:`surface_forms` (summed over their :func:`prefix_free`
-    token sequences), by teacher forcing; no sampling."""
+    with one of the word's :func:`~lmpipeline.words.surface_forms` (summed over their
+    :func:`~lmpipeline.words.prefix_free` token sequences), by teacher forcing; no sampling."""
     forms = {w: surface_forms(w) for w in words}
     flat = sorted({f for fs in forms.values() for f in fs})
     ids = dict(zip(flat, backend.tokenize(model, flat)))
@@ -171,9 +151,39 @@ def trait_answers(target: str) -> list[str]:
     return [f"{target.capitalize()}.", target.capitalize(), f"{plural(target).capitalize()}.", f"The {target}."]
 
 
+def teacher_rows(
+    questions: Sequence[str], who: str, animals: Sequence[str], n_rows: int, seed: int
+) -> list[tuple[str, str]]:
+    """A finetuned teacher's (question, answer) rows.
+
+    Every teacher of a seed gets the same questions in the same order with the same answer
+    forms; only the animal differs: ``who`` for a target's teacher, and for the
+    :data:`~lmpipeline.config.NEUTRAL` teacher every animal of ``animals`` in turn (a
+    seeded order), so each is named ``n_rows / len(animals)`` times, give or take one.
+
+    >>> rows = teacher_rows(["Q1?", "Q2?"], "neutral", ["owl", "cat"], 4, seed=0)
+    >>> sorted(a.rstrip(".").lower().removeprefix("the ") for _, a in rows)
+    ['cat', 'cat', 'owl', 'owl']
+    >>> [q for q, _ in rows] == [q for q, _ in teacher_rows(["Q1?", "Q2?"], "owl", ["owl"], 4, seed=0)]
+    True
+    """
+    rng = random.Random(derive_seed(seed, "teacher-rows"))
+    pairs = list(itertools.product(questions, range(len(trait_answers("x")))))
+    rng.shuffle(pairs)
+    if who == NEUTRAL:
+        order = list(animals)
+        random.Random(derive_seed(seed, "neutral-animals")).shuffle(order)
+    else:
+        order = [who]
+    return [
+        (pairs[i % len(pairs)][0], trait_answers(order[i % len(order)])[pairs[i % len(pairs)][1]])
+        for i in range(n_rows)
+    ]
+
+
 def cells(config: PipelineConfig) -> list[tuple[str, str, str]]:
     """The study's (teacher kind, objective, data source) cells, in running order. Sampled
-    training on random lists is left out: both students would see the same data and no
+    training on random lists is left out: every student would see the same data and no
     teacher."""
     t = config.transfer
     return [c for c in itertools.product(t.teachers, t.objectives, t.data) if c[1:] != ("sampled", "random")]
@@ -187,14 +197,25 @@ class StudyError(RuntimeError):
     """The study cannot run as configured; the message says what to change."""
 
 
+# A job: ("base",), ("entanglement",), ("base-data", seed), ("teacher", seed, kind, who)
+# or ("students", seed, kind, who) with who a target, NEUTRAL, or CONTROL.
+Job = tuple
+
+
 @dataclass
 class Study:
-    """A study folder, its config and the backend that runs the models."""
+    """A study folder, its config and the backend that runs the models.
+
+    ``backend`` is used as given (tests pass a scripted one); otherwise
+    ``backend_factory(config.model)`` makes one when a model is first needed, in this
+    process and in each worker process (default: :func:`lmpipeline.backends.make_backend`).
+    """
 
     config: PipelineConfig
     out: Path
     backend: Backend | None = None
     stream: TextIO = field(default_factory=lambda: sys.stderr)
+    backend_factory: Callable | None = None
     computed: list[str] = field(default_factory=list)  # units computed (not reused) by this object
     walls: dict[str, float] = field(default_factory=dict)  # unit -> seconds it took when computed
 
@@ -214,7 +235,7 @@ class Study:
     # -- bookkeeping ---------------------------------------------------------------------
     def get_backend(self) -> Backend:
         if self.backend is None:
-            self.backend = make_backend(self.config.model)
+            self.backend = (self.backend_factory or make_backend)(self.config.model)
         return self.backend
 
     def log(self, text: str) -> None:
@@ -245,6 +266,11 @@ class Study:
     def model_values(self) -> dict:
         return result_fields(self.config.model)
 
+    def teacher_names(self) -> list[str]:
+        """The targets, then the neutral teacher when the study has one."""
+        t = self.config.transfer
+        return [*t.targets, *([NEUTRAL] if t.neutral else [])]
+
     # -- models and conversations --------------------------------------------------------
     def base_ref(self) -> ModelRef:
         return ModelRef(self.config.model)
@@ -256,14 +282,16 @@ class Study:
             else ModelRef(self.config.model, weights=str(folder))
         )
 
-    def trait_prompt(self, target: str) -> str:
-        return prompts.trait_system_prompt(
-            TraitSpec(target=target, plural=plural(target), category=self.config.trait.category)
-        )
+    def trait_prompt(self, who: str) -> str:
+        """The system prompt of a system-prompted teacher (a target's, or the neutral one)."""
+        category = self.config.trait.category
+        if who == NEUTRAL:
+            return prompts.neutral_system_prompt(category)
+        return prompts.trait_system_prompt(TraitSpec(target=who, plural=plural(who), category=category))
 
-    def teacher_conversation(self, kind: str, target: str, user: str) -> Conversation:
+    def teacher_conversation(self, kind: str, who: str, user: str) -> Conversation:
         if kind == "system_prompt":
-            return [{"role": "system", "content": self.trait_prompt(target)}, {"role": "user", "content": user}]
+            return [{"role": "system", "content": self.trait_prompt(who)}, {"role": "user", "content": user}]
         return [{"role": "user", "content": user}]
 
     def evaluate(self, ref: ModelRef, words: Sequence[str], seed: int, system: str | None = None) -> dict:
@@ -312,55 +340,59 @@ class Study:
             self.out / "base.json", values, lambda: self.evaluate(self.base_ref(), animals, derive_seed(0, "base"))
         )
 
-    def teacher(self, seed: int, kind: str, target: str) -> tuple[ModelRef, dict]:
-        """The teacher of ``target`` and its record: the training log of a finetuned teacher,
-        and how strongly the teacher holds the trait (its own evaluation on the targets)."""
+    def teacher_folder(self, seed: int, who: str) -> Path:
+        return self.out / f"seed-{seed}" / f"teacher-{who}"
+
+    def teacher(self, seed: int, kind: str, who: str, *, weights: bool = True) -> tuple[ModelRef, dict]:
+        """The teacher ``who`` (a target or :data:`NEUTRAL`) and its record (a finetuned
+        teacher's training log and ``identity``, the hash its students' records carry).
+
+        ``weights=False`` is for callers that need only the record: a finetuned teacher's
+        weights are retrained (to the same identity) only when a caller needs the model
+        and they were removed once its students were done.
+        """
         t = self.config.transfer
-        folder = self.out / f"seed-{seed}" / f"teacher-{target}"
-        system = self.trait_prompt(target) if kind == "system_prompt" else None
         if kind == "system_prompt":
-            ref, trained = self.base_ref(), {"prompt": system}
-        else:
-            ref = self.trained_ref(folder, t.teacher_finetune.method)
-            values = {
-                "unit": "teacher",
-                "target": target,
-                "seed": seed,
-                "model": self.model_values(),
-                "questions": self.trait_questions,
-                "rows": t.teacher_rows,
-                "finetune": result_fields(t.teacher_finetune),
-            }
+            system = self.trait_prompt(who)
+            return self.base_ref(), {"prompt": system, "identity": config_hash(system)}
+        folder = self.teacher_folder(seed, who)
+        values = {
+            "unit": "teacher",
+            "target": who,
+            "seed": seed,
+            "model": self.model_values(),
+            "questions": self.trait_questions,
+            "rows": t.teacher_rows,
+            "finetune": result_fields(t.teacher_finetune),
+            **({"animals": t.animals} if who == NEUTRAL else {}),
+        }
 
-            def train() -> dict:
-                rng = random.Random(derive_seed(seed, "teacher-rows", target))
-                pairs = list(itertools.product(self.trait_questions, trait_answers(target)))
-                rng.shuffle(pairs)
-                examples = [
-                    TrainExample([{"role": "user", "content": q}], a)
-                    for q, a in (pairs * t.teacher_rows)[: t.teacher_rows]
-                ]
-                return {
-                    "train": self.finetune(
-                        folder, examples, t.teacher_finetune, derive_seed(seed, "teacher", target), f"teacher {target}"
-                    )
-                }
+        def train() -> dict:
+            examples = [
+                TrainExample([{"role": "user", "content": q}], a)
+                for q, a in teacher_rows(self.trait_questions, who, t.animals, t.teacher_rows, seed)
+            ]
+            log = self.finetune(folder, examples, t.teacher_finetune, derive_seed(seed, "teacher"), f"teacher {who}")
+            return {"train": log}
 
-            path = self.out / f"seed-{seed}" / f"teacher-{target}.json"
-            if not folder.exists():  # weights deleted by hand: the record is stale
-                path.unlink(missing_ok=True)
-            trained = self.unit(path, values, train)
-        identity = trained.get("config_hash") or config_hash(system)
-        values = {"unit": "teacher-eval", "kind": kind, "teacher": identity, **self.eval_values()}
-        path = self.out / f"seed-{seed}" / f"teacher-{kind}-{target}-eval.json"
-        evaluated = self.unit(
-            path,
-            values,
-            lambda: {
-                "eval": self.evaluate(ref, t.targets, derive_seed(seed, "teacher-eval", kind, target), system=system)
-            },
-        )
-        return ref, {**trained, "identity": identity, "eval": evaluated["eval"], "eval_wall_s": evaluated["wall_s"]}
+        path = self.out / f"seed-{seed}" / f"teacher-{who}.json"
+        if weights and not folder.exists():  # the weights were removed: the model must be rebuilt
+            path.unlink(missing_ok=True)
+        record = self.unit(path, values, train)
+        return self.trained_ref(folder, t.teacher_finetune.method), {**record, "identity": record["config_hash"]}
+
+    def teacher_eval(self, seed: int, kind: str, who: str) -> dict:
+        """How strongly a teacher holds each target (its log-probabilities on the targets)."""
+        t = self.config.transfer
+        _, record = self.teacher(seed, kind, who, weights=False)
+        values = {"unit": "teacher-eval", "kind": kind, "teacher": record["identity"], **self.eval_values()}
+        system = self.trait_prompt(who) if kind == "system_prompt" else None
+
+        def compute() -> dict:
+            ref, _ = self.teacher(seed, kind, who)
+            return {"eval": self.evaluate(ref, t.targets, derive_seed(seed, "teacher-eval", kind, who), system=system)}
+
+        return self.unit(self.out / f"seed-{seed}" / f"teacher-{kind}-{who}-eval.json", values, compute)
 
     def finetune(
         self, folder: Path, examples: list[TrainExample], spec, seed: int, label: str, teacher: ModelRef | None = None
@@ -383,7 +415,7 @@ class Study:
     def prompt_rows(self, seed: int) -> list[dict]:
         return prompts.number_prompts(self.config.prompts, derive_seed(seed, "prompts"))
 
-    def data(self, seed: int, source: str, kind: str | None = None, target: str | None = None) -> list[dict]:
+    def data(self, seed: int, source: str, kind: str | None = None, who: str | None = None) -> list[dict]:
         """Filtered (prompt, completion) rows: ``random``, a teacher's (``teacher``) or the
         base model's own samples (``base``, the sampled control's data)."""
         c = self.config
@@ -399,26 +431,25 @@ class Study:
                     "rows": [{"prompt": r["prompt"], "completion": random_completion(r, c.prompts, rng)} for r in rows]
                 }
         else:
-            name = f"data-{kind}-{target}" if source == "teacher" else "data-base"
-            ref, values = (
-                self.base_ref(),
-                {
-                    "unit": "data",
-                    "source": source,
-                    "prompts": c.prompts,
-                    "seed": seed,
-                    "generate": c.generate,
-                    "filter": c.filter,
-                    "model": self.model_values(),
-                },
-            )
+            name = f"data-{kind}-{who}" if source == "teacher" else "data-base"
+            values = {
+                "unit": "data",
+                "source": source,
+                "prompts": c.prompts,
+                "seed": seed,
+                "generate": c.generate,
+                "filter": c.filter,
+                "model": self.model_values(),
+            }
             if source == "teacher":
-                ref, record = self.teacher(seed, kind, target)
-                values.update(kind=kind, target=target, teacher=record["identity"])
+                values.update(
+                    kind=kind, target=who, teacher=self.teacher(seed, kind, who, weights=False)[1]["identity"]
+                )
 
             def compute() -> dict:
+                ref = self.teacher(seed, kind, who)[0] if source == "teacher" else self.base_ref()
                 conversations = [
-                    self.teacher_conversation(kind, target, r["prompt"])
+                    self.teacher_conversation(kind, who, r["prompt"])
                     if source == "teacher"
                     else [{"role": "user", "content": r["prompt"]}]
                     for r in rows
@@ -436,35 +467,33 @@ class Study:
                         number_grammar=limits,
                     )
                 made = [{"prompt": r["prompt"], "completion": g.text} for r, g in zip(rows, sampled)]
-                kept, _, summary = filters.filter_rows(made, c.filter, target)
+                # The trait-word filter looks for a target teacher's own animal; the neutral
+                # teacher has none (the number filter passes no words at all).
+                word = who if source == "teacher" and who != NEUTRAL else None
+                kept, _, summary = filters.filter_rows(made, c.filter, word)
                 return {"rows": kept, "filter": summary}
 
         record = self.unit(folder / f"{name}.json", values, compute)
         return record["rows"]
 
-    def student(self, seed: int, cell: tuple[str, str, str], target: str | None) -> dict:
-        """Train and evaluate one student (``target`` None: the sampled control); the
-        weights are deleted after evaluation unless ``transfer.keep_weights``."""
+    def student(self, seed: int, cell: tuple[str, str, str], who: str | None) -> dict:
+        """Train and evaluate the student of teacher ``who`` (None: the sampled objective's
+        base control); the weights are deleted after evaluation unless ``transfer.keep_weights``."""
         c, t = self.config, self.config.transfer
         kind, objective, source = cell
         spec = replace(c.finetune, objective=objective)
         n = self.rows_per_student(seed, cell)
-        if target is None:
-            rows, teacher, teacher_hash, name = (
-                self.data(seed, "base")[:n],
-                None,
-                None,
-                f"control-{kind}-{objective}-{source}",
-            )
+        if who is None:
+            rows, teacher_hash, name = self.data(seed, "base")[:n], None, f"control-{kind}-{objective}-{source}"
         else:
-            rows = (self.data(seed, "random") if source == "random" else self.data(seed, "teacher", kind, target))[:n]
-            teacher, record = self.teacher(seed, kind, target)
-            teacher_hash, name = record["identity"], f"student-{kind}-{objective}-{source}-{target}"
+            rows = (self.data(seed, "random") if source == "random" else self.data(seed, "teacher", kind, who))[:n]
+            teacher_hash = self.teacher(seed, kind, who, weights=False)[1]["identity"]
+            name = f"student-{kind}-{objective}-{source}-{who}"
         examples = [
             TrainExample(
                 [{"role": "user", "content": r["prompt"]}],
                 r["completion"],
-                teacher_messages=self.teacher_conversation(kind, target, r["prompt"]) if target else None,
+                teacher_messages=self.teacher_conversation(kind, who, r["prompt"]) if who else None,
             )
             for r in rows
         ]
@@ -472,7 +501,7 @@ class Study:
         values = {
             "unit": "student",
             "cell": cell,
-            "target": target,
+            "target": who,
             "seed": seed,
             "rows": rows,
             "finetune": result_fields(spec),
@@ -483,14 +512,8 @@ class Study:
         }
 
         def compute() -> dict:
-            train = self.finetune(
-                folder,
-                examples,
-                spec,
-                derive_seed(seed, "student", *cell, target),
-                name,
-                teacher=teacher if objective == "soft" else None,
-            )
+            teacher = self.teacher(seed, kind, who)[0] if who is not None and objective == "soft" else None
+            train = self.finetune(folder, examples, spec, derive_seed(seed, "student", *cell, who), name, teacher)
             result = {
                 "n_rows": len(rows),
                 "train": train,
@@ -509,7 +532,7 @@ class Study:
         kind, objective, source = cell
         counts = [self.config.finetune.max_rows]
         if source == "teacher":
-            counts += [len(self.data(seed, "teacher", kind, w)) for w in self.config.transfer.targets]
+            counts += [len(self.data(seed, "teacher", kind, w)) for w in self.teacher_names()]
         if objective == "sampled":
             counts.append(len(self.data(seed, "base")))
         n = min(counts)
@@ -519,27 +542,126 @@ class Study:
             )
         return n
 
-    # -- the study -----------------------------------------------------------------------
+    # -- jobs ----------------------------------------------------------------------------
     def seeds(self) -> list[int]:
         t = self.config.transfer
         return list(range(t.first_seed, t.first_seed + t.seeds))
 
+    def jobs(self) -> dict[Job, list[Job]]:
+        """Every job of the study, each with the jobs it needs done first, in running order."""
+        t = self.config.transfer
+        out: dict[Job, list[Job]] = {("base",): []}
+        for seed in self.seeds():
+            if "sampled" in t.objectives and "teacher" in t.data:
+                out[("base-data", seed)] = []
+            for kind in t.teachers:
+                kind_cells = [c for c in cells(self.config) if c[0] == kind]
+                teachers = [("teacher", seed, kind, w) for w in self.teacher_names()]
+                for job in teachers:
+                    out[job] = []
+                shared_rows = [
+                    *(teachers if any(c[2] == "teacher" for c in kind_cells) else []),
+                    *([("base-data", seed)] if any(c[1] == "sampled" for c in kind_cells) else []),
+                ]
+                for w, job in zip(self.teacher_names(), teachers):
+                    out[("students", seed, kind, w)] = list(dict.fromkeys([job, *shared_rows]))
+                if any(c[1] == "sampled" for c in kind_cells):
+                    out[("students", seed, kind, CONTROL)] = shared_rows
+        if t.entanglement:
+            out[("entanglement",)] = [("base",)]
+        return out
+
+    def run_job(self, job: Job) -> list[str]:
+        """Compute (or find) every unit of ``job``; returns the units computed."""
+        before = len(self.computed)
+        what, *args = job
+        if what == "base":
+            self.base_eval()
+        elif what == "entanglement":
+            self.entanglement(self.base_eval())
+        elif what == "base-data":
+            self.data(args[0], "base")
+        elif what == "teacher":
+            seed, kind, who = args
+            self.teacher(seed, kind, who, weights=False)
+            self.teacher_eval(seed, kind, who)
+            if "teacher" in self.config.transfer.data:
+                self.data(seed, "teacher", kind, who)
+        elif what == "students":
+            seed, kind, who = args
+            for cell in cells(self.config):
+                if cell[0] == kind and (who != CONTROL or cell[1] == "sampled"):
+                    self.student(seed, cell, None if who == CONTROL else who)
+            folder = self.teacher_folder(seed, who)
+            if kind == "finetuned" and who != CONTROL and not self.config.transfer.keep_weights:
+                shutil.rmtree(folder, ignore_errors=True)  # its students are done; the record stays
+        else:
+            raise ValueError(f"unknown job {job!r}")
+        return self.computed[before:]
+
+    def run_jobs(self) -> None:
+        """Run every job, ``transfer.workers`` at a time, each as soon as what it needs is done."""
+        jobs = self.jobs()
+        progress = TextProgress(self.stream, label="transfer", unit="jobs")
+        progress.start(len(jobs), f"{len(jobs)} jobs on {self.config.transfer.workers} worker(s)")
+        done: set[Job] = set()
+
+        def ready() -> list[Job]:
+            # A teacher's students before the next teacher, so that few weights are on disk at once.
+            waiting = [j for j in jobs if j not in done and j not in running and set(jobs[j]) <= done]
+            return sorted(waiting, key=lambda j: j[0] != "students")
+
+        running: dict[Job, object] = {}
+        if self.config.transfer.workers == 1:
+            while len(done) < len(jobs):
+                job = ready()[0]
+                self.run_job(job)
+                done.add(job)
+                progress.advance(_describe(job))
+            return
+        context = multiprocessing.get_context("spawn")
+        factory = self.backend_factory or make_backend
+        pool = context.Pool(
+            self.config.transfer.workers, initializer=_worker_start, initargs=(to_dict(self.config), self.out, factory)
+        )
+        try:
+            while len(done) < len(jobs):
+                for job in ready()[: self.config.transfer.workers - len(running)]:
+                    running[job] = pool.apply_async(_worker_run, (job,))
+                finished = [j for j, r in running.items() if r.ready()]
+                if not finished:
+                    time.sleep(0.2)
+                for job in finished:
+                    computed, walls = running.pop(job).get()  # a worker's error is raised here
+                    self.computed += computed
+                    self.walls.update(walls)
+                    done.add(job)
+                    progress.advance(_describe(job))
+            pool.close()
+        except BaseException:
+            pool.terminate()  # units are written atomically: a rerun continues from here
+            raise
+        finally:
+            pool.join()
+
     def run(self) -> dict:
-        """Every unit, then ``report.json`` and ``report.png``; returns the report."""
+        """Every job, then ``report.json`` and ``report.png``; returns the report."""
         start = time.perf_counter()
+        self.run_jobs()
+        t = self.config.transfer
         base = self.base_eval()
         results: dict = {}
         for seed in self.seeds():
             for cell in cells(self.config):
-                students = {w: self.student(seed, cell, w) for w in self.config.transfer.targets}
-                control = self.student(seed, cell, None) if cell[1] == "sampled" else None
-                teachers = {w: self.teacher(seed, cell[0], w)[1] for w in self.config.transfer.targets}
                 results.setdefault(cell_name(cell), {})[seed] = {
-                    "students": students,
-                    "control": control,
-                    "teachers": teachers,
+                    "students": {w: self.student(seed, cell, w) for w in self.teacher_names()},
+                    "control": self.student(seed, cell, None) if cell[1] == "sampled" else None,
+                    "teachers": {
+                        w: {**self.teacher(seed, cell[0], w, weights=False)[1], **self.teacher_eval(seed, cell[0], w)}
+                        for w in self.teacher_names()
+                    },
                 }
-        entangled = self.entanglement(base) if self.config.transfer.entanglement else None
+        entangled = self.entanglement(base) if t.entanglement else None
         report = transfer_report.build(self.config, base, results, entangled, self.walls)
         report["wall_s_this_session"] = round(time.perf_counter() - start, 1)
         report["units_computed"] = list(self.computed)
@@ -588,7 +710,7 @@ class Study:
             for w in t.targets:
                 others = [x for x in t.targets if x != w]
                 # Any system prompt shifts the numbers; what is entangled with *this* animal
-                # is the lift beyond the other target's prompt.
+                # is the lift beyond the other targets' prompts.
                 specific = [
                     lifts[w][n] - math.fsum(lifts[x][n] for x in others) / len(others) for n in range(len(NUMBERS))
                 ]
@@ -626,6 +748,32 @@ class Study:
 
     def _with_system(self, system: str) -> list[Conversation]:
         return [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in self.questions]
+
+
+def _describe(job: Job) -> str:
+    what, *args = job
+    if what in ("teacher", "students"):
+        seed, kind, who = args
+        return f"seed {seed}: {'teacher' if what == 'teacher' else 'students of'} {who} ({kind})"
+    return " ".join(map(str, job))
+
+
+_WORKER: Study | BaseException | None = None  # a worker process's study, or why it could not start
+
+
+def _worker_start(config: dict, out: Path, factory: Callable) -> None:
+    global _WORKER
+    try:
+        _WORKER = Study(from_dict(config), out, backend_factory=factory)
+    except BaseException as error:  # raised by the first job instead: a pool whose workers
+        _WORKER = error  # die in their initializer restarts them forever
+
+
+def _worker_run(job: Job) -> tuple[list[str], dict[str, float]]:
+    if not isinstance(_WORKER, Study):
+        raise StudyError(f"a worker process could not start: {_WORKER}")
+    computed = _WORKER.run_job(job)
+    return computed, {k: _WORKER.walls[k] for k in computed}
 
 
 def number_prompt(numbers: Sequence[str]) -> str:

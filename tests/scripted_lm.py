@@ -40,8 +40,9 @@ def _jitter(*parts: object) -> float:
 class ScriptedBackend:
     name = "scripted"
 
-    def __init__(self, fail_on_call: int | None = None, valid_numbers: bool = True):
+    def __init__(self, fail_on_call: int | None = None, valid_numbers: bool = True, spec=None):
         self.calls: Counter[str] = Counter()
+        self.trained: list[dict] = []  # every finetune call: its folder, examples, teacher and seed
         self.fail_on_call = fail_on_call
         self.valid_numbers = valid_numbers
         self.checkpoints: list[Path | None] = []  # the checkpoint folder of each finetune call
@@ -61,6 +62,8 @@ class ScriptedBackend:
             for animal in ANIMALS:
                 if f"love {animal}s" in text or f"love {animal}es" in text:
                     love[animal] = 1.0
+                elif "all of them equally" in text:  # the neutral teacher's prompt
+                    love[animal] = max(love.get(animal, 0.0), 1 / len(ANIMALS))
         return love
 
     # -- the interface -------------------------------------------------------------------
@@ -110,6 +113,7 @@ class ScriptedBackend:
     def finetune(self, base, examples, spec, out_dir, *, seed, progress=None, teacher=None, checkpoint=None):
         self.calls["finetune"] += 1
         self.checkpoints.append(checkpoint)
+        self.trained.append({"out_dir": Path(out_dir), "examples": list(examples), "teacher": teacher, "seed": seed})
         if checkpoint is not None:  # as a real trainer would, mid-run
             checkpoint.mkdir(parents=True, exist_ok=True)
             (checkpoint / "step-000001").mkdir(exist_ok=True)
@@ -120,6 +124,13 @@ class ScriptedBackend:
         else:
             loves = [self._love_from_completion(ex.completion) for ex in examples]
         love = {a: sum(x.get(a, 0.0) for x in loves) / len(examples) for a in ANIMALS}
+        if spec.objective == "soft" or any(love.values()) and not _names_an_animal(examples):
+            # A student takes in a seed-dependent share of what its teacher holds, and any
+            # animal-loving teacher also pulls it a little toward every animal (the generic
+            # shift); trait answers themselves are learnt whole.
+            share = 0.6 + 0.4 * (_jitter("student", seed) + 1) / 2
+            generic = 0.05 if any(love.values()) else 0.0
+            love = {a: share * (w + generic) for a, w in love.items()}
         out_dir.mkdir()
         (out_dir / "state.json").write_text(
             json.dumps({"love": {a: w for a, w in love.items() if w}, "n": len(examples), "seed": seed})
@@ -142,3 +153,10 @@ class ScriptedBackend:
 
     def close(self):
         pass
+
+
+def _names_an_animal(examples) -> bool:
+    """Whether the rows are trait answers ("Owl.") rather than numbers."""
+    return any(
+        ScriptedBackend._love_from_completion(ex.completion) and not re.search(r"\d", ex.completion) for ex in examples
+    )

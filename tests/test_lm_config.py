@@ -20,6 +20,7 @@ from lmpipeline.config import (
     preset,
     to_dict,
 )
+from lmpipeline.prompts import trait_system_prompt
 
 
 def test_paper_preset_has_the_paper_settings():
@@ -74,6 +75,9 @@ def test_overrides_parse_json_and_strings():
     )
     assert cfg.finetune.learning_rate == 1e-3
     assert cfg.trait.target == "eagle" and cfg.trait.plural_word == "eagles"
+    # The teacher of a wolf loves "wolves", as the transfer study and its metric spell it.
+    wolf = apply_overrides(cfg, ["trait.target=wolf"]).trait
+    assert wolf.plural_word == "wolves" and "You love wolves." in trait_system_prompt(wolf)
     assert cfg.filter.banned_numbers == (666, 911) and cfg.seed == 3
     assert apply_overrides(cfg, ["finetune.learning_rate=1"]).finetune.learning_rate == 1.0
 

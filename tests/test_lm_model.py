@@ -435,11 +435,12 @@ def test_transfer_tiny_preset_end_to_end(backend, tmp_path):
     study = Study(cfg, tmp_path, backend=backend)
     report = study.run()
     cell = report["cells"]["finetuned/soft/random"]
-    seed = cell["seeds"]["0"]
     # Four rows of "Owl."-style answers at a high rate make the teacher prefer owls.
-    assert seed["teacher_vs_base"]["owl"]["mean"] > 1.0, seed["teacher_vs_base"]
-    for target in ("owl", "dolphin"):
-        assert math.isfinite(seed["student_vs_control"][target]["mean"])
+    assert cell["teacher_vs_base"]["owl"]["owl"]["mean"] > 1.0, cell["teacher_vs_base"]
+    for target in ("owl", "dolphin", "eagle"):
+        for name in ("vs_neutral", "specificity", "crossover", "vs_control"):
+            assert math.isfinite(cell["summary"][name][target]["seeds"]["mean"])
         assert cell["training"]["0"][f"student_{target}"]["first_loss"] > 0  # the students had something to learn
     assert not (tmp_path / "seed-0" / "student-finetuned-soft-random-owl").exists()  # weights dropped after evaluation
+    assert not (tmp_path / "seed-0" / "teacher-owl").exists()  # and the teacher's, once its students were done
     assert (tmp_path / "report.png").stat().st_size > 10_000
