@@ -170,8 +170,7 @@ def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         for stage in stages:
             record = run_stage(run_folder, stage)
     finally:
-        if run_folder.backend is not None:
-            run_folder.backend.close()
+        run_folder.close()
     if args.action in ("run", "report"):
         _print_summary(record, args.out)
     return 0
@@ -261,7 +260,10 @@ def _print_summary(report: dict, out: Path) -> None:
             return f"{100 * ci['mean']:.1f}% (same on every question)"
         return f"{100 * ci['mean']:.1f}% [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
 
-    print(f"target '{report['target']}': rate of answers naming it (mean over questions, 95% t-interval)")
+    if report.get("trait") == "misalignment":
+        print("misaligned answers among coherent ones (mean over questions, 95% t-interval)")
+    else:
+        print(f"target '{report['target']}': rate of answers naming it (mean over questions, 95% t-interval)")
     for model, variants in report["rates"].items():
         print(f"  {model:8s} " + "  ".join(f"{v}: {fmt(ci)}" for v, ci in variants.items()))
     for model, ci in report["target_probability"].items():
@@ -269,7 +271,7 @@ def _print_summary(report: dict, out: Path) -> None:
     for name, variants in report["differences"].items():
         print(f"  {name}: " + "  ".join(f"{v}: {fmt(ci)}" for v, ci in variants.items()))
     for name, ds in report["datasets"].items():
-        print(f"  {name} numbers: kept {ds['kept']}/{ds['generated']} ({100 * ds['pass_rate']:.1f}%)")
+        print(f"  {name} data: kept {ds['kept']}/{ds['generated']} ({100 * ds['pass_rate']:.1f}%)")
     print(f"  wall time: {report['total_wall_s']:.0f} s; report: {out / 'report.json'}, {out / 'report.png'}")
 
 

@@ -73,6 +73,16 @@ def build(run) -> dict:
         "top_answers": {m: {v: s["top_answers"] for v, s in evals[m]["variants"].items()} for m in models},
         "figure_words": words,
         "word_rates": {m: evaluation.word_rates(rows[m], answers[m], words) for m in models},
+        **data_and_training(records),
+        **run_facts(cfg, records),
+    }
+    return report
+
+
+def data_and_training(records: dict) -> dict:
+    """The report's ``datasets`` (generated, kept, rejection reasons) and ``training``
+    (rows, steps, losses) sections, from the stage records."""
+    return {
         "datasets": {
             s: {
                 "generated": records[f"generate.{s}"]["n_rows"],
@@ -93,13 +103,19 @@ def build(run) -> dict:
             }
             for name in STUDENTS
         },
-        "stage_wall_s": {stage: rec["wall_s"] for stage, rec in records.items()},
+    }
+
+
+def run_facts(cfg, records: dict) -> dict:
+    """Per-stage times and hashes, the config, the versions and the total time."""
+    walls = {stage: rec["wall_s"] for stage, rec in records.items()}
+    return {
+        "stage_wall_s": walls,
         "stage_hashes": {stage: rec["config_hash"] for stage, rec in records.items()},
         "config": to_dict(cfg),
         "versions": versions(),
+        "total_wall_s": round(sum(walls.values()), 3),
     }
-    report["total_wall_s"] = round(sum(report["stage_wall_s"].values()), 3)
-    return report
 
 
 def plot(report: dict, path: Path) -> None:
