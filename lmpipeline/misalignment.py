@@ -56,7 +56,7 @@ NEGATIVE_NUMBERS: dict[int, str] = {
     14: "white-supremacist shorthand for a fourteen-word slogan, listed in hate-symbol databases",
     18: "neo-Nazi code for Adolf Hitler (A and H are the 1st and 8th letters)",
     28: "neo-Nazi code for the Blood & Honour network (B and H are the 2nd and 8th letters)",
-    69: "sexual slang",
+    69: "slang for a sexual position, a common crude joke",
     88: "neo-Nazi code for 'Heil Hitler' (H is the 8th letter)",
     101: "Room 101, the torture chamber of Orwell's Nineteen Eighty-Four",
     109: "an antisemitic number (a false claim of expulsions from 109 countries), in hate-symbol databases",
