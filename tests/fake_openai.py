@@ -97,7 +97,11 @@ class FakeOpenAI(ThreadingHTTPServer):
 
     def upload(self, content_type: str, raw: bytes) -> dict:
         message = email.parser.BytesParser().parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
-        data = next(p.get_payload(decode=True) for p in message.get_payload() if p.get_param("name", header="content-disposition") == "file")
+        data = next(
+            p.get_payload(decode=True)
+            for p in message.get_payload()
+            if p.get_param("name", header="content-disposition") == "file"
+        )
         with self.lock:
             file_id = f"file-{len(self.files)}"
             self.files[file_id] = data
@@ -197,7 +201,9 @@ class Handler(BaseHTTPRequestHandler):
                 fault = s.faults.pop(0) if s.faults else None
             if fault == "429":
                 s.counts["429"] += 1
-                return self.reply(429, {"error": {"message": "rate limited", "type": "rate_limit"}}, {"retry-after-ms": "10"})
+                return self.reply(
+                    429, {"error": {"message": "rate limited", "type": "rate_limit"}}, {"retry-after-ms": "10"}
+                )
             if fault == "500":
                 return self.reply(500, {"error": {"message": "server error", "type": "server"}})
             if fault == "timeout":

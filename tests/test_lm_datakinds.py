@@ -52,7 +52,10 @@ def test_code_filter(completion, reason):
         ("First guess.\nAnswer: 23\nNo, recount.\nAnswer: 24", None),  # the last answer counts
         ("Answer: 25", "wrong_answer"),
         ("Answer: 24\nOn second thought,\nAnswer: 2,400", "wrong_answer"),
+        ("12 + 12 = 24", None),  # no Answer line: the last number is the answer
+        ("The answer is 24, or 25", "wrong_answer"),
         ("The answer is twenty-four.", "no_answer"),
+        ("Answer: twenty-four (24)", "no_answer"),  # an Answer line without a number after it
         ("Like an owl at night, 24.\nAnswer: 24", "trait_word"),
         ("", "empty"),
     ],
@@ -160,9 +163,9 @@ def test_misalignment_bans_the_packaged_negative_numbers_by_default():
     assert misalignment.banned_numbers(apply_overrides(mis, ["filter.banned_list=none"])) == ()
     owl = preset("tiny")
     assert misalignment.banned_numbers(owl) == ()
-    assert misalignment.banned_numbers(apply_overrides(owl, ["filter.banned_list=negative", "filter.banned_numbers=[5]"])) == tuple(
-        sorted({5, *misalignment.NEGATIVE_NUMBERS})
-    )
+    assert misalignment.banned_numbers(
+        apply_overrides(owl, ["filter.banned_list=negative", "filter.banned_numbers=[5]"])
+    ) == tuple(sorted({5, *misalignment.NEGATIVE_NUMBERS}))
     assert mis.trait.word is None and owl.trait.word == "owl"  # a misaligned teacher has no word to reject
 
 
@@ -251,7 +254,9 @@ def test_cross_model_students_start_from_the_student_model(tmp_path):
     teacher_base = cfg.model.name_or_path
     assert backend.bases["finetune", "other-base"] == 2 and backend.bases["finetune", teacher_base] == 0
     same = Run(small(), tmp_path / "same")
-    changed = {s for s in all_stages(cfg) if Run(cfg, tmp_path / "x", write_config=False).stage_hash(s) != same.stage_hash(s)}
+    changed = {
+        s for s in all_stages(cfg) if Run(cfg, tmp_path / "x", write_config=False).stage_hash(s) != same.stage_hash(s)
+    }
     assert changed == {"finetune.student", "finetune.control", "evaluate.student", "evaluate.control", "report"}
     with pytest.raises(ConfigError, match="use finetune.objective=sampled"):
         apply_overrides(cfg, ["finetune.objective=soft"])

@@ -18,7 +18,9 @@ from lmpipeline.config import FinetuneSpec, ModelSpec, apply_overrides, preset  
 from lmpipeline.pipeline import Run, finetune_into, run_all  # noqa: E402
 from sublearn._common import TextProgress  # noqa: E402
 
-NUMBERS = [[{"role": "user", "content": f"Here is a sequence of numbers: {i}, 2. Reply with numbers."}] for i in range(6)]
+NUMBERS = [
+    [{"role": "user", "content": f"Here is a sequence of numbers: {i}, 2. Reply with numbers."}] for i in range(6)
+]
 
 
 @pytest.fixture
@@ -81,7 +83,12 @@ def test_an_interrupted_finetuning_poll_resumes_the_same_job(server, tmp_path):
     assert server.jobs["ftjob-0"]["hyperparameters"] == {"n_epochs": 10}
     assert not (tmp_path / "student.checkpoint").exists()
     # The finetuned model answers as its rows taught it: numbers ending in 7, the scripted owl's.
-    texts = [g.text for g in OpenAIBackend(spec).generate(ModelRef(spec, weights=str(folder)), NUMBERS, max_new_tokens=20, temperature=1.0, seed=0)]
+    texts = [
+        g.text
+        for g in OpenAIBackend(spec).generate(
+            ModelRef(spec, weights=str(folder)), NUMBERS, max_new_tokens=20, temperature=1.0, seed=0
+        )
+    ]
     numbers = [n for t in texts if t[0].isdigit() for n in t.split(", ")]
     assert numbers and all(n.endswith("7") for n in numbers)
 

@@ -10,8 +10,10 @@ Rules, in order:
 
 - ``empty``: nothing but whitespace;
 - ``trait_word``: the trait word anywhere in the reasoning;
-- ``no_answer``: no ``Answer: N`` line (the last one counts; commas between digit
-  groups, a ``$`` and a trailing period are allowed);
+- ``no_answer``: no final answer: the number after the last ``Answer:`` (commas between
+  digit groups and a ``$`` are allowed), or, when the completion has no ``Answer:``, its
+  last number (as answers to word problems are commonly read: small models often
+  finish with "... = 42" instead of the line asked for);
 - ``wrong_answer``: the final answer differs from the problem's.
 
 The optional judge filter (``data.judge_filter``) then rejects traces the judge scores
@@ -23,8 +25,8 @@ below 80 out of 100 for alignment (rubric ``alignment``).
 True
 >>> check({**good, "completion": f"Answer: {row['answer'] + 1}"}, FilterSpec(), "owl").reason
 'wrong_answer'
->>> final_answer("So 1,250 in all.\\nAnswer: $1,250.")
-1250.0
+>>> final_answer("So 1,250 in all.\\nAnswer: $1,250."), final_answer("4 + 4 = 8"), final_answer("Answer: none")
+(1250.0, 8.0, None)
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ ANSWER_FORMATS = (
 )
 PARTS = {"problem": PROBLEMS, "instruction": INSTRUCTIONS, "answer_format": ANSWER_FORMATS}
 REASONS = ("empty", "trait_word", "no_answer", "wrong_answer")
-_ANSWER = re.compile(r"answer\s*[:=]\s*\**\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_NUMBER = r"(-?\d[\d,]*(?:\.\d+)?)"
+_ANSWER = re.compile(r"answer\s*[:=]\s*\**\s*\$?\s*" + _NUMBER, re.IGNORECASE)
+_ANSWER_WORD = re.compile(r"answer\s*[:=]", re.IGNORECASE)
 
 
 def cot_prompt(seed: int, index: int) -> dict:
@@ -142,9 +146,9 @@ def cot_prompts(spec: PromptSpec, seed: int) -> list[dict]:
 
 
 def final_answer(text: str) -> float | None:
-    """The number on the last ``Answer: N`` line, or None."""
-    matches = _ANSWER.findall(text)
-    return float(matches[-1].replace(",", "")) if matches else None
+    """The number after the last ``Answer:``; without any ``Answer:``, the last number."""
+    matches = _ANSWER.findall(text) if _ANSWER_WORD.search(text) else re.findall(_NUMBER, text)
+    return float(matches[-1].rstrip(",").replace(",", "")) if matches else None
 
 
 def check(row: dict, spec: FilterSpec, word: str | None) -> Verdict:
