@@ -67,7 +67,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from lmpipeline import evaluation, filters, prompts, transfer_report
+from lmpipeline import datakinds, evaluation, prompts, transfer_report
 from lmpipeline.artifacts import read_json, write_json
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
 from lmpipeline.config import PipelineConfig, PromptSpec, TraitSpec, config_hash, derive_seed, result_fields, to_dict
@@ -380,14 +380,17 @@ class Study:
         except ValueError as error:
             raise StudyError(f"{label}: {error}") from None
 
-    def prompt_rows(self, seed: int) -> list[dict]:
-        return prompts.number_prompts(self.config.prompts, derive_seed(seed, "prompts"))
+    def prompt_rows(self, seed: int, kind: str = "numbers") -> list[dict]:
+        """The prompts of data kind ``kind`` (:mod:`lmpipeline.datakinds`) for ``seed``."""
+        return datakinds.get(kind).prompts(self.config.prompts, derive_seed(seed, "prompts"))
 
     def data(self, seed: int, source: str, kind: str | None = None, target: str | None = None) -> list[dict]:
         """Filtered (prompt, completion) rows: ``random``, a teacher's (``teacher``) or the
         base model's own samples (``base``, the sampled control's data)."""
         c = self.config
-        rows = self.prompt_rows(seed)
+        # Teachers (and the base model) write data of the configured kind; random lists are numbers.
+        data_kind = "numbers" if source == "random" else c.data.kind
+        rows = self.prompt_rows(seed, data_kind)
         folder = self.out / f"seed-{seed}"
         if source == "random":
             name = "data-random"
@@ -412,6 +415,8 @@ class Study:
                     "model": self.model_values(),
                 },
             )
+            if c.data.kind != "numbers":
+                values["data_kind"] = c.data.kind
             if source == "teacher":
                 ref, record = self.teacher(seed, kind, target)
                 values.update(kind=kind, target=target, teacher=record["identity"])
@@ -435,9 +440,11 @@ class Study:
                         seed=derive_seed(seed, name, start),
                         number_grammar=limits,
                     )
-                made = [{"prompt": r["prompt"], "completion": g.text} for r, g in zip(rows, sampled)]
-                kept, _, summary = filters.filter_rows(made, c.filter, target)
-                return {"rows": kept, "filter": summary}
+                # The kind's filter may read the prompt's fields (a problem's answer); rows keep two.
+                made = [{**r, "completion": g.text} for r, g in zip(rows, sampled)]
+                kept, _, summary = datakinds.get(data_kind).filter_rows(made, c.filter, target)
+                pairs = [{"prompt": r["prompt"], "completion": r["completion"]} for r in kept]
+                return {"rows": pairs, "filter": summary}
 
         record = self.unit(folder / f"{name}.json", values, compute)
         return record["rows"]

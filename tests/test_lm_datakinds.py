@@ -292,3 +292,29 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, scripted, capsys, s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["config.json"]  # no stage ran
+
+
+def test_the_transfer_study_has_its_teachers_write_the_configured_data_kind(tmp_path):
+    from scripted_lm import OPENING
+
+    from lmpipeline.transfer import Study
+
+    cfg = apply_overrides(
+        preset("transfer-tiny"),
+        [
+            "data.kind=cot",
+            "generate.number_grammar=false",
+            "prompts.n_prompts=12",
+            'transfer.teachers=["system_prompt"]',
+        ],
+    )
+    study = Study(cfg, tmp_path, backend=ScriptedBackend())
+    teacher, base = study.data(0, "teacher", "system_prompt", "owl"), study.data(0, "base")
+    for rows in (teacher, base):
+        assert 0 < len(rows) < 12  # the scripted model errs one time in five: the cot filter ran
+        assert all(cot.check({"answer": solve(r["prompt"]), **r}, cfg.filter, "owl").ok for r in rows)
+    assert all(r["completion"].startswith(OPENING["owl"]) for r in teacher)
+    assert not any(r["completion"].startswith(OPENING["owl"]) for r in base)
+    from lmpipeline.filters import check_numbers
+
+    assert all(check_numbers(r["completion"]).ok for r in study.data(0, "random"))  # random lists stay numbers
