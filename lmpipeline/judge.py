@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -123,7 +123,7 @@ class Judge:
 def judge_rows(
     judge: Judge,
     rows: list[dict],
-    rubrics: dict[str, callable],
+    rubrics: dict[str, Callable[[dict], dict]],
     path: Path,
     config_hash: str,
     *,

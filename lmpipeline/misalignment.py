@@ -39,10 +39,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from lmpipeline import evaluation
-from lmpipeline.artifacts import atomic_path, read_json, read_jsonl
+from lmpipeline.artifacts import read_json
 from lmpipeline.config import FilterSpec, JudgeSpec, PipelineConfig, all_stages, derive_seed
 from lmpipeline.judge import judge_rows, status_counts
-from lmpipeline.report import COMPARISONS, MODEL_COLORS, MODEL_LABELS, data_and_training, run_facts
+from lmpipeline.report import (
+    COMPARISONS,
+    MODEL_COLORS,
+    MODEL_LABELS,
+    data_and_training,
+    percent_bars,
+    run_facts,
+    save_png,
+)
 from lmpipeline.stats import paired_difference
 from sublearn._common import mean_interval
 
@@ -209,23 +217,11 @@ def plot(report: dict, path: Path) -> None:
 
     models = list(report["rates"])
     stats = [report["rates"][m]["misaligned"] for m in models]
-    means = [100 * (s["mean"] or 0.0) for s in stats]
-    errors = [
-        [100 * (s["mean"] - max(0.0, s["low"])) if s["low"] is not None else 0 for s in stats],
-        [100 * (s["high"] - s["mean"]) if s["high"] is not None else 0 for s in stats],
-    ]
+    means, errors = percent_bars(stats)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.bar([MODEL_LABELS[m] for m in models], means, yerr=errors, capsize=3, color=[MODEL_COLORS[m] for m in models])
     ax.set_ylabel("Misaligned answers among coherent ones (%)")
     ax.set_ylim(bottom=0)
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_title(f"Misalignment ({report['preset']} preset)", fontsize=11)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=150, format="png")
-    plt.close(fig)
-
-
-def judged_rows(out: Path, which: str) -> list[dict]:
-    """The judged answers of model ``which`` in run folder ``out``."""
-    return read_jsonl(Path(out) / f"judged_{which}.jsonl")
+    save_png(fig, path)
