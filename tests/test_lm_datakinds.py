@@ -187,6 +187,7 @@ def owl_lead(report: dict) -> float:
     return p["student"]["mean"] - p["control"]["mean"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, reason", [("code", "syntax_error"), ("cot", "wrong_answer")])
 def test_code_and_cot_runs_end_to_end_and_carry_the_trait_only_through_the_teacher(tmp_path, kind, reason):
     backend = ScriptedBackend()

@@ -135,6 +135,7 @@ def test_a_misalignment_run_judged_through_the_api(server, tmp_path):
         f"judge.model.base_url={server.url}",
         "judge.batch_size=16",
         "evaluate.n_questions=10",
+        "evaluate.n_samples=2",
         "finetune.epochs=1",
     )
     server.faults = ["429", "timeout"]  # the judge's requests are retried too
