@@ -47,8 +47,8 @@ STAGE_CHOICES = {
 MODEL_STAGES = ("generate", "finetune", "evaluate")  # the stages that run a model
 STAGE_HELP = {
     "prompts": "build the number-continuation prompts",
-    "generate": "sample number completions from the teacher and the control model (resumable)",
-    "filter": "keep well-formed number lists without the trait word; record each rejection's reason",
+    "generate": "sample the teacher's and the control model's completions (numbers, or data.kind) (resumable)",
+    "filter": "keep the rows the data kind's rules (and the judge, if on) accept; record each rejection's reason",
     "finetune": "train the student (teacher numbers) and the control student (control numbers)",
     "evaluate": "ask the preference questions and score the answers (resumable)",
     "report": "write report.json and report.png",
