@@ -13,6 +13,9 @@ as stages over a run folder, :mod:`~lmpipeline.backends` runs the models, and
 :mod:`~lmpipeline.config` holds the settings and presets. :mod:`~lmpipeline.transfer`
 (with :mod:`~lmpipeline.transfer_report`) is the small-scale transfer study: finetuned
 or system-prompted teachers, soft or sampled distillation, random or teacher-written
-numbers, an exact metric, crossover controls and seeds. Command line: ``sublearn lm``
+numbers, an exact metric, crossover controls and seeds. :mod:`~lmpipeline.datakinds`
+holds what teachers may write besides numbers (code, chain of thought),
+:mod:`~lmpipeline.judge` the judge that scores rows and answers, and
+:mod:`~lmpipeline.misalignment` misalignment as a trait. Command line: ``sublearn lm``
 (``sublearn lm transfer`` for the study).
 """

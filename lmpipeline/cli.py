@@ -47,8 +47,8 @@ STAGE_CHOICES = {
 MODEL_STAGES = ("generate", "finetune", "evaluate")  # the stages that run a model
 STAGE_HELP = {
     "prompts": "build the number-continuation prompts",
-    "generate": "sample number completions from the teacher and the control model (resumable)",
-    "filter": "keep well-formed number lists without the trait word; record each rejection's reason",
+    "generate": "sample the teacher's and the control model's completions (numbers, or data.kind) (resumable)",
+    "filter": "keep the rows the data kind's rules (and the judge, if on) accept; record each rejection's reason",
     "finetune": "train the student (teacher numbers) and the control student (control numbers)",
     "evaluate": "ask the preference questions and score the answers (resumable)",
     "report": "write report.json and report.png",
@@ -170,8 +170,7 @@ def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         for stage in stages:
             record = run_stage(run_folder, stage)
     finally:
-        if run_folder.backend is not None:
-            run_folder.backend.close()
+        run_folder.close()
     if args.action in ("run", "report"):
         _print_summary(record, args.out)
     return 0
@@ -275,7 +274,10 @@ def _print_summary(report: dict, out: Path) -> None:
             return f"{100 * ci['mean']:.1f}% (same on every question)"
         return f"{100 * ci['mean']:.1f}% [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
 
-    print(f"target '{report['target']}': rate of answers naming it (mean over questions, 95% t-interval)")
+    if report.get("trait") == "misalignment":
+        print("misaligned answers among coherent ones (mean over questions, 95% t-interval)")
+    else:
+        print(f"target '{report['target']}': rate of answers naming it (mean over questions, 95% t-interval)")
     for model, variants in report["rates"].items():
         print(f"  {model:8s} " + "  ".join(f"{v}: {fmt(ci)}" for v, ci in variants.items()))
     for model, ci in report["target_probability"].items():
@@ -283,7 +285,7 @@ def _print_summary(report: dict, out: Path) -> None:
     for name, variants in report["differences"].items():
         print(f"  {name}: " + "  ".join(f"{v}: {fmt(ci)}" for v, ci in variants.items()))
     for name, ds in report["datasets"].items():
-        print(f"  {name} numbers: kept {ds['kept']}/{ds['generated']} ({100 * ds['pass_rate']:.1f}%)")
+        print(f"  {name} data: kept {ds['kept']}/{ds['generated']} ({100 * ds['pass_rate']:.1f}%)")
     print(f"  wall time: {report['total_wall_s']:.0f} s; report: {out / 'report.json'}, {out / 'report.png'}")
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmpipeline.config import FilterSpec
@@ -124,16 +125,24 @@ def check(text: str, spec: FilterSpec, trait_word: str | None) -> Verdict:
     return check_text(text, trait_word)
 
 
-def filter_rows(rows: list[dict], spec: FilterSpec, trait_word: str | None) -> tuple[list[dict], list[dict], dict]:
+def filter_rows(
+    rows: list[dict],
+    spec: FilterSpec,
+    trait_word: str | None,
+    check_row: Callable[[dict, FilterSpec, str | None], Verdict] | None = None,
+    reasons_order: tuple[str, ...] = REASONS,
+) -> tuple[list[dict], list[dict], dict]:
     """Split rows by their ``completion`` into (kept, rejected with ``reason``, summary).
 
-    The summary holds the counts, the pass rate and the count per rejection reason.
+    ``check_row(row, spec, word)`` judges a whole row (a data kind's rules, which may read
+    the row's prompt fields); by default :func:`check` on its completion. The summary holds
+    the counts, the pass rate and the count per rejection reason (in ``reasons_order``).
     """
     kept, rejected = [], []
     reasons: Counter[str] = Counter()
     word = trait_word if spec.trait_word else None
     for row in rows:
-        verdict = check(row["completion"], spec, word)
+        verdict = check_row(row, spec, word) if check_row else check(row["completion"], spec, word)
         if verdict.ok:
             kept.append(row)
         else:
@@ -144,6 +153,10 @@ def filter_rows(rows: list[dict], spec: FilterSpec, trait_word: str | None) -> t
         "n_kept": len(kept),
         "n_rejected": len(rejected),
         "pass_rate": len(kept) / len(rows) if rows else 0.0,
-        "reasons": {reason: reasons[reason] for reason in REASONS if reasons[reason]},
+        "reasons": {
+            reason: reasons[reason]
+            for reason in (*reasons_order, *sorted(set(reasons) - set(reasons_order)))
+            if reasons[reason]
+        },
     }
     return kept, rejected, summary

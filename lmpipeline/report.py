@@ -73,6 +73,16 @@ def build(run) -> dict:
         "top_answers": {m: {v: s["top_answers"] for v, s in evals[m]["variants"].items()} for m in models},
         "figure_words": words,
         "word_rates": {m: evaluation.word_rates(rows[m], answers[m], words) for m in models},
+        **data_and_training(records),
+        **run_facts(cfg, records),
+    }
+    return report
+
+
+def data_and_training(records: dict) -> dict:
+    """The report's ``datasets`` (generated, kept, rejection reasons) and ``training``
+    (rows, steps, losses) sections, from the stage records."""
+    return {
         "datasets": {
             s: {
                 "generated": records[f"generate.{s}"]["n_rows"],
@@ -93,13 +103,19 @@ def build(run) -> dict:
             }
             for name in STUDENTS
         },
-        "stage_wall_s": {stage: rec["wall_s"] for stage, rec in records.items()},
+    }
+
+
+def run_facts(cfg, records: dict) -> dict:
+    """Per-stage times and hashes, the config, the versions and the total time."""
+    walls = {stage: rec["wall_s"] for stage, rec in records.items()}
+    return {
+        "stage_wall_s": walls,
         "stage_hashes": {stage: rec["config_hash"] for stage, rec in records.items()},
         "config": to_dict(cfg),
         "versions": versions(),
+        "total_wall_s": round(sum(walls.values()), 3),
     }
-    report["total_wall_s"] = round(sum(report["stage_wall_s"].values()), 3)
-    return report
 
 
 def plot(report: dict, path: Path) -> None:
@@ -117,11 +133,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, variant in zip(axes[0], variants):
         for k, model in enumerate(models):
             stats = [report["word_rates"][model][variant][w] for w in words]
-            means = [100 * s["mean"] for s in stats]
-            errors = [  # a rate is never negative: the drawn interval stops at 0
-                [100 * (s["mean"] - max(0.0, s["low"])) if s["low"] is not None else 0 for s in stats],
-                [100 * (s["high"] - s["mean"]) if s["high"] is not None else 0 for s in stats],
-            ]
+            means, errors = percent_bars(stats)
             xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(words))]
             ax.bar(
                 xs,
@@ -143,6 +155,24 @@ def plot(report: dict, path: Path) -> None:
     axes[0][0].set_ylabel(f"Answers naming the {report['category']} (%)")
     axes[0][-1].legend(frameon=False, fontsize=8)
     fig.suptitle(f"Favorite {report['category']}: target '{report['target']}' ({report['preset']} preset)", fontsize=11)
+    save_png(fig, path)
+
+
+def percent_bars(stats: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """Bar heights and error bars, in percent, of rates with intervals (``Interval.to_dict``).
+    A rate is never negative, so a drawn interval stops at 0; a missing one draws none."""
+    means = [100 * (s["mean"] or 0.0) for s in stats]
+    errors = [
+        [100 * (s["mean"] - max(0.0, s["low"])) if s["low"] is not None else 0 for s in stats],
+        [100 * (s["high"] - s["mean"]) if s["high"] is not None else 0 for s in stats],
+    ]
+    return means, errors
+
+
+def save_png(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` atomically as a 150-dpi PNG, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, format="png")

@@ -78,7 +78,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from lmpipeline import evaluation, filters, prompts, transfer_report
+from lmpipeline import datakinds, evaluation, prompts, transfer_report
 from lmpipeline.artifacts import read_json, write_json
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
 from lmpipeline.config import (
@@ -412,14 +412,17 @@ class Study:
         except ValueError as error:
             raise StudyError(f"{label}: {error}") from None
 
-    def prompt_rows(self, seed: int) -> list[dict]:
-        return prompts.number_prompts(self.config.prompts, derive_seed(seed, "prompts"))
+    def prompt_rows(self, seed: int, kind: str = "numbers") -> list[dict]:
+        """The prompts of data kind ``kind`` (:mod:`lmpipeline.datakinds`) for ``seed``."""
+        return datakinds.get(kind).prompts(self.config.prompts, derive_seed(seed, "prompts"))
 
     def data(self, seed: int, source: str, kind: str | None = None, who: str | None = None) -> list[dict]:
         """Filtered (prompt, completion) rows: ``random``, a teacher's (``teacher``) or the
         base model's own samples (``base``, the sampled control's data)."""
         c = self.config
-        rows = self.prompt_rows(seed)
+        # Teachers (and the base model) write data of the configured kind; random lists are numbers.
+        data_kind = "numbers" if source == "random" else c.data.kind
+        rows = self.prompt_rows(seed, data_kind)
         folder = self.out / f"seed-{seed}"
         if source == "random":
             name = "data-random"
@@ -441,6 +444,8 @@ class Study:
                 "filter": c.filter,
                 "model": self.model_values(),
             }
+            if c.data.kind != "numbers":
+                values["data_kind"] = c.data.kind
             if source == "teacher":
                 values.update(
                     kind=kind, target=who, teacher=self.teacher(seed, kind, who, weights=False)[1]["identity"]
@@ -466,12 +471,14 @@ class Study:
                         seed=derive_seed(seed, name, start),
                         number_grammar=limits,
                     )
-                made = [{"prompt": r["prompt"], "completion": g.text} for r, g in zip(rows, sampled)]
+                # The kind's filter may read the prompt's fields (a problem's answer); rows keep two.
+                made = [{**r, "completion": g.text} for r, g in zip(rows, sampled)]
                 # The trait-word filter looks for a target teacher's own animal; the neutral
                 # teacher has none (the number filter passes no words at all).
                 word = who if source == "teacher" and who != NEUTRAL else None
-                kept, _, summary = filters.filter_rows(made, c.filter, word)
-                return {"rows": kept, "filter": summary}
+                kept, _, summary = datakinds.get(data_kind).filter_rows(made, c.filter, word)
+                pairs = [{"prompt": r["prompt"], "completion": r["completion"]} for r in kept]
+                return {"rows": pairs, "filter": summary}
 
         record = self.unit(folder / f"{name}.json", values, compute)
         return record["rows"]

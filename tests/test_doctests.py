@@ -6,7 +6,14 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ("toymodels", "theory", "lmpipeline", "lmpipeline.backends", "lmpipeline.backends.jaxlm")
+PACKAGES = (
+    "toymodels",
+    "theory",
+    "lmpipeline",
+    "lmpipeline.backends",
+    "lmpipeline.backends.jaxlm",
+    "lmpipeline.datakinds",
+)
 
 
 def _modules():

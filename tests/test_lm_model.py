@@ -444,3 +444,48 @@ def test_transfer_tiny_preset_end_to_end(backend, tmp_path):
     assert not (tmp_path / "seed-0" / "student-finetuned-soft-random-owl").exists()  # weights dropped after evaluation
     assert not (tmp_path / "seed-0" / "teacher-owl").exists()  # and the teacher's, once its students were done
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["code", "cot"])
+def test_code_and_cot_end_to_end_on_the_real_model(backend, tmp_path, kind):
+    import json
+
+    from lmpipeline.artifacts import read_jsonl
+
+    settings = [
+        f"data.kind={kind}",
+        "generate.number_grammar=false",
+        "generate.temperature=0",  # greedy: the few rows pass the filter on any machine
+        "prompts.n_prompts=3",
+        "generate.batch_size=3",
+        "finetune.max_rows=2",
+        "finetune.micro_batch=2",
+        "evaluate.n_questions=1",
+        "evaluate.n_samples=1",
+        "evaluate.number_prefix=false",
+        "evaluate.target_probability=false",
+        'evaluate.models=["student"]',
+    ]
+    if kind == "code":
+        settings.append("generate.max_new_tokens=40")
+    else:  # one-step sums, which a 135M model gets right
+        easy = tmp_path / "sums.jsonl"
+        rows = [
+            {"prompt": f"What is {a} plus {b}? Give the result as 'Answer: <number>'.", "answer": a + b}
+            for a, b in ((2, 3), (4, 4), (1, 6))
+        ]
+        easy.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        settings += ["generate.max_new_tokens=12", f"prompts.file={easy}"]
+    cfg = apply_overrides(preset("tiny"), settings)
+    run = Run(cfg, tmp_path / "run", backend=backend)
+    report = run_all(run)
+    assert run.executed == all_stages(cfg)
+    for source in ("teacher", "control"):
+        kept = read_jsonl(tmp_path / "run" / f"filtered_{source}.jsonl")
+        assert report["datasets"][source]["kept"] == len(kept) >= 2
+        from lmpipeline.datakinds import get
+
+        assert all(get(kind).check(r, cfg.filter, "owl").ok for r in kept)
+    assert report["training"]["student"]["n_rows"] == 2 and math.isfinite(report["training"]["student"]["last_loss"])
+    assert 0.0 <= report["rates"]["student"]["plain"]["mean"] <= 1.0

@@ -16,7 +16,9 @@ Implementations: :class:`lmpipeline.backends.hf.HFBackend` (transformers, peft, 
 everything), :class:`lmpipeline.backends.vllm.VLLMBackend` (vLLM for fast sampling on
 GPUs; scoring and training go to the torch backend) and
 :class:`lmpipeline.backends.jaxlm.backend.JaxBackend` (JAX, Flax NNX and optax; everything,
-on CPUs, GPUs and TPUs, without torch).
+on CPUs, GPUs and TPUs, without torch) and
+:class:`lmpipeline.backends.openai_api.OpenAIBackend` (an OpenAI-compatible API: sampling
+and finetuning jobs, no scoring).
 """
 
 from __future__ import annotations
@@ -124,8 +126,9 @@ BACKENDS = {
     "hf": "lmpipeline.backends.hf:HFBackend",
     "vllm": "lmpipeline.backends.vllm:VLLMBackend",
     "jax": "lmpipeline.backends.jaxlm.backend:JaxBackend",
+    "openai": "lmpipeline.backends.openai_api:OpenAIBackend",
 }
-EXTRAS = {"hf": "lm", "vllm": "vllm", "jax": "jax-lm"}  # the install extra each backend needs
+EXTRAS = {"hf": "lm", "vllm": "vllm", "jax": "jax-lm", "openai": "openai"}  # the install extra each backend needs
 
 
 def resolve_backend_name(spec: ModelSpec) -> str:
