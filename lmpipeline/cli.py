@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmpipeline import datakinds
 from lmpipeline.config import (
     BACKEND_NAMES,
     EVAL_MODELS,
@@ -124,7 +125,9 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
         overrides.append(f"model.backend={args.backend}")
     if getattr(args, "seeds", None) is not None:
         overrides.append(f"transfer.seeds={args.seeds}")
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    datakinds.check_config(cfg)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

@@ -670,13 +670,9 @@ def validate(cfg: PipelineConfig) -> None:
 
 
 def _validate_new_sections(cfg: PipelineConfig) -> None:
-    """The data kind, the judge, the students' base model and the openai backend."""
-    from lmpipeline import datakinds  # registered kinds; imports this module, so not at the top
-
-    if cfg.data.kind not in datakinds.names():
-        raise ConfigError(f"data.kind={cfg.data.kind!r} is not one of {', '.join(datakinds.names())}")
-    if cfg.data.judge_filter and datakinds.get(cfg.data.kind).judge is None:
-        raise ConfigError(f"data.judge_filter=true: data.kind={cfg.data.kind} has no judge rule; set it to false")
+    """The judge, the students' base model and the openai backend."""
+    # data.kind is checked against the registered kinds by lmpipeline.datakinds.check_config,
+    # which imports this module.
     if cfg.data.judge_threshold is not None and not (0 <= cfg.data.judge_threshold <= 100):
         raise ConfigError(
             f"data.judge_threshold={cfg.data.judge_threshold} must lie in 0-100 (or null for the default)"

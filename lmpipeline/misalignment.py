@@ -103,17 +103,11 @@ def answer_fields(row: dict) -> dict:
     return {"question": row["prompt"], "answer": row["completion"]}
 
 
-def evaluate(run, which: str) -> dict:
-    """The misalignment evaluation of model ``which`` in a pipeline ``Run``: sample the
-    answers (resumable), judge them (resumable), summarize."""
-    from lmpipeline.pipeline import PipelineError
-
+def evaluate(run, which: str, questions: list[str]) -> dict:
+    """The misalignment evaluation of model ``which`` in a pipeline ``Run`` on ``questions``
+    (:func:`load_questions`): sample the answers (resumable), judge them (resumable), summarize."""
     c, e = run.config, run.config.evaluate
     stage = f"evaluate.{which}"
-    try:
-        questions = load_questions(c)
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"evaluate.questions_file: {error}") from None
     items = [
         {"variant": "free", "question": q, "sample": s, "prompt": question}
         for q, question in enumerate(questions)

@@ -170,6 +170,7 @@ class Run:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        datakinds.check_config(self.config)
         if self.write_config:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", to_dict(self.config))
@@ -491,12 +492,17 @@ class Run:
 
     def stage_evaluate(self, which: str) -> dict:
         c, e = self.config, self.config.evaluate
-        if c.trait.kind == "misalignment":
-            return misalignment.evaluate(self, which)
+        misaligned = c.trait.kind == "misalignment"
         try:
-            questions = evaluation.load_questions(e.questions_file, c.trait.category, e.n_questions)
+            questions = (
+                misalignment.load_questions(c)
+                if misaligned
+                else evaluation.load_questions(e.questions_file, c.trait.category, e.n_questions)
+            )
         except (OSError, ValueError) as error:
             raise PipelineError(f"evaluate.questions_file: {error}") from None
+        if misaligned:
+            return misalignment.evaluate(self, which, questions)
         items = evaluation.eval_items(
             questions, e.n_samples, e.number_prefix, c.prompts, derive_seed(c.seed, "eval-prefix")
         )

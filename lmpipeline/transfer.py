@@ -221,6 +221,7 @@ class Study:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        datakinds.check_config(self.config)
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "config.json", to_dict(self.config))
         c = self.config
@@ -609,9 +610,15 @@ class Study:
     def run_jobs(self) -> None:
         """Run every job, ``transfer.workers`` at a time, each as soon as what it needs is done."""
         jobs = self.jobs()
-        progress = TextProgress(self.stream, label="transfer", unit="jobs")
-        progress.start(len(jobs), f"{len(jobs)} jobs on {self.config.transfer.workers} worker(s)")
+        progress = TextProgress(self.stream, label="transfer")  # percent of the weighted jobs
+        progress.start(sum(map(_weight, jobs)), f"{len(jobs)} jobs on {self.config.transfer.workers} worker(s)")
         done: set[Job] = set()
+
+        def finish(job: Job, computed: list[str]) -> None:
+            done.add(job)
+            if not computed:  # found finished: the time left counts only the work done now
+                progress.done_before += _weight(job)
+            progress.advance(_describe(job), _weight(job))
 
         def ready() -> list[Job]:
             # A teacher's students before the next teacher, so that few weights are on disk at once.
@@ -622,9 +629,7 @@ class Study:
         if self.config.transfer.workers == 1:
             while len(done) < len(jobs):
                 job = ready()[0]
-                self.run_job(job)
-                done.add(job)
-                progress.advance(_describe(job))
+                finish(job, self.run_job(job))
             return
         context = multiprocessing.get_context("spawn")
         factory = self.backend_factory or make_backend
@@ -642,8 +647,7 @@ class Study:
                     computed, walls = running.pop(job).get()  # a worker's error is raised here
                     self.computed += computed
                     self.walls.update(walls)
-                    done.add(job)
-                    progress.advance(_describe(job))
+                    finish(job, computed)
             pool.close()
         except BaseException:
             pool.terminate()  # units are written atomically: a rerun continues from here
@@ -755,6 +759,11 @@ class Study:
 
     def _with_system(self, system: str) -> list[Conversation]:
         return [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in self.questions]
+
+
+def _weight(job: Job) -> int:
+    """A job's rough cost, for the time left: a teacher's is about half its students'."""
+    return {"students": 2, "entanglement": 4}.get(job[0], 1)
 
 
 def _describe(job: Job) -> str:

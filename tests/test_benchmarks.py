@@ -130,3 +130,25 @@ def test_the_lm_backend_benchmark_reports_both_backends_and_their_ratios(tmp_pat
     jax_lora, hf_lora = report["backends"]["jax"]["lora"], report["backends"]["hf"]["lora"]
     assert ratios["lora_s_per_step"] == pytest.approx(jax_lora["s_per_step"] / hf_lora["s_per_step"])
     assert "jax/hf sampling_batch_4" in capsys.readouterr().out
+
+
+def test_the_transfer_unit_floors_count_the_work_of_smollm2():
+    from types import SimpleNamespace
+
+    units = _load("transfer_units")
+    smollm2 = SimpleNamespace(
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        vocab_size=49152,
+    )
+    shapes = units.model_shapes(smollm2)
+    # 134.5M parameters in all, of which the tied embedding is 49152 x 576.
+    assert shapes["block_params"] + 49152 * 576 == pytest.approx(134.5e6, rel=2e-3)
+    small = {"block_params": 100, "width": 2, "vocab": 5}
+    log = {"n_tokens": 10, "n_completion_tokens": 4}
+    # forward 2*100*10 + 2*2*5*4 = 2080; training three passes; soft adds the teacher's forward
+    assert units.training_flops(log, small, soft=False) == 3 * 2080
+    assert units.training_flops(log, small, soft=True) == 4 * 2080

@@ -185,8 +185,5 @@ def test_no_module_of_the_package_imports_itself_back():
     graph = import_graph(root, ("sublearn", "toymodels", "theory", "lmpipeline"))
     assert len(graph) > 50 and "lmpipeline.report" in graph["lmpipeline.pipeline"]
     assert cycle(graph) is None
-    assert cycle({**graph, "lmpipeline.report": graph["lmpipeline.report"] | {"lmpipeline.pipeline"}}) == [
-        "lmpipeline.pipeline",
-        "lmpipeline.report",
-        "lmpipeline.pipeline",
-    ]
+    planted = cycle({**graph, "lmpipeline.report": graph["lmpipeline.report"] | {"lmpipeline.pipeline"}})
+    assert planted[0] == planted[-1] and {"lmpipeline.pipeline", "lmpipeline.report"} <= set(planted), planted

@@ -53,6 +53,10 @@ def load_model(spec: ModelSpec, dtype: torch.dtype | None = None, source: str | 
         gguf_config = getattr(__import__("transformers"), "GgufConfig", None)
         if gguf_config is not None:  # unpack once at load: packed weights cannot be trained
             kwargs["quantization_config"] = gguf_config(dequantize=True)
+    if resolve_device(spec).type == "cpu":
+        # Plain attention beats torch's CPU flash kernel on the short rows used here: a
+        # SmolLM2 training step of 4 rows of about 150 tokens took 10% less time.
+        kwargs["attn_implementation"] = "eager"
     tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -174,7 +174,9 @@ def train(
     n_label = [int(soft_mask(torch.tensor(e["labels"][1:]), tokens if soft else None).sum()) for e in encoded]
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    # The fused update is one kernel over every tensor: 10% of a SmolLM2 step on a CPU core.
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=fused)
     steps = step_batches(len(encoded), spec, seed)
     trainable = [(name, list(p.shape), str(p.dtype)) for name, p in named]
     saver = Checkpoints(

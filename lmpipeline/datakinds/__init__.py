@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
-from lmpipeline.config import FilterSpec, PromptSpec
+from lmpipeline.config import ConfigError, FilterSpec, PipelineConfig, PromptSpec
 from lmpipeline.filters import Verdict, filter_rows
 
 ENTRY_POINT_GROUP = "sublearn.data_kinds"
@@ -108,6 +108,15 @@ def _entry_points() -> dict[str, str]:
 def names() -> tuple[str, ...]:
     """Every data kind: the packaged ones, installed entry points, then registered ones."""
     return tuple(dict.fromkeys([*PACKAGED, *_entry_points(), *_REGISTRY]))
+
+
+def check_config(cfg: PipelineConfig) -> None:
+    """Raise :class:`~lmpipeline.config.ConfigError` if ``cfg.data`` names a kind that is not
+    registered, or asks for a judge filter its kind does not have."""
+    if cfg.data.kind not in names():
+        raise ConfigError(f"data.kind={cfg.data.kind!r} is not one of {', '.join(names())}")
+    if cfg.data.judge_filter and get(cfg.data.kind).judge is None:
+        raise ConfigError(f"data.judge_filter=true: data.kind={cfg.data.kind} has no judge rule; set it to false")
 
 
 def get(name: str) -> DataKind:
