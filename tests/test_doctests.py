@@ -6,7 +6,7 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ("toymodels", "theory", "lmpipeline", "lmpipeline.backends", "lmpipeline.backends.jaxlm")
+PACKAGES = ("sublearn", "toymodels", "theory", "lmpipeline", "lmpipeline.backends", "lmpipeline.backends.jaxlm")
 
 
 def _modules():
