@@ -21,11 +21,11 @@ from, so it changes exactly when its output could. A stage's record
 (:func:`sublearn._store.seal`) also holds the row count and checksum of every file it
 wrote and the checksum of every file it read; a stage is skipped only when its record
 carries the current hash and its outputs and inputs still match it, and is recomputed
-otherwise, with one line saying why. Asking for a stage first brings its inputs up to date, so
-``run_stage(run, "report")`` runs the whole experiment and a rerun resumes it. Sampling
-stages append whole batches to a partial log and continue after the last one when
-interrupted; each batch's seed is derived from the run seed, the stage and the batch
-index, so a resumed run produces the rows an uninterrupted one would.
+otherwise, with one line saying why. Asking for a stage first brings its inputs up to
+date, so ``run_stage(run, "report")`` runs the whole experiment and a rerun resumes it.
+Sampling stages append whole batches to a partial log and continue after the last one
+when interrupted; each batch's seed is derived from the run seed, the stage and the
+batch index, so a resumed run produces the rows an uninterrupted one would.
 """
 
 from __future__ import annotations

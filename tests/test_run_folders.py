@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -21,9 +20,8 @@ from scripted_lm import ScriptedBackend
 
 from lmpipeline import cli as lm_cli
 from lmpipeline import pipeline, transfer
-from lmpipeline.config import PRESETS
+from lmpipeline.config import PRESETS, from_dict
 from sublearn._common import TextProgress, read_json, write_json
-from sublearn._store import FOLDER_RECORD, seal
 from sublearn.cli import main
 
 LM_SMALL = [
@@ -33,15 +31,6 @@ LM_SMALL = [
 ]
 MNIST_TINY = "--hidden 16 16 --batch-size 128 --teacher-epochs 1 --student-epochs 1 --n-noise 256 --n-train 512 "
 MNIST_TINY = (MNIST_TINY + "--n-test 200 --seeds 2 --quiet").split()
-HOLD = textwrap.dedent(
-    """
-    import sys
-    from sublearn._store import claim
-    with claim(sys.argv[1], sys.argv[2]):
-        print("held", flush=True)
-        sys.stdin.read()
-    """
-)
 
 
 @pytest.fixture
@@ -113,6 +102,52 @@ def test_lm_finetune_and_report_after_a_finished_jsonl_was_truncated(
     assert path.read_bytes() == whole
 
 
+def test_a_stage_whose_input_changed_since_it_ran_is_recomputed(tmp_path, scripted, capsys):
+    out = tmp_path / "run"
+    assert main(["lm", "run", "--preset", "tiny", "--out", str(out), *LM_SMALL]) == 0
+    # The filter's rows change and its record with them (as a rerun with other rows would
+    # leave them): the students trained on the old rows must train again.
+    from sublearn._store import seal
+
+    run = pipeline.Run(from_dict(read_json(out / "config.json")), out, write_config=False)
+    rows = (out / "filtered_teacher.jsonl").read_text().splitlines(keepends=True)
+    (out / "filtered_teacher.jsonl").write_text("".join(rows[:-1]))
+    stage = "filter.teacher"
+    record = read_json(run.record_path(stage))
+    payload = {k: v for k, v in record.items() if k not in ("config_hash", "outputs", "inputs", "checksum")}
+    sealed = seal(payload, run.stage_hash(stage), out, outputs=run.outputs(stage), inputs=run.read_files(stage))
+    write_json(run.record_path(stage), sealed)
+    capsys.readouterr()
+    assert main(["lm", "finetune", "--out", str(out), "--which", "student"]) == 0
+    err = capsys.readouterr().err
+    assert "[filter.teacher]" not in err
+    assert "[finetune.student] its input filtered_teacher.jsonl changed since it ran; recomputing" in err
+
+
+def test_a_study_unit_is_reused_while_intact_and_recomputed_with_one_line_otherwise(tmp_path):
+    from lmpipeline.config import preset
+
+    stream = io.StringIO()
+    study = transfer.Study(preset("transfer-tiny"), tmp_path, backend=ScriptedBackend(), stream=stream)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"logp": [0.5, 0.25]}
+
+    path = tmp_path / "seed-0" / "unit.json"
+    first = study.unit(path, {"unit": "u", "rows": 4}, compute)
+    assert study.unit(path, {"unit": "u", "rows": 4}, compute) == first and len(calls) == 1
+    assert study.computed == ["seed-0/unit"]
+    write_json(path, read_json(path) | {"logp": [0.5, 0.3]})  # edited by hand
+    assert study.unit(path, {"unit": "u", "rows": 4}, compute)["logp"] == [0.5, 0.25] and len(calls) == 2
+    assert "[transfer] seed-0/unit: its record does not match its checksum (edited or damaged); recomputing" in (
+        stream.getvalue()
+    )
+    study.unit(path, {"unit": "u", "rows": 5}, compute)
+    assert len(calls) == 3 and "seed-0/unit: its settings changed since it ran; recomputing" in stream.getvalue()
+
+
 def test_a_damaged_run_config_is_one_line_naming_the_command_that_rewrites_it(tmp_path, scripted, capsys):
     out = tmp_path / "run"
     assert main(["lm", "prompts", "--preset", "tiny", "--out", str(out)]) == 0
@@ -166,6 +201,7 @@ def test_an_atlas_point_that_fails_its_checksum_is_run_again(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_a_damaged_mnist_checkpoint_is_noted_and_its_seeds_trained_again(tmp_path, monkeypatch):
+    from sublearn._store import seal
     from toymodels import experiment
     from toymodels.conditions import CONDITIONS, STUDENT_CONDITIONS
     from toymodels.config import tiny
@@ -196,6 +232,7 @@ def test_a_damaged_mnist_checkpoint_is_noted_and_its_seeds_trained_again(tmp_pat
 
 
 def test_mnist_results_are_checked_against_their_checksum_when_read(tmp_path, capsys):
+    from sublearn._store import seal
     from toymodels.compare import main as compare
 
     committed = read_json(os.path.join(os.path.dirname(__file__), "..", "docs", "mnist_results_100_seeds.json"))
@@ -253,24 +290,6 @@ def test_a_second_lm_run_into_a_running_ones_folder_stops_naming_its_pid(tmp_pat
     assert written(out) == ["config.json"]  # the first run's
 
 
-@pytest.fixture
-def held():
-    children = []
-
-    def hold(folder, command):
-        child = subprocess.Popen(
-            [sys.executable, "-c", HOLD, str(folder), command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert child.stdout.readline().strip() == "held"
-        children.append(child)
-        return child
-
-    yield hold
-    for child in children:
-        child.stdin.close()
-        child.wait(timeout=30)
-
-
 @pytest.mark.parametrize(
     "prefix, rest, prog",
     [
@@ -281,10 +300,10 @@ def held():
     ],
 )
 def test_every_command_that_writes_a_folder_stops_while_another_process_holds_it(
-    tmp_path, held, scripted, no_training, capsys, prefix, rest, prog
+    tmp_path, folder_holder, scripted, no_training, capsys, prefix, rest, prog
 ):
     out = tmp_path / "out"
-    holder = held(out, "sublearn lm run")
+    holder = folder_holder(out, "sublearn lm run")
     assert main([*prefix, "--out", str(out), *rest]) == 2
     assert f"is in use by pid {holder.pid} (sublearn lm run)" in one_error_line(capsys, prog)
     assert written(out) == []
@@ -339,7 +358,7 @@ def test_another_commands_folder_is_refused_in_one_line(
     line = one_error_line(capsys, prog)
     assert f"--out {out} holds the results of `{owner}`, not `" in line and line.endswith("choose another --out")
     assert sorted(os.listdir(out)) == before
-    assert read_json(tmp_path / "out" / FOLDER_RECORD)["command"] == owner
+    assert read_json(tmp_path / "out" / ".sublearn.json")["command"] == owner
 
 
 # -- settings refused before any work -------------------------------------------------------

@@ -7,10 +7,11 @@ this one tries to take it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -29,36 +30,6 @@ from sublearn._store import (
 )
 from sublearn._store import read_json as read_json_or_damaged
 
-HOLD = textwrap.dedent(
-    """
-    import sys
-    from sublearn._store import claim
-    with claim(sys.argv[1], sys.argv[2]):
-        print("held", flush=True)
-        sys.stdin.read()  # until the test closes our stdin
-    """
-)
-
-
-@pytest.fixture
-def holder():
-    """``holder(folder, command)``: a child process that holds ``folder`` until the test ends."""
-    children = []
-
-    def hold(folder, command="sublearn mnist"):
-        child = subprocess.Popen(
-            [sys.executable, "-c", HOLD, str(folder), command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert child.stdout.readline().strip() == "held"
-        children.append(child)
-        return child
-
-    yield hold
-    for child in children:
-        child.stdin.close()
-        child.wait(timeout=30)
-
-
 # -- the one hash -------------------------------------------------------------------------
 
 
@@ -72,6 +43,8 @@ def test_config_hash_reads_dataclasses_and_is_the_one_behind_every_fingerprint()
     fields = {k: v for k, v in MnistConfig().to_dict().items() if k not in ("seeds_per_chunk", "track")}
     fields["noise"] = fields.pop("student_data")
     assert MnistConfig().fingerprint() == config_hash(fields)
+    # The bytes hashed are json.dumps's with sorted keys: every fingerprint written so far keeps its value.
+    assert config_hash(fields) == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
     # A stream of rows hashes as their concatenation would, one piece at a time.
     assert fingerprint(spec, 3, rows, "lora") == config_hash(
@@ -80,6 +53,15 @@ def test_config_hash_reads_dataclasses_and_is_the_one_behind_every_fingerprint()
     assert fingerprint(spec, 3, rows[:1], "lora") != fingerprint(spec, 3, rows, "lora")
     with pytest.raises(TypeError):
         config_hash({"a": object()})
+
+
+def test_the_committed_atlas_points_are_found_under_todays_fingerprints():
+    from toymodels.atlas import base_config, curves, point_config
+
+    committed = read_json(os.path.join(os.path.dirname(__file__), "..", "docs", "atlas", "atlas.json"))
+    base = base_config("full", 4, "bf16")
+    keys = {point_config(base, c, o).fingerprint() for c in curves("full") for _, o in c.points}
+    assert keys == set(committed["points"])  # a rerun into docs/atlas runs nothing again
 
 
 # -- records --------------------------------------------------------------------------------
@@ -170,8 +152,8 @@ def test_a_damaged_file_is_one_error_naming_the_file_and_its_rebuild(tmp_path):
 # -- folders --------------------------------------------------------------------------------
 
 
-def test_a_folder_held_by_another_process_is_refused_naming_its_pid(tmp_path, holder):
-    child = holder(tmp_path / "run", "sublearn atlas")
+def test_a_folder_held_by_another_process_is_refused_naming_its_pid(tmp_path, folder_holder):
+    child = folder_holder(tmp_path / "run", "sublearn atlas")
     with pytest.raises(FolderBusy) as caught:
         with claim(tmp_path / "run", "sublearn atlas"):
             pytest.fail("the folder was taken twice")

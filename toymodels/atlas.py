@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sublearn._store import DamagedFile
+from sublearn._store import KEY, DamagedFile, read_json, seal, stale
 from toymodels.config import STUDENT_DATA, ConfigError, MnistConfig, tiny
 from toymodels.stats import summarize
 
@@ -225,8 +225,6 @@ def _point_record(config: MnistConfig, result: Any) -> dict[str, Any]:  # an Exp
 def _sealed_point(key: str, record: dict[str, Any]) -> dict[str, Any]:
     """A point's record sealed under ``key`` (:func:`sublearn._store.seal`), with its summary
     recomputed with today's statistics and left out of the checksum: it is derived data."""
-    from sublearn._store import KEY, seal
-
     data = {k: v for k, v in record.items() if k not in (KEY, "checksum", "summary")}
     return {**seal(data, key), "summary": {c: summarize(values) for c, values in data["accuracy"].items()}}
 
@@ -262,7 +260,6 @@ def run_atlas(
             rebuilds it).
     """
     from sublearn._common import SilentProgress, environment, write_json
-    from sublearn._store import KEY, read_json, stale
     from toymodels.data import load_mnist
     from toymodels.sweep import run_points
 
@@ -458,7 +455,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("results/atlas"),
         help="folder of atlas.json and the figures (default: results/atlas); a rerun skips the points already there",
     )
-    parser.add_argument("--preset", default="full", help="full (the paper's setup; default) or tiny (seconds)")
+    parser.add_argument(
+        "--preset",
+        default="full",
+        help="full (the paper's setup; default) or tiny (every curve in miniature, a smoke test: minutes on a CPU)",
+    )
     parser.add_argument("--seeds", type=int, default=4, help="seeds per point (default: 4)")
     parser.add_argument(
         "--precision",
