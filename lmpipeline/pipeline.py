@@ -25,12 +25,15 @@ scores every answer (``judged_<model>.jsonl``, :mod:`lmpipeline.misalignment`). 
 start from ``student_model`` when it is set; everything else runs ``model``.
 
 A stage's hash covers the config sections it reads and the hashes of the stages it reads
-from, so it changes exactly when its output could. A stage whose record carries the
-current hash is skipped; asking for a stage first brings its inputs up to date, so
-``run_stage(run, "report")`` runs the whole experiment and a rerun resumes it. Sampling
-stages append whole batches to a partial log and continue after the last one when
-interrupted; each batch's seed is derived from the run seed, the stage and the batch
-index, so a resumed run produces the rows an uninterrupted one would.
+from, so it changes exactly when its output could. A stage's record
+(:func:`sublearn._store.seal`) also holds the row count and checksum of every file it
+wrote and the checksum of every file it read; a stage is skipped only when its record
+carries the current hash and its outputs and inputs still match it, and is recomputed
+otherwise, with one line saying why. Asking for a stage first brings its inputs up to
+date, so ``run_stage(run, "report")`` runs the whole experiment and a rerun resumes it.
+Sampling stages append whole batches to a partial log and continue after the last one
+when interrupted; each batch's seed is derived from the run seed, the stage and the
+batch index, so a resumed run produces the rows an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from lmpipeline.config import (  # noqa: F401  (the layout names are re-exported
 )
 from lmpipeline.judge import Judge, judge_rows
 from sublearn._common import TextProgress, mean_interval
+from sublearn._store import reusable, seal
 
 
 class PipelineError(RuntimeError):
@@ -264,21 +268,28 @@ class Run:
 
     def stage_hash(self, stage: str) -> str:
         values, upstream = self.inputs(stage)
-        return config_hash(
-            {"stage": stage, "values": to_dict_any(values), "upstream": [self.stage_hash(u) for u in upstream]}
-        )
+        return config_hash({"stage": stage, "values": values, "upstream": [self.stage_hash(u) for u in upstream]})
 
     def record_path(self, stage: str) -> Path:
         return self.out / (RECORDS[stage.partition(".")[0]](stage) + ".json")
 
+    def outputs(self, stage: str) -> list[str]:
+        """The files (or folders) ``stage`` writes beside its record."""
+        return OUTPUTS[stage.partition(".")[0]](stage)
+
+    def read_files(self, stage: str) -> list[str]:
+        """The files ``stage`` reads: the outputs of the stages it reads from."""
+        return [name for upstream in self.inputs(stage)[1] for name in self.outputs(upstream)]
+
+    def stale(self, stage: str) -> str | None:
+        """Why ``stage`` must be computed (None: its record is current and its files intact)."""
+        record, why = reusable(
+            self.record_path(stage), self.stage_hash(stage), outputs=self.outputs(stage), inputs=self.read_files(stage)
+        )
+        return None if record is not None else why or "it has not run"
+
     def is_current(self, stage: str) -> bool:
-        path = self.record_path(stage)
-        if not path.exists():
-            return False
-        try:
-            return read_json(path).get("config_hash") == self.stage_hash(stage)
-        except (ValueError, OSError):
-            return False
+        return self.stale(stage) is None
 
     def _grammar_limits(self) -> tuple[int, int] | None:
         return grammar_limits(self.config)
@@ -286,12 +297,14 @@ class Run:
     def _write_record(self, stage: str, summary: dict, wall_s: float) -> dict:
         record = {
             "stage": stage,
-            "config_hash": self.stage_hash(stage),
             "wall_s": round(wall_s, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": versions(),
             **summary,
         }
+        record = seal(
+            record, self.stage_hash(stage), self.out, outputs=self.outputs(stage), inputs=self.read_files(stage)
+        )
         write_json(self.record_path(stage), record)
         return record
 
@@ -577,17 +590,6 @@ def _stable(section, added: tuple[str, ...]) -> dict:
     return {k: v for k, v in to_dict(section).items() if k not in added or getattr(section, k) != getattr(default, k)}
 
 
-def to_dict_any(value):
-    """JSON-ready form of nested dataclasses, dicts and tuples (for hashing)."""
-    if hasattr(value, "__dataclass_fields__"):
-        return to_dict(value)
-    if isinstance(value, dict):
-        return {k: to_dict_any(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_dict_any(v) for v in value]
-    return value
-
-
 RECORDS: dict[str, Callable[[str], str]] = {
     "prompts": lambda s: "prompts",
     "generate": lambda s: f"numbers_{s.partition('.')[2]}",
@@ -596,6 +598,15 @@ RECORDS: dict[str, Callable[[str], str]] = {
     "evaluate": lambda s: f"eval_{s.partition('.')[2]}",
     "report": lambda s: "report",
 }
+# What each stage writes beside its record; the record keeps their row counts and checksums.
+OUTPUTS: dict[str, Callable[[str], list[str]]] = {
+    "prompts": lambda s: ["prompts.jsonl"],
+    "generate": lambda s: [f"numbers_{s.partition('.')[2]}.jsonl"],
+    "filter": lambda s: [f"filtered_{s.partition('.')[2]}.jsonl", f"rejected_{s.partition('.')[2]}.jsonl"],
+    "finetune": lambda s: [STUDENT_DIRS[s.partition(".")[2]]],
+    "evaluate": lambda s: [f"eval_{s.partition('.')[2]}.jsonl"],
+    "report": lambda s: ["report.png"],
+}
 
 
 def run_stage(run: Run, stage: str) -> dict:
@@ -603,11 +614,12 @@ def run_stage(run: Run, stage: str) -> dict:
     values, upstream = run.inputs(stage)  # validates the stage name
     for dependency in upstream:
         run_stage(run, dependency)
-    if run.is_current(stage):
+    why = run.stale(stage)
+    if why is None:
         return read_json(run.record_path(stage))
     kind, _, which = stage.partition(".")
     if run.record_path(stage).exists():
-        run.log(f"[{stage}] config changed since the last run; recomputing")
+        run.log(f"[{stage}] {why}; recomputing")
     start = time.perf_counter()
     method = getattr(run, f"stage_{kind}")
     summary = method(which) if which else method()

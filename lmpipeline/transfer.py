@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lmpipeline import datakinds, evaluation, prompts, transfer_report
-from lmpipeline.artifacts import read_json, write_json
+from lmpipeline.artifacts import write_json
 from lmpipeline.backends import Backend, Conversation, ModelRef, TrainExample, make_backend
 from lmpipeline.config import (
     NEUTRAL,
@@ -92,9 +92,10 @@ from lmpipeline.config import (
     result_fields,
     to_dict,
 )
-from lmpipeline.pipeline import finetune_into, grammar_limits, to_dict_any
+from lmpipeline.pipeline import finetune_into, grammar_limits
 from lmpipeline.words import plural, prefix_free, surface_forms
 from sublearn._common import TextProgress
+from sublearn._store import once
 
 SEPARATOR_OF = {
     "comma": ", ",
@@ -243,25 +244,21 @@ class Study:
         print(f"[transfer] {text}", file=self.stream, flush=True)
 
     def unit(self, path: Path, values: dict, compute: Callable[[], dict]) -> dict:
-        """The record at ``path`` if it was made from ``values``, else ``compute()`` saved there."""
-        digest = config_hash(to_dict_any(values))
-        if path.exists():
-            try:
-                record = read_json(path)
-                if record.get("config_hash") == digest:
-                    self.walls[str(path.relative_to(self.out).with_suffix(""))] = record.get("wall_s", 0.0)
-                    return record
-            except (ValueError, OSError):
-                pass
+        """The record at ``path`` if it was made from ``values`` and is intact, else
+        ``compute()`` saved there (:func:`sublearn._store.once`)."""
         name = str(path.relative_to(self.out).with_suffix(""))
-        self.log(f"{name} ...")
-        start = time.perf_counter()
-        record = {"config_hash": digest, **compute()}
-        record["wall_s"] = round(time.perf_counter() - start, 3)
-        write_json(path, record)
-        self.computed.append(name)
-        self.walls[name] = record["wall_s"]
-        self.log(f"{name} done in {record['wall_s']:.0f} s")
+
+        def announced() -> dict:
+            self.log(f"{name} ...")
+            return compute()
+
+        record, computed = once(
+            path, config_hash(values), announced, note=lambda why: self.log(f"{name}: {why}; recomputing")
+        )
+        self.walls[name] = record.get("wall_s", 0.0)
+        if computed:
+            self.computed.append(name)
+            self.log(f"{name} done in {record['wall_s']:.0f} s")
         return record
 
     def model_values(self) -> dict:

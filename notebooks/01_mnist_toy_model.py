@@ -168,8 +168,11 @@ print(f"aux logits on noise, mean |change| after one step: {float(jnp.mean(jnp.a
 # The paper trains each teacher for 5 epochs on all 60,000 training images and each
 # student for 5 epochs on 60,000 noise images, with 100 seeds. That takes a while on a CPU
 # (`sublearn mnist` runs it, with a resumable checkpoint), so here we run a narrower
-# network on part of the data with a handful of seeds. Every seed has its own teacher,
-# its own four students, and its own cross-model partner.
+# network on part of the data, for three epochs each, with a handful of seeds. The small
+# configuration (`toymodels.tiny`) also changes the optimizer's settings, which lets such
+# short training still learn: a learning rate of 1e-3 instead of 3e-4, and batches of 128
+# instead of 1024. The cell prints every setting that differs from the paper's. Every
+# seed has its own teacher, its own four students, and its own cross-model partner.
 
 # %%
 if QUICK:
@@ -188,11 +191,16 @@ print(f"{result.wall_s:.0f} s")
 
 # %% [markdown]
 # Each bar is this run's mean test accuracy over seeds, with a 95% confidence interval;
-# the black diamonds are the paper's numbers (100 seeds, full-size network and data).
+# the black diamonds are the paper's numbers (100 seeds, full-size network and data). The
+# table below the figure gives the same numbers.
 
 # %%
 plot_results(result, title=f"This notebook's run ({live_config.seeds} seeds, smaller network) vs the paper")
 plt.show()
+for condition, s in result.summary.items():
+    paper_mean, paper_ci = PAPER_RESULTS[condition]
+    print(f"  {condition:<12} {s['mean']:.3f} +- {s['ci95']:.3f}   paper {paper_mean:.3f} +- {paper_ci:.3f}"
+          f"   difference {s['mean'] - paper_mean:+.3f}")
 
 # %% [markdown]
 # What to look for:
@@ -203,8 +211,12 @@ plt.show()
 # * Distilling all logits (`student_all`) works better, as expected: the digit logits
 #   carry the answer directly. Even so, the shared start helps (`student_all` beats
 #   `cross_all`).
-# * The smaller network and shorter training put this run's bars below the paper's,
-#   most visibly for the teacher; in quick mode the intervals are wide.
+# * The smaller network, the shorter training and the other optimizer settings do not
+#   simply lower every bar. In full mode the teacher and the all-logits student end about
+#   0.03 below the paper's (0.916 and 0.888 against 0.943 and 0.913), while the aux-only
+#   student lands on the paper's value (0.523 against 0.528) and the cross-model
+#   all-logits student above it (0.757 against 0.743). In quick mode the intervals are
+#   wide.
 #
 # If a full paper-sized run is available, here it is next to the paper:
 
@@ -300,8 +312,8 @@ show_atlas_curve("teacher_epochs")
 # whose level at the paper's setup is above the 100-seed mean (see the README).
 #
 # **Try next:** `sublearn atlas --preset tiny --out /tmp/atlas` runs every curve in
-# miniature in a couple of minutes; `sublearn mnist --student-data shuffled` trains
-# students on pixel-shuffled digits.
+# miniature (about 100 s of CPU time; a few minutes on a shared laptop);
+# `sublearn mnist --student-data shuffled` trains students on pixel-shuffled digits.
 
 # %%
 print(f"Notebook wall time: {time.perf_counter() - STARTED:.0f} s ({'quick' if QUICK else 'full'} mode)")

@@ -384,6 +384,56 @@ class BarProgress:
             self.bar.close()
 
 
+class PartsProgress:
+    """Progress of a job made of ``parts`` smaller jobs (the runs of a sweep or an atlas),
+    each of which counts its own units and calls :meth:`start`: every part is one unit of
+    ``outer``, so ``outer`` counts the parts of the job and ends at 100%, never past it.
+
+    Call :meth:`next_part` before each part and :meth:`finish_part` after it.
+
+    >>> import io
+    >>> stream = io.StringIO()
+    >>> parts = PartsProgress(TextProgress(stream), 2)
+    >>> for name in ("a", "b"):
+    ...     parts.next_part(name)
+    ...     parts.start(4)  # what each part's own code does
+    ...     for _ in range(4):
+    ...         parts.advance("epoch", 1)
+    ...     parts.finish_part()
+    >>> [line.split("%")[0].strip("[ ") for line in stream.getvalue().splitlines()]
+    ['12', '25', '38', '50', '62', '75', '88', '100']
+    """
+
+    def __init__(self, outer: Progress, parts: int, description: str = ""):
+        self.outer, self.parts = outer, parts
+        self.part, self.label, self.units, self.done = 0, "", 1.0, 1.0
+        outer.start(parts, description)
+
+    def next_part(self, label: str) -> None:
+        self.part, self.label, self.units, self.done = self.part + 1, label, 1.0, 0.0
+
+    def start(self, total_units: float, description: str = "") -> None:
+        self.units = total_units or 1.0
+        if description:
+            self.note(description)
+
+    def advance(self, description: str, units: float = 1.0) -> None:
+        share = min(units / self.units, 1.0 - self.done)  # a part's own count may overshoot; its share cannot
+        self.done += share
+        self.outer.advance(f"{self.part}/{self.parts} {self.label}: {description}", share)
+
+    def finish_part(self) -> None:
+        if self.done < 1.0:
+            self.outer.advance(f"{self.part}/{self.parts} {self.label}: done", 1.0 - self.done)
+            self.done = 1.0
+
+    def note(self, message: str) -> None:
+        self.outer.note(message)
+
+    def close(self) -> None:
+        pass  # a part ending is not the job ending; the job's owner closes ``outer``
+
+
 # --- intervals ---------------------------------------------------------------------------
 
 INTERVAL_METHODS = ("t", "z")

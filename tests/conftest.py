@@ -58,3 +58,27 @@ def run_on_two_devices(tmp_path):
         return json.loads(out.read_text())
 
     return run
+
+
+@pytest.fixture
+def folder_holder():
+    """``hold(folder, command)``: a child process that holds ``folder`` for ``command``
+    (:func:`sublearn._store.claim`) until the test ends; returns the child (its ``pid``)."""
+    script = (
+        "import sys\nfrom sublearn._store import claim\nwith claim(sys.argv[1], sys.argv[2]):\n"
+        "    print('held', flush=True)\n    sys.stdin.read()\n"
+    )
+    children = []
+
+    def hold(folder, command: str) -> subprocess.Popen:
+        argv = [sys.executable, "-c", script, str(folder), command]
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "held"
+        children.append(child)
+        return child
+
+    yield hold
+    for child in children:
+        if not child.stdin.closed:
+            child.stdin.close()
+        child.wait(timeout=30)

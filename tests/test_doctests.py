@@ -7,6 +7,7 @@ import pkgutil
 import pytest
 
 PACKAGES = (
+    "sublearn",
     "toymodels",
     "theory",
     "lmpipeline",

@@ -266,6 +266,7 @@ def test_asking_for_vllm_without_it_names_the_install(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(
-        ConfigError, match=r"model.backend=vllm: the backend needs vllm; install it with .*subliminal-learning\[vllm\]"
+        ConfigError,
+        match=r"model.backend=vllm: the backend needs vllm; install it with `pip install -e '\.\[vllm\]'` in the",
     ):
         make_backend(SPEC)

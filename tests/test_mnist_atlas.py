@@ -1,6 +1,8 @@
 """``sublearn atlas``: the tiny preset end to end, resuming, the anchors on every figure, bad input."""
 
+import io
 import json
+import re
 
 import matplotlib
 
@@ -8,6 +10,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
+from sublearn._common import TextProgress
 from sublearn.cli import main
 from toymodels import sweep
 from toymodels.atlas import ATLAS, base_config, curve_sweep, curves, format_atlas, plot_curve, point_config, run_atlas
@@ -87,7 +90,14 @@ def test_tracked_curve_reads_the_probe_at_each_epochs_end():
 
 @pytest.mark.slow
 def test_tiny_atlas_end_to_end_resumes_and_agrees_with_itself(tmp_path, monkeypatch):
-    atlas = run_atlas(tmp_path, preset="tiny", seeds=2, only=("student_epochs", "teacher_epochs"))
+    stream = io.StringIO()
+    atlas = run_atlas(
+        tmp_path, preset="tiny", seeds=2, only=("student_epochs", "teacher_epochs"), progress=TextProgress(stream)
+    )
+    # Progress counts the four points of the run: it ends at 100%, never past it.
+    percents = [int(p) for p in re.findall(r"^\[\s*(\d+)%", stream.getvalue(), flags=re.M)]
+    assert percents == sorted(percents) and percents[-1] == 100, percents
+    assert "4/4 teacher_epochs=2: " in stream.getvalue()
     saved = json.loads((tmp_path / ATLAS).read_text())
     assert len(saved["points"]) == 4  # the tracked 3-epoch run and teacher epochs 0, 1, 2
     assert {p["config"]["precision"] for p in saved["points"].values()} == {"bf16"}

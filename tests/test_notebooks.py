@@ -1,8 +1,10 @@
-"""The teaching notebooks: each source runs top to bottom in quick mode, and its executed twin matches it.
+"""The teaching notebooks: each source runs top to bottom in quick mode, and its executed twin
+matches it and is not stale.
 
 The sources are jupytext percent-format ``notebooks/NN_*.py`` files; ``notebooks/build.py``
-executes them and writes the ``.ipynb`` twins that readers open. The twin check is fast
-and runs always; executing the notebooks is marked slow.
+executes them and writes the ``.ipynb`` twins that readers open, each with a record of the
+repository files and package sources it read. The twin checks are fast and run always;
+executing the notebooks is marked slow.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ build = _load_build()
 STRICT_JAX = {"JAX_NUMPY_RANK_PROMOTION": "raise"}
 SOURCES = build.sources()
 IDS = [path.stem for path in SOURCES]
+# Inputs each notebook must be seen to read when it runs: a committed result and a package source.
+READS = {
+    "01": ["docs/atlas/atlas.json", "docs/atlas/atlas_teacher_epochs.png", "toymodels/atlas.py"],
+    "02": ["theory/numerical.py"],
+    "03": ["docs/transfer/report.json", "lmpipeline/pipeline.py"],
+}
 
 
 def test_the_three_notebooks_exist():
@@ -63,6 +71,37 @@ def test_executed_twin_matches_source(source):
     assert images >= 2, f"{twin.name} shows {images} figures; readers should see the figures without running it"
 
 
+@pytest.mark.parametrize("source", SOURCES, ids=IDS)
+def test_executed_twin_shows_what_the_package_and_the_committed_results_hold_now(source):
+    twin = build.twin(source)
+    changed = build.stale_inputs(nbformat.read(twin, as_version=4))
+    assert not changed, (
+        f"{twin.name} is stale, these changed since it was built: {', '.join(changed)}; "
+        f"run python notebooks/build.py {source.stem}"
+    )
+
+
+def test_the_staleness_check_sees_code_and_results_but_not_comments_or_docstrings(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "docs").mkdir()
+    module, result = tmp_path / "pkg" / "m.py", tmp_path / "docs" / "r.json"
+    module.write_text('"""A module."""\n\n\ndef f():\n    """Doc."""\n    return 1  # one\n')
+    result.write_text('{"mean": 0.5}')
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "lib.py").write_text("X = 1\n")
+    seen = [str(module), str(result), str(tmp_path / ".venv" / "lib.py"), "/elsewhere/x.py", str(tmp_path)]
+    nb = nbformat.v4.new_notebook(metadata={"sublearn": {"inputs": build.record_inputs(seen, root=tmp_path)}})
+    assert list(nb.metadata["sublearn"]["inputs"]) == ["docs/r.json", "pkg/m.py"]
+    assert build.stale_inputs(nb, root=tmp_path) == []
+    module.write_text('"""Reworded."""\n\n\ndef f():\n    """Reworded."""\n\n    return 1\n')
+    assert build.stale_inputs(nb, root=tmp_path) == []  # the code is the same
+    module.write_text('"""A module."""\n\n\ndef f():\n    return 2\n')
+    assert build.stale_inputs(nb, root=tmp_path) == ["pkg/m.py"]
+    result.unlink()
+    assert build.stale_inputs(nb, root=tmp_path) == ["docs/r.json (gone)", "pkg/m.py"]
+    assert "records no inputs" in build.stale_inputs(nbformat.v4.new_notebook(), root=tmp_path)[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES, ids=IDS)
 def test_notebook_runs_in_quick_mode(source, tmp_path):
@@ -71,7 +110,11 @@ def test_notebook_runs_in_quick_mode(source, tmp_path):
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert "Mode: quick" in "".join(out.get("text", "") for out in code[0].outputs)
     assert all(cell.execution_count is not None for cell in code)
+    assert code[0].execution_count == 1 and build.cells(nb) == build.cells(jupytext.read(source))
     assert sorted(p.name for p in NOTEBOOKS_DIR.iterdir()) == repo_files_before, "a notebook wrote into notebooks/"
+    inputs = nb.metadata["sublearn"]["inputs"]
+    assert set(READS[source.stem[:2]]) <= set(inputs), sorted(inputs)
+    assert build.stale_inputs(nb) == []
 
 
 @pytest.mark.slow

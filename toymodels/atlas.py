@@ -18,8 +18,10 @@ setup lies on all of them) are run once.
 Each figure marks the published anchor numbers (:data:`ANCHORS`) as hollow stars with
 their source. ``atlas.json`` holds every point's config, per-seed accuracies and summary,
 the curves, the anchors, the software and hardware, and the wall time. It is rewritten
-after every point, and a rerun skips the points it already holds (a point is identified
-by its config's fingerprint), so a stopped atlas continues where it stopped.
+after every point, and a rerun skips the points it already holds (a point is a record of
+:mod:`sublearn._store`, keyed by its config's fingerprint and checked against its
+checksum; a point that fails the check is run again), so a stopped atlas continues where
+it stopped.
 
 Example:
 
@@ -39,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sublearn._store import KEY, DamagedFile, read_json, seal, stale
 from toymodels.config import STUDENT_DATA, ConfigError, MnistConfig, tiny
 from toymodels.stats import summarize
 
@@ -219,6 +222,13 @@ def _point_record(config: MnistConfig, result: Any) -> dict[str, Any]:  # an Exp
     return record
 
 
+def _sealed_point(key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A point's record sealed under ``key`` (:func:`sublearn._store.seal`), with its summary
+    recomputed with today's statistics and left out of the checksum: it is derived data."""
+    data = {k: v for k, v in record.items() if k not in (KEY, "checksum", "summary")}
+    return {**seal(data, key), "summary": {c: summarize(values) for c, values in data["accuracy"].items()}}
+
+
 def run_atlas(
     out: Path,
     *,
@@ -233,7 +243,7 @@ def run_atlas(
 
     Args:
         out: the folder of ``atlas.json`` and the figures.
-        preset: ``full`` (the paper's setup) or ``tiny`` (seconds, for tests).
+        preset: ``full`` (the paper's setup) or ``tiny`` (a smoke test; minutes on a CPU).
         seeds: seeds per point.
         precision: training precision of every point (``bf16`` halves the CPU time and
             left the paper's six bars unchanged over 100 seeds).
@@ -243,9 +253,12 @@ def run_atlas(
 
     Returns:
         The atlas dict as written.
-    """
-    import json
 
+    Raises:
+        ConfigError: a curve name is unknown, ``atlas.json`` holds another preset, or it
+            is damaged (:class:`sublearn._store.DamagedFile`, naming the command that
+            rebuilds it).
+    """
     from sublearn._common import SilentProgress, environment, write_json
     from toymodels.data import load_mnist
     from toymodels.sweep import run_points
@@ -259,15 +272,29 @@ def run_atlas(
     base = base_config(preset, seeds, precision)
     plan = [(curve, x, point_config(base, curve, overrides)) for curve in chosen for x, overrides in curve.points]
     path = Path(out) / ATLAS
-    atlas = json.loads(path.read_text()) if path.exists() else {}
+    rebuild = (
+        f"move it away and run `sublearn atlas --out {out} --preset {preset} --seeds {seeds} "
+        f"--precision {precision}` to rebuild it"
+    )
+    atlas = read_json(path, rebuild) if path.exists() else {}
+    if not isinstance(atlas, dict) or not isinstance(atlas.get("points", {}), dict):
+        raise DamagedFile(path, "not an atlas", rebuild)
     if atlas and atlas.get("preset") != preset:
         raise ConfigError(f"{path} holds the {atlas.get('preset')!r} atlas, not {preset!r}: choose another --out")
     atlas.update(
         {"atlas": "mnist_auxiliary_logits", "preset": preset, "base_config": base.to_dict(), "shown": list(SHOWN)}
     )
-    atlas.setdefault("points", {})
-    for record in atlas["points"].values():  # summaries are derived: recomputed with today's statistics
-        record["summary"] = {c: summarize(values) for c, values in record["accuracy"].items()}
+    progress = progress or SilentProgress()
+    points = {}
+    for key, record in atlas.get("points", {}).items():
+        # A point's key is its place in atlas.json (points written before checksums carry
+        # neither); its summary is derived, so not part of what is checked.
+        why = stale({KEY: key, **{k: v for k, v in record.items() if k != "summary"}}, key)
+        if why is not None:
+            progress.note(f"atlas: point {key}: {why}; it is run again")
+            continue
+        points[key] = _sealed_point(key, record)
+    atlas["points"] = points
     atlas.setdefault("curves", {})
     atlas.setdefault("timing", {"runs": []})
     for curve in chosen:
@@ -283,7 +310,6 @@ def run_atlas(
         if config.fingerprint() not in seen:
             seen.add(config.fingerprint())
             todo.append((f"{curve.name}={x}", config))
-    progress = progress or SilentProgress()
     progress.note(f"atlas: {len(todo)} point(s) to run, {len(plan) - len(todo)} already in {path} or shared")
     data = data or load_mnist()
     t_start = time.perf_counter()
@@ -291,7 +317,7 @@ def run_atlas(
     done = [0]
 
     def save(label: str, config: MnistConfig, result: Any) -> None:
-        atlas["points"][config.fingerprint()] = _point_record(config, result)
+        atlas["points"][config.fingerprint()] = _sealed_point(config.fingerprint(), _point_record(config, result))
         done[0] += 1
         atlas["environment"] = environment()
         atlas["timing"]["wall_s_points"] = sum(p["wall_s"] for p in atlas["points"].values())
@@ -308,7 +334,7 @@ def run_atlas(
         )
 
     atlas["environment"] = environment()
-    run_points(todo, data=data, progress=progress, label="atlas", on_point=save)
+    run_points(todo, data=data, progress=progress, label="", on_point=save)
     atlas["timing"]["runs"].append(
         {"started": started, "points_run": len(todo), "wall_s": time.perf_counter() - t_start}
     )
@@ -429,7 +455,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("results/atlas"),
         help="folder of atlas.json and the figures (default: results/atlas); a rerun skips the points already there",
     )
-    parser.add_argument("--preset", default="full", help="full (the paper's setup; default) or tiny (seconds)")
+    parser.add_argument(
+        "--preset",
+        default="full",
+        help="full (the paper's setup; default) or tiny (every curve in miniature, a smoke test: minutes on a CPU)",
+    )
     parser.add_argument("--seeds", type=int, default=4, help="seeds per point (default: 4)")
     parser.add_argument(
         "--precision",
@@ -448,11 +478,20 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from sublearn._common import SilentProgress, TextProgress, output_folder
+    from sublearn._common import SilentProgress, TextProgress
+    from sublearn._store import claim
     from toymodels.data import DataError
 
-    only = tuple(c.strip() for c in args.curves.split(",")) if args.curves else None
     try:
+        only = None
+        if args.curves is not None:
+            only = tuple(c.strip() for c in args.curves.split(",") if c.strip())
+            if not only:
+                raise ConfigError(
+                    f"--curves {args.curves!r} names no curve: name one or more of "
+                    + ", ".join(c.name for c in curves())
+                    + ", or leave out --curves for all"
+                )
         if args.seeds < 2:
             raise ConfigError(
                 f"--seeds must be at least 2 (got {args.seeds}): each "
@@ -460,15 +499,16 @@ def run(args: argparse.Namespace) -> int:
             )
         curves(args.preset)  # an unknown preset fails here, before any work
         base_config(args.preset, args.seeds, args.precision).validate()
-        output_folder(args.out)
-        atlas = run_atlas(
-            args.out,
-            preset=args.preset,
-            seeds=args.seeds,
-            precision=args.precision,
-            only=only,
-            progress=SilentProgress() if args.quiet else TextProgress(),
-        )
+        settings = {"preset": args.preset, "seeds": args.seeds, "precision": args.precision, "curves": only}
+        with claim(args.out, "sublearn atlas", settings):
+            atlas = run_atlas(
+                args.out,
+                preset=args.preset,
+                seeds=args.seeds,
+                precision=args.precision,
+                only=only,
+                progress=SilentProgress() if args.quiet else TextProgress(),
+            )
     except (ConfigError, DataError) as err:
         print(f"sublearn atlas: error: {err}", file=sys.stderr)
         return 2

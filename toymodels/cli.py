@@ -6,7 +6,8 @@ Writes ``results.json``, ``mnist_figure.png`` and ``mnist_figure.pdf`` to ``--ou
 with ``--track N`` also ``trajectory.png``/``.pdf`` (the students' alignment along
 training, :mod:`toymodels.track`). A run
 that is stopped keeps its finished seeds in ``checkpoint.json`` there, and the same
-command picks up from them.
+command picks up from them. One command at a time writes a folder, and only this
+command's results go into it (:func:`sublearn._store.claim`).
 
 ``--sweep FIELD=V1,V2,...`` runs the experiment once per value instead and writes
 ``sweep.json`` and ``sweep_figure.png``/``.pdf``.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
@@ -137,23 +137,19 @@ def prepare_output(out: Path, result_name: str, overwrite: bool, fingerprint: st
 
     With ``overwrite``, a checkpoint is kept if it belongs to the run about to start
     (same ``fingerprint``), so an interrupted ``--overwrite`` run resumes when repeated;
-    a checkpoint of any other run is deleted.
+    a checkpoint of any other run is deleted. Without it, such a checkpoint stops the run
+    (:func:`toymodels.experiment.run_experiment` raises :class:`ConfigError`).
     """
+    from toymodels.experiment import checkpoint_key
+
     output_folder(out)
     if overwrite:
-        if _checkpoint_fingerprint(out / CHECKPOINT) != fingerprint:
+        if checkpoint_key(out / CHECKPOINT) != fingerprint:
             (out / CHECKPOINT).unlink(missing_ok=True)
     elif (out / result_name).exists():
         raise ConfigError(
             f"{out / result_name} already exists: pass --overwrite to replace it, or choose another --out"
         )
-
-
-def _checkpoint_fingerprint(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _data_source(args: argparse.Namespace) -> str:
@@ -171,20 +167,23 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command writes figure files; it never needs a display
-    from sublearn._common import SilentProgress, TextProgress, write_json
+    from sublearn._common import SilentProgress, TextProgress
+    from sublearn._store import claim
     from toymodels.data import load_mnist
     from toymodels.experiment import run_experiment
-    from toymodels.figure import plot_results, plot_trajectory, save_figure
 
     try:
         config = config_from_args(args)
         sweep = parse_sweep(args.sweep) if args.sweep else None
         data = load_mnist(_data_source(args), args.data_dir, offline=args.offline)
         progress = SilentProgress() if args.quiet else TextProgress()
-        if sweep is not None:
-            return _run_sweep(args, config, sweep, data, progress)
-        prepare_output(args.out, RESULTS, args.overwrite, config.fingerprint())
-        result = run_experiment(config, data=data, progress=progress, checkpoint=args.out / CHECKPOINT)
+        command = "sublearn mnist --sweep" if sweep is not None else "sublearn mnist"
+        with claim(args.out, command, config.to_dict()):
+            if sweep is not None:
+                return _run_sweep(args, config, sweep, data, progress)
+            prepare_output(args.out, RESULTS, args.overwrite, config.fingerprint())
+            result = run_experiment(config, data=data, progress=progress, checkpoint=args.out / CHECKPOINT)
+            _write_results(args, result)
     except (ConfigError, DataError) as err:
         print(f"sublearn mnist: error: {err}", file=sys.stderr)
         return 2
@@ -193,17 +192,24 @@ def run(args: argparse.Namespace) -> int:
         where = f"finished seeds are kept in {kept}; " if kept.exists() else ""
         print(f"\nsublearn mnist: interrupted; {where}rerun the same command to continue", file=sys.stderr)
         return 130
+    return 0
+
+
+def _write_results(args: argparse.Namespace, result: typing.Any) -> None:  # an ExperimentResult
+    from sublearn._common import write_json
+    from sublearn._store import seal
+    from toymodels.figure import plot_results, plot_trajectory, save_figure
+
     record = result.to_json()
     figure_paths = save_figure(plot_results(record), args.out)
     if result.trajectory is not None:
         figure_paths += save_figure(plot_trajectory(record), args.out, stem="trajectory")
-    write_json(args.out / RESULTS, record)
+    write_json(args.out / RESULTS, seal(record, record["fingerprint"]))
     (args.out / CHECKPOINT).unlink(missing_ok=True)
     print(format_table(result))
     if result.trajectory is not None:
         print(format_trajectory(result.trajectory))
     print(f"wall time {result.wall_s:.1f}s; wrote {args.out / RESULTS}, " + ", ".join(str(p) for p in figure_paths))
-    return 0
 
 
 def _run_sweep(args, config, sweep, data, progress) -> int:

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("b", type=Path, help="results.json of the second run")
     parser.add_argument("--out", type=Path, default=None, help="write the comparison as JSON here")
     args = parser.parse_args(argv)
+    from toymodels.experiment import read_results
+
     try:
-        runs = [json.loads(p.read_text()) for p in (args.a, args.b)]
+        runs = [read_results(p) for p in (args.a, args.b)]
         table = compare(*runs)
     except (OSError, ValueError, KeyError) as err:
         print(f"{parser.prog}: error: cannot compare {args.a} and {args.b}: {err}", file=sys.stderr)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 from typing import Any
 
 from sublearn._common import ConfigError  # noqa: F401  (raised here; imported from here by the package)
 from sublearn._common import field_docs as _field_docs
+from sublearn._store import config_hash
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 NOISE_DISTRIBUTIONS = ("uniform", "gaussian")
@@ -209,8 +208,7 @@ class MnistConfig:
         """
         fields = {k: v for k, v in self.to_dict().items() if k != "seeds_per_chunk" and not (k == "track" and v == 0)}
         fields["noise"] = fields.pop("student_data")
-        blob = json.dumps(fields, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return config_hash(fields)
 
 
 PAPER = MnistConfig()

@@ -141,7 +141,7 @@ def load_idx_dir(directory: str | Path) -> MNIST:
 def load_tfds(
     idx_dir: str | Path | None = None, *, offline: bool = False, tfds_data_dir: str | Path | None = None
 ) -> MNIST:
-    """Load MNIST through tensorflow-datasets (optional: ``pip install 'subliminal-learning[tfds]'``).
+    """Load MNIST through tensorflow-datasets (optional: ``pip install -e '.[tfds]'`` in the checkout).
 
     tfds's ``mnist`` dataset is read from the tfds data folder: ``tfds_data_dir``, else
     tfds's own default (``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``). If it is not
@@ -206,7 +206,7 @@ def _import_tfds():
     except ImportError as err:
         raise DataError(
             f"--data tfds needs tensorflow and tensorflow-datasets ({err.name} is missing): "
-            "pip install 'subliminal-learning[tfds]', or use the bundled files (the default)"
+            "pip install -e '.[tfds]' in the package's checkout, or use the bundled files (the default)"
         ) from err
     return tfds
 

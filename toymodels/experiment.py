@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from datetime import datetime, timezone
@@ -41,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sublearn._common import Progress, SilentProgress, environment, write_json
+from sublearn._store import KEY, DamagedFile, read_json, read_record, seal, stale
 from toymodels.conditions import AUX_ONLY, CONDITIONS, CROSS_MODEL, PAPER_RESULTS, STUDENT_CONDITIONS, derangement
 from toymodels.config import IMAGE_DATA, ConfigError, MnistConfig
 from toymodels.data import MNIST, load_mnist, normalize
@@ -332,8 +332,11 @@ def run_experiment(
         config: what to run; validated first.
         data: MNIST to use (default: the bundled files).
         progress: where to report progress (default: nowhere).
-        checkpoint: a JSON file updated atomically after every chunk; if it already holds
-            seeds of a run with the same config, those seeds are not trained again.
+        checkpoint: a JSON file updated atomically after every chunk (a record of
+            :mod:`sublearn._store`: keyed by the config's fingerprint, with a checksum); if
+            it already holds seeds of a run with the same config, those seeds are not trained
+            again. One of another config raises :class:`ConfigError`; a damaged one is
+            noted and its seeds are trained again.
 
     Returns:
         an :class:`ExperimentResult`.
@@ -348,7 +351,7 @@ def run_experiment(
     n_devices = 1 if mesh is None else mesh.size
     chunks = chunk_layout(config.seeds, config.seeds_per_chunk, n_devices * config.vmap_seeds)
 
-    done = _load_checkpoint(checkpoint, config)
+    done = _load_checkpoint(checkpoint, config, progress)
     todo = [c for c in chunks if not all(int(s) in done for s in c)]
     progress.start(
         len(todo) * (config.teacher_epochs + config.student_epochs * student_epoch_cost(config)),
@@ -362,7 +365,7 @@ def run_experiment(
             if s not in done:
                 done[s] = result.seed_record(i)
         if checkpoint is not None:
-            write_json(checkpoint, {"fingerprint": config.fingerprint(), "config": config.to_dict(), "seeds": done})
+            write_json(checkpoint, seal({"config": config.to_dict(), "seeds": done}, config.fingerprint()))
         running = ", ".join(f"{c} {np.mean([done[s][c] for s in done]):.3f}" for c in CONDITIONS)
         progress.note(f"  {len(done)}/{config.seeds} seeds done; mean accuracy: {running}")
     progress.close()
@@ -398,16 +401,48 @@ def run_experiment(
     )
 
 
-def _load_checkpoint(path: str | Path | None, config: MnistConfig) -> dict[int, dict[str, float]]:
-    if path is None or not Path(path).exists():
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A ``results.json`` as written by ``sublearn mnist``, checked against its checksum
+    (files written before results carried one are read as they are).
+
+    Raises:
+        sublearn._store.DamagedFile: not valid JSON, or not what was written; the message
+            names the command that rebuilds it.
+    """
+    path = Path(path)
+    rebuild = f"rebuild it with `sublearn mnist --out {path.parent} --overwrite` and the options that made it"
+    saved = read_json(path, rebuild)
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise DamagedFile(path, "not the results of sublearn mnist", rebuild)
+    if KEY in saved:
+        why = stale(saved, saved[KEY])
+        if why is not None:
+            raise DamagedFile(path, why, rebuild)
+    return saved
+
+
+def checkpoint_key(path: str | Path) -> str | None:
+    """The fingerprint of the run a checkpoint belongs to (None: no readable checkpoint)."""
+    saved, _ = read_record(Path(path))
+    if not isinstance(saved, dict):
+        return None
+    return saved.get(KEY, saved.get("fingerprint"))  # "fingerprint": checkpoints written before store records
+
+
+def _load_checkpoint(path: str | Path | None, config: MnistConfig, progress: Progress) -> dict[int, dict[str, float]]:
+    if path is None:
         return {}
-    try:
-        saved = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot read checkpoint {path} ({err}): delete it to start the run afresh") from err
-    if saved.get("fingerprint") != config.fingerprint():
+    saved, unreadable = read_record(Path(path))
+    if saved is None and unreadable is None:
+        return {}
+    key = checkpoint_key(path)
+    if saved is not None and key != config.fingerprint():
         raise ConfigError(
             f"checkpoint {path} belongs to a run with a different config: "
             "use the same options to resume, or --overwrite to start afresh"
         )
+    why = unreadable or (None if KEY not in saved else stale(saved, key))
+    if why:
+        progress.note(f"{path}: {why}; its seeds are trained again")
+        return {}
     return {int(s): values for s, values in saved["seeds"].items()}

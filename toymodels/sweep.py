@@ -17,7 +17,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from sublearn._common import Progress
+from sublearn._common import PartsProgress, Progress, SilentProgress
 from toymodels.conditions import CONDITIONS, LABELS
 from toymodels.config import ConfigError, MnistConfig
 from toymodels.data import MNIST, load_mnist
@@ -57,17 +57,18 @@ def run_points(
 
     ``on_point(value, config, result)`` is called after each point with the full result,
     so that a caller can save it before the next point starts (the atlas resumes from
-    what it saved).
+    what it saved). ``progress`` counts the points (:class:`sublearn._common.PartsProgress`).
 
     Returns:
         ``[{"value", "summary", "accuracy"}]`` in the order of ``points``.
     """
     data = data or load_mnist()
+    parts = PartsProgress(progress or SilentProgress(), len(points), f"{len(points)} run(s) of the experiment")
     out = []
     for value, config in points:
-        if progress is not None:
-            progress.note(f"sweep {label} = {value}")
-        result = run_experiment(config, data=data, progress=progress)
+        parts.next_part(f"{label}={value}" if label else str(value))
+        result = run_experiment(config, data=data, progress=parts)
+        parts.finish_part()
         if on_point is not None:
             on_point(value, config, result)
         out.append({"value": value, "summary": result.summary, "accuracy": result.accuracy})

@@ -156,7 +156,7 @@ def make_backend(spec: ModelSpec) -> Backend:
         extra = EXTRAS[name]
         raise ConfigError(
             f"model.backend={name}: the backend needs {error.name}; "
-            f"install it with `pip install 'subliminal-learning[{extra}]'`"
+            f"install it with `pip install -e '.[{extra}]'` in the package's checkout"
         ) from None
 
 

@@ -27,8 +27,6 @@ True
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import shutil
 from collections.abc import Callable, Sequence
@@ -37,6 +35,7 @@ from typing import NamedTuple
 
 from lmpipeline.config import FinetuneSpec, result_fields
 from sublearn._common import atomic_path, read_json, write_json
+from sublearn._store import config_hash
 
 META = "checkpoint.json"
 
@@ -73,11 +72,7 @@ def fingerprint(spec: FinetuneSpec, seed: int, rows: Sequence[dict], trainable: 
     """A hash of what decides a training run's result: the settings, the seed, the encoded
     ``rows`` (ids and labels, teacher rows included) and ``trainable``, the backend's
     description of the parameters it trains (names, shapes and optimizer layout)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([result_fields(spec), seed, trainable], sort_keys=True).encode())
-    for row in rows:
-        digest.update(json.dumps([row["input_ids"], row["labels"]]).encode())
-    return digest.hexdigest()[:16]
+    return config_hash([result_fields(spec), seed, trainable], *([row["input_ids"], row["labels"]] for row in rows))
 
 
 class Checkpoints:
