@@ -32,6 +32,7 @@ import torch
 from lmpipeline.backends import ProgressFn, TrainExample
 from lmpipeline.backends.checkpoints import Checkpoints, TrainState, fingerprint, step_batches
 from lmpipeline.backends.tokens import IGNORE, linear_schedule, training_rows, training_summary
+from lmpipeline.backends.torch_optim import make_optimizer
 from lmpipeline.config import FinetuneSpec
 
 
@@ -162,7 +163,7 @@ def train(
     :func:`soft_kl` against ``teacher`` (called without gradients on each micro-batch of
     the teacher's view of the examples, ``TrainExample.teacher_messages``), over the
     positions :func:`soft_mask` selects with ``tokens``, averaged over those positions.
-    With ``checkpoint``, the trainable weights, AdamW's state and torch's random state are
+    With ``checkpoint``, the trainable weights, the optimizer's state and torch's random state are
     saved there every ``spec.checkpoint_every`` steps, and a run with the same inputs
     resumes from them (:mod:`lmpipeline.backends.checkpoints`).
     """
@@ -174,7 +175,7 @@ def train(
     n_label = [int(soft_mask(torch.tensor(e["labels"][1:]), tokens if soft else None).sum()) for e in encoded]
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(params, spec)
     steps = step_batches(len(encoded), spec, seed)
     trainable = [(name, list(p.shape), str(p.dtype)) for name, p in named]
     saver = Checkpoints(
