@@ -62,16 +62,16 @@ def make_optimizer(config: MnistConfig | ProgramSpec, *, students: bool = False)
     - ``sgd``: ``b <- momentum * b + g`` (``b`` starts at 0), ``theta <- theta - lr * b``;
     - ``signsgd``: ``theta <- theta - lr * sign(g)``.
 
-    Example (one step from ``theta = 1`` with gradient ``g = 2``):
+    Example (the first signSGD step for gradients 2, -3 and 0.5):
 
-    >>> import jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp
     >>> from toymodels.config import MnistConfig
     >>> config = MnistConfig(student_optimizer="signsgd", student_learning_rate=0.1)
     >>> tx = make_optimizer(config, students=True)
-    >>> g = {"w": jnp.array([2.0, -3.0, 0.0])}
+    >>> g = {"w": jnp.array([2.0, -3.0, 0.5])}
     >>> updates, _ = tx.update(g, tx.init(g))
     >>> [round(u, 6) for u in updates["w"].tolist()]
-    [-0.1, 0.1, 0.0]
+    [-0.1, 0.1, -0.1]
     """
     name = config.optimizer
     rate = config.learning_rate
