@@ -156,6 +156,7 @@ def train(
     teacher: TeacherFn | None = None,
     tokens: torch.Tensor | None = None,
     checkpoint: Path | None = None,
+    observer=None,
 ) -> dict:
     """Train the parameters of ``model`` that require gradients; returns the training log.
 
@@ -165,7 +166,9 @@ def train(
     positions :func:`soft_mask` selects with ``tokens``, averaged over those positions.
     With ``checkpoint``, the trainable weights, the optimizer's state and torch's random state are
     saved there every ``spec.checkpoint_every`` steps, and a run with the same inputs
-    resumes from them (:mod:`lmpipeline.backends.checkpoints`).
+    resumes from them (:mod:`lmpipeline.backends.checkpoints`). An ``observer`` (an
+    :class:`lmpipeline.alignment.AlignmentTracker`) is called before the first step and
+    around every optimizer step, and writes into the log.
     """
     soft = spec.objective == "soft"
     if soft and teacher is None:
@@ -210,6 +213,8 @@ def train(
         model.train()
         pad = tokenizer.pad_token_id
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.compute_dtype == "bfloat16")
+        if observer is not None:
+            observer.start(model, state.step, len(steps), log)
         for step in range(state.step, len(steps)):
             chosen = steps[step]
             denom = max(1, sum(n_label[i] for i in chosen))
@@ -238,11 +243,15 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            if observer is not None:
+                observer.before_step(step, model)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             log["loss"].append(loss_sum / denom)
             log["lr"].append(lr)
             log["grad_norm"].append(float(grad_norm))
+            if observer is not None:
+                observer.after_step(step, model, log)
             saver.save(
                 TrainState(step + 1, tokens_seen, log, state.wall_s + time.perf_counter() - start),
                 total=len(steps),
