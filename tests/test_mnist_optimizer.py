@@ -143,3 +143,22 @@ def test_the_lowest_final_loss_skips_diverged_points():
         {"value": 0.1, "final_loss": {"student_aux": [4e-4, 3e-4]}},
     ]
     assert lowest_final_loss(points, "student_aux") == 1.0
+
+
+@pytest.mark.slow
+def test_the_atlas_optimizer_curve_changes_the_students_and_keeps_the_teachers(tmp_path):
+    from toymodels.atlas import STUDENT_LEARNING_RATES, curve_sweep, run_atlas
+
+    atlas = run_atlas(tmp_path, preset="tiny", seeds=2, only=("optimizer",))
+    records = [atlas["points"][p["fingerprint"]] for p in atlas["curves"]["optimizer"]["points"]]
+    assert [r["config"]["student_optimizer"] for r in records] == [None, "sgd", "signsgd"]
+    assert [r["config"]["student_learning_rate"] for r in records[1:]] == [
+        STUDENT_LEARNING_RATES["sgd"],
+        STUDENT_LEARNING_RATES["signsgd"],
+    ]
+    teachers = {tuple(r["accuracy"]["teacher"]) for r in records}
+    assert len(teachers) == 1  # one teacher per seed, trained with Adam whatever the students use
+    students = {tuple(r["accuracy"]["student_all"]) for r in records}
+    assert len(students) == 3
+    assert [p["value"] for p in curve_sweep(atlas, "optimizer")["points"]] == ["adam", "sgd", "signsgd"]
+    assert (tmp_path / "atlas_optimizer.png").stat().st_size > 0

@@ -14,6 +14,8 @@ setup lies on all of them) are run once.
 - ``teacher_epochs`` (0 is the untrained teacher), ``n_aux``, ``width`` (both hidden
   layers), ``student_init_sigma`` (log axis, with 0 on a linear stretch), ``student_data``
   and ``student_loss`` (KL at temperatures 1, 2, 4, and MSE on the logits).
+- ``optimizer``: the students' optimizer (the teacher stays on Adam 3e-4): Adam, SGD with
+  momentum 0.9 and signSGD, each at the learning rate of :data:`STUDENT_LEARNING_RATES`.
 
 Each figure marks the published anchor numbers (:data:`ANCHORS`) as hollow stars with
 their source. ``atlas.json`` holds every point's config, per-seed accuracies and summary,
@@ -47,6 +49,14 @@ SHOWN = ("student_aux", "cross_aux")
 PAPER_SOURCE = "Cloud et al. 2025 (n=100)"
 REPLICATION = "public replication"
 COMMENTS = "Comments & Extensions of SL"
+
+
+# The students' learning rate of each optimizer on the optimizer curve, chosen on the
+# students' distillation loss, not on transfer: the rate whose aux-only students (shared
+# initialization) ended with the lowest mean training loss over the last epoch, in the
+# paper's setup in bf16 on the root seed 1's first 3 seeds (the atlas reports the root seed
+# 0's); each sweep's per-seed losses are in docs/atlas/learning_rates/<optimizer>/sweep.json.
+STUDENT_LEARNING_RATES = {"sgd": 0.1, "signsgd": 1e-4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +179,27 @@ def curves(preset: str = "full") -> list[Curve]:
             tuple((w, {"hidden": (w, w)}) for w in widths),
             scale="log",
             anchors=_paper(default_width),
+        ),
+        Curve(
+            "optimizer",
+            "students' optimizer (the teacher's: Adam)",
+            (
+                ("adam", {}),
+                (
+                    "sgd",
+                    {
+                        "student_optimizer": "sgd",
+                        "momentum": 0.9,
+                        "student_learning_rate": STUDENT_LEARNING_RATES["sgd"],
+                    },
+                ),
+                (
+                    "signsgd",
+                    {"student_optimizer": "signsgd", "student_learning_rate": STUDENT_LEARNING_RATES["signsgd"]},
+                ),
+            ),
+            scale="category",
+            anchors=_paper("adam"),
         ),
     ]
 
