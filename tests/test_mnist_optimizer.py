@@ -151,14 +151,13 @@ def test_the_atlas_optimizer_curve_changes_the_students_and_keeps_the_teachers(t
 
     atlas = run_atlas(tmp_path, preset="tiny", seeds=2, only=("optimizer",))
     records = [atlas["points"][p["fingerprint"]] for p in atlas["curves"]["optimizer"]["points"]]
-    assert [r["config"]["student_optimizer"] for r in records] == [None, "sgd", "signsgd"]
-    assert [r["config"]["student_learning_rate"] for r in records[1:]] == [
-        STUDENT_LEARNING_RATES["sgd"],
-        STUDENT_LEARNING_RATES["signsgd"],
-    ]
+    assert [r["config"]["student_optimizer"] for r in records] == [None, "adam", "sgd", "signsgd"]
+    assert [r["config"]["student_learning_rate"] for r in records[1:]] == list(STUDENT_LEARNING_RATES.values())
+    assert [r["config"]["momentum"] for r in records] == [0.0, 0.0, 0.9, 0.0]
     teachers = {tuple(r["accuracy"]["teacher"]) for r in records}
     assert len(teachers) == 1  # one teacher per seed, trained with Adam whatever the students use
     students = {tuple(r["accuracy"]["student_all"]) for r in records}
-    assert len(students) == 3
-    assert [p["value"] for p in curve_sweep(atlas, "optimizer")["points"]] == ["adam", "sgd", "signsgd"]
+    assert len(students) == 4
+    labels = [p["value"] for p in curve_sweep(atlas, "optimizer")["points"]]
+    assert labels == ["adam 3e-4 (paper)", "adam 0.001", "sgd 0.1", "signsgd 0.0001"]
     assert (tmp_path / "atlas_optimizer.png").stat().st_size > 0
