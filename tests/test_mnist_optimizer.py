@@ -159,5 +159,5 @@ def test_the_atlas_optimizer_curve_changes_the_students_and_keeps_the_teachers(t
     students = {tuple(r["accuracy"]["student_all"]) for r in records}
     assert len(students) == 4
     labels = [p["value"] for p in curve_sweep(atlas, "optimizer")["points"]]
-    assert labels == ["adam 3e-4 (paper)", "adam 0.001", "sgd 0.1", "signsgd 0.0001"]
+    assert labels == ["adam 3e-4 (paper)", "adam 0.001", "sgd 0.3", "signsgd 0.0001"]
     assert (tmp_path / "atlas_optimizer.png").stat().st_size > 0
