@@ -91,6 +91,8 @@ def random_direction(vector: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _edit(h: torch.Tensor, edit: Steering, v: torch.Tensor) -> torch.Tensor:
+    if h.shape[-1] != v.shape[0]:
+        raise ConfigError(f"a steering vector of size {v.shape[0]} for a residual stream of size {h.shape[-1]}")
     v = v.to(h.device)
     if edit.mode == "add":
         return h + (edit.alpha * v).to(h.dtype)

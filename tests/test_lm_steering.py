@@ -168,6 +168,8 @@ def test_steering_is_refused_where_it_cannot_apply(backend, spec):
         backend.score(ModelRef(spec, steering=(edit,)), [PROBE[0]], ["1"])
     with pytest.raises(ConfigError, match="^steering .* needs the torch backend: set model.backend=hf$"):
         JaxBackend().model_for(ModelRef(spec, steering=(Steering(0, (1.0,) * 64),)))
+    with pytest.raises(ConfigError, match="a steering vector of size 3 for a residual stream of size 64"):
+        backend.score(ModelRef(spec, steering=(Steering(0, (1.0, 2.0, 3.0)),)), [PROBE[0]], ["1"])
     with pytest.raises(ConfigError, match="steering mode 'scale' is not one of add, ablate"):
         Steering(0, (1.0,), mode="scale")
 
