@@ -184,7 +184,7 @@ def curves(preset: str = "full") -> list[Curve]:
         ),
         Curve(
             "optimizer",
-            "students' optimizer and learning rate (the teacher's: Adam 3e-4)",
+            "students' optimizer and rate",
             (
                 ("adam 3e-4 (paper)", {}),
                 *(
