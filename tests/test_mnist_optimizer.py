@@ -156,8 +156,8 @@ def test_the_atlas_optimizer_curve_changes_the_students_and_keeps_the_teachers(t
     assert [r["config"]["momentum"] for r in records] == [0.0, 0.0, 0.9, 0.0]
     teachers = {tuple(r["accuracy"]["teacher"]) for r in records}
     assert len(teachers) == 1  # one teacher per seed, trained with Adam whatever the students use
-    students = {tuple(r["accuracy"]["student_all"]) for r in records}
-    assert len(students) == 4
+    # Adam, SGD and signSGD students differ (the tiny preset's own rate is Adam's chosen 1e-3).
+    assert len({tuple(records[i]["accuracy"]["student_all"]) for i in (0, 2, 3)}) == 3
     labels = [p["value"] for p in curve_sweep(atlas, "optimizer")["points"]]
     assert labels == ["adam 3e-4 (paper)", "adam 0.001", "sgd 0.3", "signsgd 0.0001"]
     assert (tmp_path / "atlas_optimizer.png").stat().st_size > 0
