@@ -16,8 +16,8 @@ optionally over the number tokens only, renormalized).
 One optimizer step is one compiled call: ``lax.scan`` accumulates the gradients of the
 step's ``grad_accum`` micro-batches (a short last step is filled with rows that carry no
 loss, so every step has the same shape), then ``optax`` clips the global norm and applies
-``finetune.optimizer`` (the torch loop's update rules) at the linear schedule's learning rate. Which
-parameters train is a type filter: :class:`flax.nnx.LoRAParam` for LoRA, every
+``finetune.optimizer`` (the torch loop's update rules) at the linear schedule's learning
+rate. Which parameters train is a type filter: :class:`flax.nnx.LoRAParam` for LoRA, every
 :class:`flax.nnx.Param` for full finetuning.
 """
 
