@@ -89,7 +89,7 @@ def epoch_throughput(config: MnistConfig, images, labels) -> dict:
 
     def fresh_students():
         students = jax.tree.map(lambda a: jnp.stack([a] * 4, axis=1), teachers)
-        return students, jax.vmap(jax.vmap(optimizer.init))(students)
+        return students, jax.vmap(jax.vmap(make_optimizer(config, students=True).init))(students)
 
     words = jax.vmap(noise_words)(keys)
     masks = jnp.asarray(_student_masks(config))
@@ -128,7 +128,7 @@ def tracking_overhead(config: MnistConfig, every: int, probe, repeats: int) -> d
     """
     spec = spec_of(config)
     keys = jax.random.split(jax.random.key(0), config.seeds)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, students=True)
     references = jax.vmap(lambda k: init_params(spec, k))(keys)
     teachers = jax.vmap(lambda k: init_params(spec, jax.random.fold_in(k, 1)))(keys)
     words = jax.vmap(noise_words)(keys)

@@ -59,6 +59,8 @@ BACKEND_NAMES = ("hf", "vllm", "jax", "openai")  # the model libraries lmpipelin
 PAPER_OPENAI_MODEL = "gpt-4.1-nano-2025-04-14"  # the paper's main model, finetuned through OpenAI's API
 DATA_KIND_NAMES = ("numbers", "code", "cot")  # the packaged data kinds (lmpipeline.datakinds)
 TRAIT_KINDS = ("preference", "misalignment")
+FINETUNE_OPTIMIZERS = ("adamw", "sgd", "signsgd")
+SGD_MOMENTUM = 0.9  # finetune.optimizer=sgd's heavy-ball momentum
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EVAL_MODELS = ("base", "teacher", "control", "student")
 # The experiment's layout, which the pipeline runs and the report reads.
@@ -321,9 +323,17 @@ class FinetuneSpec:
             needs 0).
         target_modules: the projections that get LoRA pairs.
         epochs: passes over the training rows.
-        learning_rate: peak learning rate of AdamW.
+        optimizer: the update rule, with gradient ``g`` (after clipping), learning rate
+            ``lr`` (the schedule's) and weights ``theta``: ``adamw`` (torch's AdamW:
+            betas 0.9/0.999, eps 1e-8; the paper's), ``sgd`` (SGD with heavy-ball momentum
+            0.9, torch's rule: ``b <- 0.9 b + g``, ``theta <- theta - lr b``) or
+            ``signsgd`` (``theta <- theta - lr sign(g)``, no momentum). Each needs its own
+            learning rate: sgd steps scale with the gradient, signsgd moves every weight
+            by ``lr``.
+        learning_rate: peak learning rate of the optimizer.
         warmup_steps: steps of linear warmup before the linear decay.
-        weight_decay: AdamW's decoupled weight decay.
+        weight_decay: decoupled weight decay (``theta <- theta - lr * weight_decay *
+            theta`` before each step, as in AdamW), for every optimizer.
         micro_batch: rows per forward and backward pass.
         grad_accum: micro-batches per optimizer step (effective batch ``micro_batch
             * grad_accum``, 66 in the paper's setting).
@@ -346,6 +356,7 @@ class FinetuneSpec:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
     epochs: int = 3
+    optimizer: str = "adamw"
     learning_rate: float = 2e-4
     warmup_steps: int = 5
     weight_decay: float = 0.0
@@ -569,6 +580,7 @@ def validate(cfg: PipelineConfig) -> None:
         "finetune.objective": (cfg.finetune.objective, ("sampled", "soft")),
         "finetune.soft_tokens": (cfg.finetune.soft_tokens, ("all", "numbers")),
         "finetune.compute_dtype": (cfg.finetune.compute_dtype, ("float32", "bfloat16")),
+        "finetune.optimizer": (cfg.finetune.optimizer, FINETUNE_OPTIMIZERS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

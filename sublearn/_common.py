@@ -486,3 +486,17 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, method: str
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     half = interval_quantile(n, confidence, method) * math.sqrt(var / n)
     return Interval(mean, mean - half, mean + half, n, confidence)
+
+
+# --- alignment along training ------------------------------------------------------------
+
+
+def tracked_steps(steps: int, every: int) -> list[int]:
+    """Indices (from 0) of the steps after which a run tracked every ``every`` steps records a
+    point: ``(i + 1) % every == 0``, and the last step, so the last point is the trained
+    model (``sublearn mnist --track``, per epoch; :mod:`lmpipeline.alignment`, per run).
+
+    >>> tracked_steps(25, 10)
+    [9, 19, 24]
+    """
+    return [i for i in range(steps) if (i + 1) % every == 0 or i == steps - 1]

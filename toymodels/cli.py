@@ -37,6 +37,7 @@ RESULTS = "results.json"
 CHECKPOINT = "checkpoint.json"
 CHOICES = {
     "optimizer": OPTIMIZERS,
+    "student_optimizer": OPTIMIZERS,
     "student_data": STUDENT_DATA,
     "student_loss": STUDENT_LOSSES,
     "precision": PRECISIONS,
@@ -84,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, choices=CHOICES[field.name], default=field.default, help=help_text)
         elif kind == int | None:
             group.add_argument(flag, type=int, default=field.default, help=f"{help_text} (all)")
+        elif kind == float | None:
+            group.add_argument(flag, type=float, default=field.default, help=help_text)
         else:
             group.add_argument(flag, type=kind, default=field.default, help=help_text)
 
@@ -102,7 +105,7 @@ def parse_sweep(text: str) -> tuple[str, list]:
     if field_name not in fields or not raw:
         raise ConfigError(f"--sweep needs FIELD=V1,V2,... with FIELD one of {', '.join(fields)} (got {text!r})")
     kind = typing.get_type_hints(MnistConfig)[field_name]
-    convert = int if kind in (int, int | None) else float if kind is float else str
+    convert = int if kind in (int, int | None) else float if kind in (float, float | None) else str
     if field_name == "hidden":
         raise ConfigError("--sweep over hidden is not supported: sweep one scalar option")
     try:
@@ -230,6 +233,8 @@ def _run_sweep(args, config, sweep, data, progress) -> int:
         print(
             f"{field_name}={point['value']}: " + ", ".join(f"{c} {s[c]['mean']:.3f} +- {s[c]['ci95']:.3f}" for c in s)
         )
+    lowest = result["lowest_final_loss"]
+    print("lowest final training loss at " + ", ".join(f"{c}: {field_name}={v}" for c, v in lowest.items()))
     print(f"wrote {args.out / 'sweep.json'}, " + ", ".join(str(p) for p in paths))
     return 0
 

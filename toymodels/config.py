@@ -22,7 +22,7 @@ from sublearn._common import ConfigError  # noqa: F401  (raised here; imported f
 from sublearn._common import field_docs as _field_docs
 from sublearn._store import config_hash
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "signsgd")
 NOISE_DISTRIBUTIONS = ("uniform", "gaussian")
 # What the students see: generated noise, or MNIST training images (see toymodels.noise.student_inputs).
 IMAGE_DATA = ("mnist", "shuffled", "inverted")
@@ -39,8 +39,19 @@ class MnistConfig:
         n_aux: auxiliary logits ``m`` appended to the ten digit logits.
         hidden: hidden-layer widths.
         init_scale: weights start as ``N(0, (init_scale / sqrt(d_in))^2)``; biases at zero.
-        optimizer: ``adam``, ``adamw`` or ``sgd`` (teacher and students alike).
-        learning_rate: step size of the optimizer.
+        optimizer: the teacher's optimizer, and the students' unless ``student_optimizer``
+            is set: ``adam``, ``adamw`` (weight decay 0.01), ``sgd`` (with ``momentum``;
+            plain SGD by default) or ``signsgd`` (a step of ``learning_rate`` against the
+            sign of every gradient coordinate).
+        learning_rate: step size of ``optimizer``; also the students' unless
+            ``student_learning_rate`` is set.
+        student_optimizer: the students' own optimizer, one of ``optimizer``'s choices;
+            None: the same as the teacher's (``optimizer``). The teacher's training does
+            not depend on it.
+        student_learning_rate: step size of the students' optimizer; None: ``learning_rate``.
+        momentum: heavy-ball momentum of ``sgd`` wherever it is used (teacher or students),
+            as in ``torch.optim.SGD``: ``b <- momentum * b + g``, ``theta <- theta - lr * b``;
+            0, the default, is plain SGD.
         batch_size: examples per step, for the teacher and for the students.
         teacher_epochs: passes of the teacher over the training images (0: the teacher is
             its untrained initialization, the point where no trait exists to transfer).
@@ -86,6 +97,9 @@ class MnistConfig:
     init_scale: float = 1.0
     optimizer: str = "adam"
     learning_rate: float = 3e-4
+    student_optimizer: str | None = None
+    student_learning_rate: float | None = None
+    momentum: float = 0.0
     batch_size: int = 1024
     teacher_epochs: int = 5
     student_epochs: int = 5
@@ -142,7 +156,21 @@ class MnistConfig:
                 self.student_loss in STUDENT_LOSSES,
                 f"unknown --student-loss {self.student_loss!r}: choose one of {', '.join(STUDENT_LOSSES)}",
             ),
+            (
+                self.student_optimizer is None or self.student_optimizer in OPTIMIZERS,
+                f"unknown --student-optimizer {self.student_optimizer!r}: choose one of {', '.join(OPTIMIZERS)}",
+            ),
             (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
+            (
+                self.student_learning_rate is None or self.student_learning_rate > 0,
+                f"--student-learning-rate must be positive (got {self.student_learning_rate})",
+            ),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})"),
+            (
+                self.momentum == 0 or "sgd" in (self.optimizer, self.student_optimizer),
+                f"--momentum {self.momentum} applies to sgd only, and neither --optimizer nor "
+                "--student-optimizer is sgd: drop --momentum or choose sgd",
+            ),
             (self.temperature > 0, f"--temperature must be positive (got {self.temperature})"),
             (self.init_scale > 0, f"--init-scale must be positive (got {self.init_scale})"),
             (
@@ -165,9 +193,16 @@ class MnistConfig:
                 f"--n-test must be between 1 and 10000 (got {self.n_test})",
             ),
         ]
-        for name in ("learning_rate", "temperature", "init_scale", "student_init_sigma"):
+        for name in (
+            "learning_rate",
+            "student_learning_rate",
+            "momentum",
+            "temperature",
+            "init_scale",
+            "student_init_sigma",
+        ):
             value = getattr(self, name)
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number (got {value})")
         for ok, message in checks:
             if not ok:
@@ -202,11 +237,15 @@ class MnistConfig:
     def fingerprint(self) -> str:
         """A short hash of the fields that determine the numbers (all but ``seeds_per_chunk``).
 
-        ``track`` enters only when it is on, so a run without tracking keeps the
-        fingerprint (and the checkpoints) it had before the option existed; likewise
+        ``track``, ``student_optimizer``, ``student_learning_rate`` and ``momentum`` enter
+        only when they are set (not 0 or None), so a run without them keeps the
+        fingerprint (and the checkpoints) it had before these options existed; likewise
         ``student_data`` enters under its former name ``noise``.
         """
-        fields = {k: v for k, v in self.to_dict().items() if k != "seeds_per_chunk" and not (k == "track" and v == 0)}
+        unset = {"track": 0, "student_optimizer": None, "student_learning_rate": None, "momentum": 0.0}
+        fields = {
+            k: v for k, v in self.to_dict().items() if k != "seeds_per_chunk" and not (k in unset and v == unset[k])
+        }
         fields["noise"] = fields.pop("student_data")
         return config_hash(fields)
 

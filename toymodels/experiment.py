@@ -250,7 +250,7 @@ def train_chunk(
             students, per_student
         )
     students = place(students)
-    student_opt = place(jax.vmap(jax.vmap(optimizer.init))(students))
+    student_opt = place(jax.vmap(jax.vmap(make_optimizer(config, students=True).init))(students))
     words = place(jax.vmap(noise_words)(_purpose_keys(seeds_key, seed_ids, _NOISE_SET)))
     shuffle_keys = _purpose_keys(seeds_key, seed_ids, _STUDENT_ORDER)
     masks = jnp.asarray(_student_masks(config))

@@ -12,13 +12,14 @@ Example (a quick sweep over the number of auxiliary logits):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
 
 from sublearn._common import PartsProgress, Progress, SilentProgress
-from toymodels.conditions import CONDITIONS, LABELS
+from toymodels.conditions import CONDITIONS, LABELS, STUDENT_CONDITIONS
 from toymodels.config import ConfigError, MnistConfig
 from toymodels.data import MNIST, load_mnist
 from toymodels.experiment import ExperimentResult, run_experiment
@@ -36,13 +37,41 @@ def run_sweep(
     """Run :func:`run_experiment` once per value of ``field``; everything else as in ``base``.
 
     Returns:
-        ``{"field", "values", "points": [{"value", "summary", "accuracy"}], "base_config"}``.
+        ``{"field", "values", "points": [{"value", "summary", "accuracy", "final_loss"}], "base_config"}``.
     """
     if field not in {f.name for f in dataclasses.fields(MnistConfig)}:
         raise ConfigError(f"cannot sweep unknown config field {field!r}")
     configs = [dataclasses.replace(base, **{field: value}).validate() for value in values]
     points = run_points(list(zip(values, configs)), data=data, progress=progress, label=field)
-    return {"field": field, "values": list(values), "points": points, "base_config": base.to_dict()}
+    return {
+        "field": field,
+        "values": list(values),
+        "points": points,
+        "base_config": base.to_dict(),
+        "lowest_final_loss": {c: lowest_final_loss(points, c) for c in STUDENT_CONDITIONS},
+    }
+
+
+def lowest_final_loss(points: Sequence[dict[str, Any]], condition: str) -> Any:
+    """The swept value whose students of ``condition`` end with the lowest mean training loss.
+
+    This is how a learning rate is chosen on the distillation loss rather than on the
+    transfer it produces: the loss is each seed's mean over the last epoch, averaged over
+    seeds; a point where any seed diverged (a non-finite or missing loss) counts as
+    infinitely bad.
+
+    >>> lowest_final_loss(
+    ...     [{"value": 0.1, "final_loss": {"s": [2.0, 1.0]}}, {"value": 1.0, "final_loss": {"s": [1.0, None]}},
+    ...      {"value": 0.3, "final_loss": {"s": [1.0, 1.5]}}], "s")
+    0.3
+    """
+
+    def mean_loss(point: dict[str, Any]) -> float:
+        losses = point["final_loss"][condition]
+        finite = all(v is not None and math.isfinite(v) for v in losses)
+        return sum(losses) / len(losses) if finite else math.inf
+
+    return min(points, key=mean_loss)["value"]
 
 
 def run_points(
@@ -60,7 +89,8 @@ def run_points(
     what it saved). ``progress`` counts the points (:class:`sublearn._common.PartsProgress`).
 
     Returns:
-        ``[{"value", "summary", "accuracy"}]`` in the order of ``points``.
+        ``[{"value", "summary", "accuracy", "final_loss"}]`` in the order of ``points``
+        (``final_loss``: :attr:`ExperimentResult.final_loss`, per seed).
     """
     data = data or load_mnist()
     parts = PartsProgress(progress or SilentProgress(), len(points), f"{len(points)} run(s) of the experiment")
@@ -71,7 +101,9 @@ def run_points(
         parts.finish_part()
         if on_point is not None:
             on_point(value, config, result)
-        out.append({"value": value, "summary": result.summary, "accuracy": result.accuracy})
+        out.append(
+            {"value": value, "summary": result.summary, "accuracy": result.accuracy, "final_loss": result.final_loss}
+        )
     return out
 
 

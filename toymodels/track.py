@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer, UInt8
 
+from sublearn import _common
 from toymodels.data import MNIST
 from toymodels.losses import digit_cross_entropy
 from toymodels.model import N_DIGITS, MLPSpec, Params, apply
@@ -127,14 +128,14 @@ def track_point(
 
 
 def tracked_steps(steps_per_epoch: int, every: int) -> np.ndarray:
-    """In-epoch step indices after which a point is recorded: ``(i + 1) % every == 0`` or the last.
+    """In-epoch step indices after which a point is recorded: ``(i + 1) % every == 0`` or the last
+    (:func:`sublearn._common.tracked_steps`, as an array).
 
     Example:
         >>> tracked_steps(25, 10).tolist()
         [9, 19, 24]
     """
-    i = np.arange(steps_per_epoch)
-    return i[((i + 1) % every == 0) | (i == steps_per_epoch - 1)]
+    return np.asarray(_common.tracked_steps(steps_per_epoch, every), dtype=int)
 
 
 def trajectory_steps(steps_per_epoch: int, every: int, epochs: int) -> list[int]:

@@ -50,15 +50,43 @@ def spec_of(config: MnistConfig | ProgramSpec) -> MLPSpec:
     )
 
 
-def make_optimizer(config: MnistConfig | ProgramSpec) -> optax.GradientTransformation:
-    """The optimizer named by ``config.optimizer`` (PyTorch-default hyperparameters besides the rate)."""
-    if config.optimizer == "adam":
-        return optax.adam(config.learning_rate)
-    if config.optimizer == "adamw":
-        return optax.adamw(config.learning_rate, weight_decay=1e-2)
-    if config.optimizer == "sgd":
-        return optax.sgd(config.learning_rate)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+def make_optimizer(config: MnistConfig | ProgramSpec, *, students: bool = False) -> optax.GradientTransformation:
+    """The teacher's optimizer (``config.optimizer`` at ``config.learning_rate``), or with
+    ``students`` the students' (``student_optimizer``/``student_learning_rate``, each
+    defaulting to the teacher's); PyTorch-default hyperparameters besides the rate.
+
+    With gradient ``g``, rate ``lr`` and parameters ``theta``, one step of
+
+    - ``adam``, ``adamw``: Adam (betas 0.9/0.999, eps 1e-8; ``adamw`` with decoupled weight
+      decay 0.01);
+    - ``sgd``: ``b <- momentum * b + g`` (``b`` starts at 0), ``theta <- theta - lr * b``;
+    - ``signsgd``: ``theta <- theta - lr * sign(g)``.
+
+    Example (the first signSGD step for gradients 2, -3 and 0.5):
+
+    >>> import jax.numpy as jnp
+    >>> from toymodels.config import MnistConfig
+    >>> config = MnistConfig(student_optimizer="signsgd", student_learning_rate=0.1)
+    >>> tx = make_optimizer(config, students=True)
+    >>> g = {"w": jnp.array([2.0, -3.0, 0.5])}
+    >>> updates, _ = tx.update(g, tx.init(g))
+    >>> [round(u, 6) for u in updates["w"].tolist()]
+    [-0.1, 0.1, -0.1]
+    """
+    name = config.optimizer
+    rate = config.learning_rate
+    if students:
+        name = config.optimizer if config.student_optimizer is None else config.student_optimizer
+        rate = config.learning_rate if config.student_learning_rate is None else config.student_learning_rate
+    if name == "adam":
+        return optax.adam(rate)
+    if name == "adamw":
+        return optax.adamw(rate, weight_decay=1e-2)
+    if name == "sgd":
+        return optax.sgd(rate, momentum=config.momentum or None)
+    if name == "signsgd":
+        return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(rate))
+    raise ValueError(f"unknown optimizer {name!r}")
 
 
 class EpochPlan(NamedTuple):
@@ -121,9 +149,12 @@ class ProgramSpec:
     hidden: tuple[int, ...]
     init_scale: float
     precision: str
-    # optimizer, teacher and student batches
+    # optimizers, teacher and student batches
     optimizer: str
     learning_rate: float
+    student_optimizer: str | None
+    student_learning_rate: float | None
+    momentum: float
     batch_size: int
     # the students' inputs and loss
     n_noise: int
@@ -215,7 +246,7 @@ def _student_epoch(config: ProgramSpec, mesh: Mesh | None = None):
     program is unchanged.
     """
     spec = spec_of(config)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, students=True)
     imitation = STUDENT_LOSSES[config.student_loss]
 
     def loss_fn(params, x, teacher_logits, weights, mask):

@@ -38,13 +38,39 @@ Conversation = list[Message]
 ProgressFn = Callable[[int, int, int], None]
 
 
+STEERING_MODES = ("add", "ablate")
+
+
+@dataclass(frozen=True)
+class Steering:
+    """An edit of the residual stream at the output of decoder layer ``layer`` (counted from
+    0), at every position of every forward pass (:mod:`lmpipeline.steering`). With the
+    layer's output ``h`` and ``u = vector / |vector|``:
+
+    - ``add``: ``h + alpha * vector`` (a steered model);
+    - ``ablate``: ``h - alpha * (h . u) u``, the component along ``vector`` projected out
+      (``alpha = 1``: all of it). A zero vector has no direction and ablates nothing.
+    """
+
+    layer: int
+    vector: tuple[float, ...]
+    alpha: float = 1.0
+    mode: str = "add"
+
+    def __post_init__(self) -> None:
+        if self.mode not in STEERING_MODES:
+            raise ConfigError(f"steering mode {self.mode!r} is not one of {', '.join(STEERING_MODES)}")
+
+
 @dataclass(frozen=True)
 class ModelRef:
-    """A model to run: the base model, optionally with a LoRA adapter or replaced weights."""
+    """A model to run: the base model, optionally with a LoRA adapter or replaced weights,
+    and residual-stream edits applied in order (torch backend only)."""
 
     base: ModelSpec
     adapter: str | None = None  # folder of a peft adapter
     weights: str | None = None  # folder of fully finetuned weights (and tokenizer)
+    steering: tuple[Steering, ...] = ()
 
 
 @dataclass(frozen=True)

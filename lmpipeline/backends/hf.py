@@ -4,7 +4,9 @@ Models load by hub name, local folder, or ``wheel:<distribution>`` (a GGUF file 
 installed package, found through its metadata and dequantized by transformers). The base
 model is loaded once per backend; a LoRA student is attached to it with peft for as long
 as it is used and detached afterwards (``unload``), so the teacher, the base model and
-both students share one copy of the weights.
+both students share one copy of the weights. A :class:`~lmpipeline.backends.ModelRef`'s
+``steering`` edits apply for the duration of each call that runs it
+(:func:`lmpipeline.steering.steered`).
 
 Generation applies the chat template with a generation prompt, pads on the left, samples
 with pure temperature sampling, and seeds torch's generator per call, so a batch's samples
@@ -32,6 +34,7 @@ from lmpipeline.backends.tokens import eos_ids, generations, locate_model, promp
 from lmpipeline.backends.torch_training import completion_logits, cuda_devices, train
 from lmpipeline.config import FinetuneSpec, ModelSpec
 from lmpipeline.grammar import NumberListGrammar, TokenGrammar
+from lmpipeline.steering import steered
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -241,7 +244,7 @@ class HFBackend:
             processors.append(NumberListProcessor(grammar, len(texts), prompt_len))
             # The language is finite: leave room for its longest string and the end token.
             max_new_tokens = max(max_new_tokens, grammar.grammar.max_chars + 1)
-        with torch.random.fork_rng(devices=cuda_devices(net.device)), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda_devices(net.device)), torch.no_grad(), steered(net, model.steering):
             torch.manual_seed(seed)
             out = sample(
                 net,
@@ -271,11 +274,12 @@ class HFBackend:
         for i, text in enumerate(prompts):
             groups.setdefault(text, []).append(i)
         scores = [0.0] * len(prompts)
-        for text, rows in groups.items():
-            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            tails = [tokenizer(continuations[i], add_special_tokens=False)["input_ids"] for i in rows]
-            for i, lp in zip(rows, _score_tails(net, prompt_ids, tails, batch_size)):
-                scores[i] = lp
+        with steered(net, model.steering):
+            for text, rows in groups.items():
+                prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                tails = [tokenizer(continuations[i], add_special_tokens=False)["input_ids"] for i in rows]
+                for i, lp in zip(rows, _score_tails(net, prompt_ids, tails, batch_size)):
+                    scores[i] = lp
         return scores
 
     def finetune(
@@ -289,7 +293,10 @@ class HFBackend:
         progress: ProgressFn | None = None,
         teacher: ModelRef | None = None,
         checkpoint: Path | None = None,
+        observer=None,
     ) -> dict:
+        """See :meth:`lmpipeline.backends.Backend.finetune`; ``observer`` goes to the training
+        loop (:class:`lmpipeline.alignment.AlignmentTracker`)."""
         self._detach()
         if spec.objective == "soft" and teacher is None:
             raise ValueError("finetune.objective=soft needs a teacher model to distil from")
@@ -310,6 +317,7 @@ class HFBackend:
                 teacher=teacher_fn,
                 tokens=tokens,
                 checkpoint=checkpoint,
+                observer=observer,
             )
 
         if spec.method == "full":
@@ -368,12 +376,17 @@ class HFBackend:
         if lora_student is not None:
 
             def with_adapter_off(batch):
-                with lora_student.disable_adapter():
+                with lora_student.disable_adapter(), steered(lora_student, teacher.steering):
                     return completion_logits(lora_student, batch)[0]
 
             return with_adapter_off
         net, _ = self.model_for(teacher)
-        return lambda batch: completion_logits(net, batch)[0]
+
+        def logits(batch):
+            with steered(net, teacher.steering):
+                return completion_logits(net, batch)[0]
+
+        return logits
 
     def close(self) -> None:
         self._detach()

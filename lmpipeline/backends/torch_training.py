@@ -32,6 +32,7 @@ import torch
 from lmpipeline.backends import ProgressFn, TrainExample
 from lmpipeline.backends.checkpoints import Checkpoints, TrainState, fingerprint, step_batches
 from lmpipeline.backends.tokens import IGNORE, linear_schedule, training_rows, training_summary
+from lmpipeline.backends.torch_optim import make_optimizer
 from lmpipeline.config import FinetuneSpec
 
 
@@ -155,6 +156,7 @@ def train(
     teacher: TeacherFn | None = None,
     tokens: torch.Tensor | None = None,
     checkpoint: Path | None = None,
+    observer=None,
 ) -> dict:
     """Train the parameters of ``model`` that require gradients; returns the training log.
 
@@ -162,9 +164,11 @@ def train(
     :func:`soft_kl` against ``teacher`` (called without gradients on each micro-batch of
     the teacher's view of the examples, ``TrainExample.teacher_messages``), over the
     positions :func:`soft_mask` selects with ``tokens``, averaged over those positions.
-    With ``checkpoint``, the trainable weights, AdamW's state and torch's random state are
+    With ``checkpoint``, the trainable weights, the optimizer's state and torch's random state are
     saved there every ``spec.checkpoint_every`` steps, and a run with the same inputs
-    resumes from them (:mod:`lmpipeline.backends.checkpoints`).
+    resumes from them (:mod:`lmpipeline.backends.checkpoints`). An ``observer`` (an
+    :class:`lmpipeline.alignment.AlignmentTracker`) is called before the first step and
+    around every optimizer step, and writes into the log.
     """
     soft = spec.objective == "soft"
     if soft and teacher is None:
@@ -174,9 +178,7 @@ def train(
     n_label = [int(soft_mask(torch.tensor(e["labels"][1:]), tokens if soft else None).sum()) for e in encoded]
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    # The fused update is one kernel over every tensor: 10% of a SmolLM2 step on a CPU core.
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=fused)
+    optimizer = make_optimizer(params, spec)
     steps = step_batches(len(encoded), spec, seed)
     trainable = [(name, list(p.shape), str(p.dtype)) for name, p in named]
     saver = Checkpoints(
@@ -211,6 +213,8 @@ def train(
         model.train()
         pad = tokenizer.pad_token_id
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.compute_dtype == "bfloat16")
+        if observer is not None:
+            observer.start(model, state.step, len(steps), log)
         for step in range(state.step, len(steps)):
             chosen = steps[step]
             denom = max(1, sum(n_label[i] for i in chosen))
@@ -239,11 +243,15 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            if observer is not None:
+                observer.before_step(step, model)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             log["loss"].append(loss_sum / denom)
             log["lr"].append(lr)
             log["grad_norm"].append(float(grad_norm))
+            if observer is not None:
+                observer.after_step(step, model, log)
             saver.save(
                 TrainState(step + 1, tokens_seen, log, state.wall_s + time.perf_counter() - start),
                 total=len(steps),

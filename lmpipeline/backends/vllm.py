@@ -39,7 +39,7 @@ from pathlib import Path
 from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
 from lmpipeline.backends.hf import HFBackend
 from lmpipeline.backends.tokens import locate_model
-from lmpipeline.config import FinetuneSpec, ModelSpec, derive_seed
+from lmpipeline.config import ConfigError, FinetuneSpec, ModelSpec, derive_seed
 from lmpipeline.grammar import NumberListGrammar
 
 # Neutral values of every SamplingParams setting that changes the distribution; top_k=0
@@ -175,6 +175,8 @@ class VLLMBackend:
         seed: int,
         number_grammar: tuple[int, int] | None = None,
     ) -> list[Generation]:
+        if model.steering:
+            raise ConfigError("steering (ModelRef.steering) needs the torch backend to sample: set model.backend=hf")
         regex = None
         if number_grammar is not None:
             grammar = NumberListGrammar(max_count=number_grammar[0], max_digits=number_grammar[1])

@@ -171,6 +171,8 @@ class JaxBackend:
 
     def model_for(self, ref: ModelRef) -> Loaded:
         """The weights that run ``ref`` (the base, the base with an adapter, or saved weights)."""
+        if ref.steering:
+            raise ConfigError("steering (ModelRef.steering) needs the torch backend: set model.backend=hf")
         if ref.weights:
             if self._weights is None or self._weights[0] != ref.weights:
                 self._weights = None

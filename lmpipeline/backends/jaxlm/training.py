@@ -16,8 +16,8 @@ optionally over the number tokens only, renormalized).
 One optimizer step is one compiled call: ``lax.scan`` accumulates the gradients of the
 step's ``grad_accum`` micro-batches (a short last step is filled with rows that carry no
 loss, so every step has the same shape), then ``optax`` clips the global norm and applies
-AdamW, the torch optimizer's update rule, at the linear schedule's learning rate. Which
-parameters train is a type filter: :class:`flax.nnx.LoRAParam` for LoRA, every
+``finetune.optimizer`` (the torch loop's update rules) at the linear schedule's learning
+rate. Which parameters train is a type filter: :class:`flax.nnx.LoRAParam` for LoRA, every
 :class:`flax.nnx.Param` for full finetuning.
 """
 
@@ -40,12 +40,15 @@ from lmpipeline.backends.checkpoints import Checkpoints, TrainState, fingerprint
 from lmpipeline.backends.jaxlm.decoding import left_pad, positions_of, round_up
 from lmpipeline.backends.jaxlm.model import Decoder
 from lmpipeline.backends.tokens import IGNORE, linear_schedule, training_rows, training_summary
-from lmpipeline.config import FinetuneSpec
+from lmpipeline.config import SGD_MOMENTUM, FinetuneSpec
 
 
 @functools.lru_cache(maxsize=8)  # one object per setting, so compiled steps that take it are reused
 def optimizer(spec: FinetuneSpec, total_steps: int) -> optax.GradientTransformation:
-    """Clip to ``max_grad_norm``, then AdamW (torch's defaults: betas 0.9/0.999, eps 1e-8)."""
+    """Clip to ``max_grad_norm``, then ``spec.optimizer`` with decoupled weight decay: the
+    torch loop's rules (:mod:`lmpipeline.backends.torch_optim`), AdamW with torch's
+    defaults (betas 0.9/0.999, eps 1e-8), SGD with heavy-ball momentum
+    :data:`~lmpipeline.config.SGD_MOMENTUM`, or signSGD."""
 
     # The schedule's own values, tabulated: one formula for the torch loop, this one and the log.
     factors = jnp.asarray([linear_schedule(s, spec.warmup_steps, total_steps) for s in range(total_steps)])
@@ -53,10 +56,17 @@ def optimizer(spec: FinetuneSpec, total_steps: int) -> optax.GradientTransformat
     def schedule(count):
         return spec.learning_rate * factors[jnp.minimum(count, total_steps - 1)]
 
-    return optax.chain(
-        optax.clip_by_global_norm(spec.max_grad_norm),
-        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=spec.weight_decay),
-    )
+    if spec.optimizer == "adamw":
+        rule = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=spec.weight_decay)
+    elif spec.optimizer in ("sgd", "signsgd"):
+        direction = optax.trace(decay=SGD_MOMENTUM) if spec.optimizer == "sgd" else optax.scale_by_sign()
+        # optax's -lr * (direction + decay * theta) is torch's decoupled decay followed by the step.
+        rule = optax.chain(
+            direction, optax.add_decayed_weights(spec.weight_decay), optax.scale_by_learning_rate(schedule)
+        )
+    else:
+        raise ValueError(f"unknown finetune.optimizer {spec.optimizer!r}")
+    return optax.chain(optax.clip_by_global_norm(spec.max_grad_norm), rule)
 
 
 def _stack(rows: list[dict], micro: int, n_micro: int, width: int, pad_id: int) -> dict[str, np.ndarray]:
