@@ -410,7 +410,7 @@ def test_a_sweep_counts_its_points_and_ends_at_100_percent(monkeypatch):
     from toymodels.data import MNIST
 
     class Result:
-        summary = accuracy = {}
+        summary = accuracy = final_loss = {}
 
     def run_experiment(config, data=None, progress=None):
         progress.start(4, "a point")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sublearn.cli import main
+from theory.cases import MLP
 from theory.cli import failures, format_table
 from theory.numerical import RESOLUTION
 
@@ -119,3 +122,111 @@ def test_relu_cases_at_a_kink_are_counted_apart():
     assert (row["at_kink"], row["shared_init_violations"], row["taylor_order_outside"]) == (1, 0, 0)
     assert failures([row]) == []
     assert failures([summarize("g", [smooth, {**kink, "units_at_kink": 0}])]) != []
+
+
+def test_nothing_to_check_fails_the_verdict_and_explained_zeros_are_listed_apart():
+    assert failures([_row(A_zero=4)]) == [
+        "g: A = 0 in every case, so nothing was checked (do the model's outputs depend on its parameters?)"
+    ]
+    assert failures([_row(A_zero=1)]) == [
+        "g: 1 case(s) with A = 0 that their spec does not explain "
+        "(a teacher step that does not move the outputs the student is scored on)"
+    ]
+    explained = _row(A_zero=1, A_zero_explained=1, A_zero_explanations=["a subset loss over one logit is constant"])
+    assert failures([explained]) == []
+    assert "1 case(s) with A = 0 by construction (a subset loss over one logit is constant)" in format_table(
+        [explained]
+    )
+    # Explained or not, a group in which every A is 0 checked nothing.
+    assert failures([_row(A_zero=4, A_zero_explained=4)]) != []
+    assert failures([_row(different_init_equals_shared=2)]) == [
+        "g: 2 case(s) with a hidden layer have the same A under different initialization: "
+        "the student's own parameters were not used"
+    ]
+    no_signs = dict(different_init_cross_term_negative=0, different_init_eps_part_negative=0)
+    no_signs["different_init_zeroth_order_negative"] = 0
+    assert failures([_row(cases=6, **no_signs)]) == []  # 2^-6 > 1%: likely enough by chance
+    assert failures([_row(cases=7, **no_signs)]) == [
+        "g: no negative A_x, a(eps) - a0 or a0 in 7 different-initialization cases "
+        "(chance below 2^-7 if the check works)"
+    ]
+
+
+def test_only_a_one_logit_subset_explains_a_zero_alignment():
+    from theory.cases import MLP, CaseSpec
+    from theory.cli import zero_alignment_explained
+
+    spec = CaseSpec(
+        MLP((2, 3, 3)), "normal", 1.0, 0.0, "normal", 4, "subset_softmax_cross_entropy", "direction", 0, (1,)
+    )
+    assert zero_alignment_explained(spec) == "a subset loss over one logit is constant"
+    assert zero_alignment_explained(dataclasses.replace(spec, subset=(0, 1))) is None
+    assert zero_alignment_explained(dataclasses.replace(spec, student_loss="squared_error", subset=())) is None
+
+
+@dataclasses.dataclass(frozen=True)
+class _IgnoresItsParameters(MLP):
+    """A planted defect: outputs that depend on the inputs only, so every A is 0."""
+
+    def __call__(self, params, x):
+        return jnp.tanh(x[:, :1]) * jnp.ones((1, self.sizes[-1]))
+
+
+def _theory(argv, capsys):
+    code = main(["theory", "--quiet", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def test_the_command_exits_0_when_the_lemma_is_checked_and_1_when_a_planted_defect_leaves_nothing_to_check(
+    monkeypatch, capsys
+):
+    import theory.cases
+    import theory.numerical
+
+    argv = ["--cases", "8", "--mnist-cases", "1", "--mnist-samples", "4"]
+    code, out, err = _theory(argv, capsys)
+    assert (code, err) == (0, [])
+    assert "random MLPs" in out and "MNIST MLP" in out
+
+    build_case = theory.cases.build_case
+    monkeypatch.setattr(
+        theory.cases,
+        "build_case",
+        lambda spec: dataclasses.replace(
+            build_case(spec), model=_IgnoresItsParameters(spec.mlp.sizes, spec.mlp.activation)
+        ),
+    )
+    code, _, err = _theory(["--cases", "4", "--mnist-cases", "0"], capsys)
+    assert code == 1
+    assert "sublearn theory: random MLPs: A = 0 in every case, so nothing was checked" in err[0]
+    monkeypatch.undo()
+
+    check_alignment = theory.numerical.check_alignment
+
+    def drops_the_students_parameters(*args, student_params=None, **kwargs):
+        return check_alignment(*args, **kwargs)
+
+    monkeypatch.setattr(theory.numerical, "check_alignment", drops_the_students_parameters)
+    code, _, err = _theory(argv, capsys)
+    assert code == 1
+    assert any("MNIST MLP 784-256-256-13: 1 case(s) with a hidden layer have the same A" in line for line in err)
+    assert any(line.startswith("sublearn theory: random MLPs: ") and "not used" in line for line in err)
+
+
+def test_the_different_initialization_record_is_the_librarys_check_with_the_students_parameters():
+    import theory.cases
+    from theory.cli import evaluate
+    from theory.numerical import check_alignment
+
+    spec = theory.cases.CaseSpec(
+        theory.cases.MLP((3, 5, 4), "tanh"), "normal", 1.0, 0.1, "normal", 8, "softmax_cross_entropy", "direction", 3
+    )
+    case = theory.cases.build_case(spec)
+    record = evaluate(case.model, case.params, case.other_params, case.inputs, **case.check_kwargs())
+    library = check_alignment(case.model, case.params, case.inputs, **case.check_kwargs(shared_init=False))
+    assert record["different_init_cross_term"] == library.A
+    assert record["different_init_zeroth_order"] == library.zeroth_order
+    assert record["different_init_eps_part"] == library.eps_part
+    assert abs(record["different_init_cross_term"] - record["A"]) > 1e-3 * abs(record["A"])
+    assert not record["different_init_equals_shared"]

@@ -18,9 +18,11 @@ smallest other A, violations, the most halvings of ``eps`` and the fitted Taylor
 Different initialization: how often the cross term :math:`A_\times`, the eps-dependent
 part :math:`a(\varepsilon) - a_0` and the zeroth-order term :math:`a_0` are negative,
 which nothing forbids. The exit code is 1 when a shared-initialization case violates
-the lemma (including an ``eps`` that never reached the Taylor regime) or a fitted order
-falls outside ``TAYLOR_ORDER_RANGE`` (:func:`failures`), 2 for bad arguments, 0
-otherwise. ``--out FILE`` writes everything as JSON.
+the lemma (including an ``eps`` that never reached the Taylor regime), a fitted order
+falls outside ``TAYLOR_ORDER_RANGE``, or a group had nothing to check (A = 0 where its
+specs do not explain it, or a different-initialization check that did not use the
+student's own parameters; :func:`failures`), 2 for bad arguments, 0 otherwise.
+``--out FILE`` writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def evaluate(model, params, other_params, inputs, **check_kwargs) -> dict[str, A
         "different_init_cross_term_negative": different.A < -tol_different["A"],
         "different_init_eps_part_negative": different.eps_part < -tol_different["alignment"],
         "different_init_zeroth_order_negative": different.zeroth_order < -tol_different["alignment"],
+        # A student at its own initialization sees other Jacobians wherever there is a
+        # hidden layer, so there A_x = A means its parameters were never used.
+        "different_init_equals_shared": abs(different.A - shared.A) <= max(tol["A"], tol_different["A"]),
         "taylor_order": _finite_or_none(fit.order),
         "taylor_points": fit.n_fitted,
     }
@@ -130,6 +135,8 @@ def random_cases(n_cases: int, seed: int, progress):
         spec = choose_spec(chooser)
         case = build_case(spec)
         record = evaluate(case.model, case.params, case.other_params, case.inputs, **case.check_kwargs())
+        record["hidden_layers"] = len(spec.mlp.sizes) - 2
+        record["A_zero_explained"] = zero_alignment_explained(spec)
         # Not differentiable at theta_0: outside the lemma, counted apart (see summarize).
         record["units_at_kink"] = case.model.units_at_kink(case.params, case.inputs)
         progress.advance(
@@ -178,8 +185,27 @@ def mnist_cases(n_cases: int, n_samples: int, seed: int, progress):
             student_loss=SubsetSoftmaxCrossEntropy(tuple(range(N_DIGITS, spec.n_out))),  # aux logits only
             teacher_loss=teacher_loss,
         )
+        record["hidden_layers"] = len(spec.hidden)
+        record["A_zero_explained"] = None
         progress.advance(f"MNIST MLP case {k + 1}/{n_cases}")
         yield record
+
+
+def zero_alignment_explained(spec) -> str | None:
+    """Why ``spec``'s case has A = 0 whatever its numbers, or None when A = 0 would be a defect.
+
+    The one such spec the cases can hold: a subset loss over one logit, whose softmax is
+    identically 1, so the student's loss (and its Hessian M) does not depend on the outputs.
+    """
+    if spec.student_loss == "subset_softmax_cross_entropy" and len(spec.subset) == 1:
+        return "a subset loss over one logit is constant"
+    return None
+
+
+# Under different initialization each of A_x, a(eps) - a0 and a0 was negative in about
+# half the cases of the default draw or more (a0: 16 of 23), so a group of this many
+# cases with no negative sign at all has a chance below 2**-7 < 1% of a working check.
+ALL_SIGNS_POSITIVE_MIN_CASES = 7
 
 
 def _order_outside(order: float | None) -> bool:
@@ -195,12 +221,19 @@ def summarize(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     smooth = [r for r in records if not r.get("units_at_kink")]
     orders = sorted(r["taylor_order"] for r in records if r["taylor_order"] is not None)
     nonzero = [r["A"] for r in records if not r["A_is_zero"]]
+    explained = [r for r in records if r["A_is_zero"] and r.get("A_zero_explained")]
     resolved = [r["first_order_over_tolerance"] for r in records if not r["A_is_zero"]]
     return {
         "name": name,
         "cases": len(records),
         "at_kink": len(records) - len(smooth),
         "A_zero": sum(r["A_is_zero"] for r in records),
+        "A_zero_explained": len(explained),
+        "A_zero_explanations": sorted({r["A_zero_explained"] for r in explained}),
+        # a model without a hidden layer can have A_x = A (a linear model under squared error)
+        "different_init_equals_shared": sum(
+            bool(r.get("different_init_equals_shared")) for r in records if r.get("hidden_layers", 1) > 0
+        ),
         "min_A": min(nonzero) + 0.0 if nonzero else None,  # + 0.0 turns -0.0 into 0.0
         "shared_init_violations": sum(bool(r["violations"]) for r in smooth),
         "halvings_max": max(r["halvings"] for r in records),
@@ -224,11 +257,40 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
     A group fails when a shared-initialization case violates the lemma or the theorem
     (:meth:`~theory.numerical.AlignmentResult.violations`, which includes an ``eps`` that
     could not be brought into the Taylor regime) or when a fitted Taylor order falls
-    outside ``TAYLOR_ORDER_RANGE``. Signs under different initialization never fail it.
+    outside ``TAYLOR_ORDER_RANGE``. It also fails when there was nothing to check: A = 0
+    (within rounding) in every case, or in a case whose spec does not explain it
+    (:func:`zero_alignment_explained`); a case with a hidden layer whose
+    different-initialization cross term equals A (the student's own parameters unused);
+    or no negative sign at all under different initialization in
+    ``ALL_SIGNS_POSITIVE_MIN_CASES`` cases or more. The signs themselves never fail it.
     """
     lines = []
     low, high = TAYLOR_ORDER_RANGE
     for row in rows:
+        unexplained = row["A_zero"] - row.get("A_zero_explained", 0)
+        if row["cases"] and row["A_zero"] == row["cases"]:
+            lines.append(
+                f"{row['name']}: A = 0 in every case, so nothing was checked "
+                "(do the model's outputs depend on its parameters?)"
+            )
+        elif unexplained:
+            lines.append(
+                f"{row['name']}: {unexplained} case(s) with A = 0 that their spec does not explain "
+                "(a teacher step that does not move the outputs the student is scored on)"
+            )
+        if row.get("different_init_equals_shared"):
+            lines.append(
+                f"{row['name']}: {row['different_init_equals_shared']} case(s) with a hidden layer have the same "
+                "A under different initialization: the student's own parameters were not used"
+            )
+        signs = ("cross_term", "eps_part", "zeroth_order")
+        if row["cases"] >= ALL_SIGNS_POSITIVE_MIN_CASES and not any(
+            row[f"different_init_{key}_negative"] for key in signs
+        ):
+            lines.append(
+                f"{row['name']}: no negative A_x, a(eps) - a0 or a0 in {row['cases']} different-initialization "
+                f"cases (chance below 2^-{ALL_SIGNS_POSITIVE_MIN_CASES} if the check works)"
+            )
         if row["shared_init_violations"]:
             lines.append(
                 f"{row['name']}: {row['shared_init_violations']} case(s) violate the lemma under shared initialization"
@@ -278,6 +340,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "so these are counts, not violations"
     )
     for row in rows:
+        if row.get("A_zero_explained"):
+            lines.append(
+                f"{row['name']}: {row['A_zero_explained']} case(s) with A = 0 by construction "
+                f"({'; '.join(row['A_zero_explanations'])}) are not counted as vacuous"
+            )
         if row.get("at_kink"):
             lines.append(
                 f"{row['name']}: {row['at_kink']} case(s) with a ReLU exactly at its kink (not differentiable, "
