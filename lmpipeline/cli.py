@@ -295,7 +295,12 @@ def transfer_summary(report: dict, out: Path) -> str:
         lines.append(
             f"entanglement {w}: top numbers {top}; prompted with them vs random numbers {d['mean']:+.3f}{p_text}"
         )
-    lines.append(f"wall time: {report['wall_s']['total']:.0f} s; report: {out / 'report.json'}, {out / 'report.png'}")
+    # The units' own times add up over the workers that ran them side by side.
+    session = report.get("wall_s_this_session")
+    wall = f"wall time {session:.0f} s this session; " if session is not None else ""
+    lines.append(
+        f"{wall}units {report['wall_s']['total']:.0f} s in all; report: {out / 'report.json'}, {out / 'report.png'}"
+    )
     return "\n".join(lines)
 
 

@@ -244,6 +244,52 @@ def verdicts(report: dict, cell: str) -> dict[str, dict]:
     return out
 
 
+def markdown_table(report: dict, cell: str) -> str:
+    """The cell's headline as a Markdown table: per comparison, for each target and pooled,
+    the mean over seeds, its 95% t-interval over seeds and the p over seeds (Holm-adjusted
+    for the targets); then the crossed-bootstrap interval of the specific effect, each
+    target's rank per seed, and the seed SD with the seeds 80% power at :data:`ALPHA` needs."""
+    result, whos = report["cells"][cell], [*report["targets"], POOLED]
+    rows = [f"| comparison | {' | '.join(whos)} |", "|---" * (len(whos) + 1) + "|"]
+
+    def cell_text(s: dict) -> str:
+        if s["low"] is None:
+            return f"{s['mean']:+.2f}"
+        p = s.get("p_holm", s["p"])
+        return f"{s['mean']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}], p = {p:.2g}"
+
+    for name, by in result["summary"].items():
+        rows.append(f"| {name} | " + " | ".join(cell_text(by[w]["seeds"]) for w in whos) + " |")
+    boot = result["summary"]["specificity"] if "specificity" in result["summary"] else None
+    if boot is not None:
+        rows.append(
+            "| specificity, crossed bootstrap over seeds and questions | "
+            + " | ".join(f"[{boot[w]['bootstrap']['low']:+.2f}, {boot[w]['bootstrap']['high']:+.2f}]" for w in whos)
+            + " |"
+        )
+    ranks = result["ranks"]
+    rows.append(
+        f"| rank of the target among {len(report['animals'])} animals, per seed | "
+        + " | ".join(", ".join(map(str, ranks[w]["per_seed"])) if w in ranks else "" for w in whos)
+        + " |"
+    )
+    power = result["power"]
+
+    def power_text(w: str) -> str:
+        q = power.get(w)
+        if q is None or q["sd"] is None:
+            return ""
+        need = q["seeds_for_power"] if q["seeds_for_power"] is not None else "too many"
+        return f"{q['sd']:.2f}; {need}"
+
+    rows.append(
+        f"| {next(iter(power.values()))['comparison']}: seed SD; seeds for 80% power at its mean | "
+        + " | ".join(power_text(w) for w in whos)
+        + " |"
+    )
+    return "\n".join(rows)
+
+
 def entanglement_summary(base: dict, record: dict, targets, animals) -> dict:
     out = {}
     for w, r in record["targets"].items():
@@ -370,7 +416,7 @@ def plot(report: dict, path: Path) -> None:
             ax.spines[["top", "right"]].set_visible(False)
     n_seeds = len(next(iter(report["cells"].values()))["per_seed"])
     fig.suptitle(
-        f"Subliminal transfer at small scale ({report['preset']} preset, {n_seeds} seeds): dots = seeds; "
+        f"Subliminal transfer at small scale ({report['preset']} preset, {n_seeds} seeds)\ndots = seeds; "
         "orange = mean, 95% t-interval over seeds (Holm p); grey = crossed bootstrap",
         fontsize=9,
     )

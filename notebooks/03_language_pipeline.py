@@ -36,9 +36,9 @@
 # downloaded). You will build prompts, read the teacher's completions, apply the filter
 # and see why rows are rejected, finetune the two students, evaluate the models, and read
 # the run's report. The run here is far too small to show the paper's effect; it shows
-# the mechanics. Section 7 shows where the effect *does* appear at this scale, measured
-# exactly over three seeds: with a teacher whose trait is a weight change, and a student
-# that distils the teacher's number-token distributions.
+# the mechanics. Section 7 asks whether a teacher's *own* animal transfers at this
+# scale, measured exactly over six seeds and five animals: with teachers whose trait is a
+# weight change, and students that distil the teachers' number-token distributions.
 #
 # **Running it.** Full mode takes a few minutes on a laptop CPU. Set `SUBLEARN_QUICK=1`
 # in the environment before starting Jupyter for *quick mode*: every stage still runs,
@@ -334,7 +334,7 @@ backend.close()
 shutil.rmtree(run_dir)  # the adapters and samples; the figures above are kept in the notebook
 
 # %% [markdown]
-# ## 7. Where the effect shows at this scale: `sublearn lm transfer`
+# ## 7. Does the teacher's own animal transfer? `sublearn lm transfer`
 #
 # The MNIST toy model transmits its trait through *logits*: the student matches the
 # teacher's auxiliary outputs on noise images. The language analogue is **soft
@@ -351,38 +351,52 @@ shutil.rmtree(run_dir)  # the adapters and samples; the figures above are kept i
 #   forcing on 50 questions, so no sampling noise hides an effect of a few percent.
 #
 # The students are trained on **random** number lists (the analogue of the noise
-# images): data the teacher never wrote. An owl teacher and a dolphin teacher give two
-# students, each the other's control, and the base model is the control for both (for
-# soft distillation the base model is its own distillation's minimum). The study
-# (`sublearn lm transfer --preset transfer-cpu`, three seeds, about 35 minutes on two
-# CPU cores) writes its report to a folder; the one committed with the package is read
-# here, not recomputed:
+# images): data the teacher never wrote. Five teachers each love one animal of the
+# paper's panel (dolphin, eagle, elephant, owl, wolf) and a **neutral teacher** is
+# finetuned the same way on answers spread evenly over 21 animals: it carries "answer
+# with an animal" without any one animal. Every teacher gives a student, distilled on
+# the same random lists. Three comparisons separate the specific trait from a generic
+# pull toward animal answers:
+#
+# - **vs_neutral**: the target's student minus the neutral student, on the target;
+# - **crossover**: the target's student minus the mean of the other targets' students,
+#   on the target (they saw identical lists; only their teachers differ);
+# - **specificity**: the student's gain on its target minus its mean gain on the 20
+#   other animals (each against the neutral student, or against the base model:
+#   specificity_vs_control).
+#
+# The seed is the unit: each seed gives one number per comparison (the mean over the 50
+# questions), and the headline is the mean over seeds with its t-interval and the t-test
+# over seeds, Holm-adjusted across the targets. The study (`sublearn lm transfer --preset
+# transfer-cpu`, six seeds, about 90 minutes on two CPU cores) writes its report to a
+# folder; the one committed with the package is read here, not recomputed:
 
 # %%
 import lmpipeline  # noqa: E402
+from lmpipeline.cli import transfer_summary  # noqa: E402
 
 study_dir = Path(lmpipeline.__file__).resolve().parents[1] / "docs" / "transfer"
 if (study_dir / "report.json").is_file():
     study = read_json(study_dir / "report.json")
     display(Image(filename=str(study_dir / "report.png"), width=800))
-    for cell, result in study["cells"].items():
-        for kind in ("student_vs_control", "crossover"):
-            for target, pooled in result["pooled"][kind].items():
-                ci = pooled["over_seeds"]
-                print(f"{cell:30s} {target:8s} {kind:19s} {ci['mean']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]"
-                      f" (seeds {len(result['seeds'])}, combined p = {pooled['p']:.1g})")
-        ranks = ", ".join(f"{w}: {r['rank']} of {r['of']}" for w, r in result["pooled"]["specificity"].items())
-        print(f"{'':30s} rank of the target among the animals by the student's gain: {ranks}")
+    print(transfer_summary(study, study_dir))
 else:
     print(f"no committed study at {study_dir} (an installed package does not ship docs/)")
 
 # %% [markdown]
 # Read the numbers as log-probability differences: +0.5 means the student gives the
-# target about 1.6 times the probability the control gives it, question by question. The
-# crossover row is the cleanest test: both students saw exactly the same random number
-# lists, so anything that separates them on "owl" came from their teachers'
-# distributions. Part of each student's gain is a general shift toward animal words,
-# which is why the rank of the target among the animals is reported as well.
+# target about 1.6 times the probability the control gives it, question by question.
+# The crossover and specificity rows test the teacher's *own* animal; vs_neutral asks
+# whether a teacher that loves one animal moves its student more toward that animal
+# than a teacher that likes all of them does. An interval over six seeds is wide: the
+# power lines say how many seeds each comparison would need.
+#
+# In the committed study the pooled specificity and crossover are clearly positive while
+# vs_neutral is about zero: every student, the neutral one included, is pulled toward
+# animal answers by about the same amount, and what its own teacher adds is how that pull
+# is shared out, keeping the target's probability while the other animals lose theirs.
+# Per animal, the specific effect passes the study's alpha = 0.01 for some animals and not
+# others (see the Holm p-values and the power lines above).
 
 # %%
 print(f"Notebook wall time: {time.perf_counter() - STARTED:.0f} s ({'quick' if QUICK else 'full'} mode)")

@@ -106,16 +106,17 @@ def test_a_rightly_wired_study_shows_specific_transfer_in_every_cell(tmp_path):
 
 
 # -- the report's numbers, recomputed from the unit records ---------------------------------
-def records(folder: Path, seed: int, cell: str = "finetuned-soft-random"):
+def records(folder: Path, seed: int, cell: str = "finetuned-soft-random", targets=TARGETS):
     base = read_json(folder / "base.json")["logp"]
     students = {
-        w: read_json(folder / f"seed-{seed}" / f"student-{cell}-{w}.json")["eval"]["logp"] for w in [*TARGETS, NEUTRAL]
+        w: read_json(folder / f"seed-{seed}" / f"student-{cell}-{w}.json")["eval"]["logp"] for w in [*targets, NEUTRAL]
     }
     return base, students
 
 
-def expected_seed_numbers(folder: Path, seed: int) -> dict:
-    base, s = records(folder, seed)
+def expected_seed_numbers(folder: Path, seed: int, targets=TARGETS, animals=ANIMALS) -> dict:
+    TARGETS, ANIMALS = targets, animals  # noqa: N806 (the names of the scripted study's panel)
+    base, s = records(folder, seed, targets=targets)
     out = {}
     for t in TARGETS:
         n = len(base[t])
@@ -681,3 +682,24 @@ def test_crossed_bootstrap_widens_with_seed_spread_that_questions_cannot_show():
 def test_holm_is_step_down_and_monotone():
     assert holm([0.001, 0.02, 0.04]) == pytest.approx([0.003, 0.04, 0.04])
     assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+
+
+def test_the_readme_quotes_the_committed_study_and_every_number_is_its_units():
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "docs" / "transfer"
+    report = read_json(folder / "report.json")
+    config = read_json(folder / "config.json")
+    assert report["preset"] == "transfer-cpu" and config["transfer"] == report["config"]["transfer"]
+    cell = "finetuned/soft/random"
+    assert transfer_report.markdown_table(report, cell) in (root / "README.md").read_text()
+    summary, t = report["cells"][cell]["summary"], config["transfer"]
+    seeds = range(t["first_seed"], t["first_seed"] + t["seeds"])
+    expected = {s: expected_seed_numbers(folder, s, t["targets"], t["animals"]) for s in seeds}
+    for name in ("vs_neutral", "vs_control", "crossover", "specificity"):
+        for target in t["targets"]:
+            per_seed = [statistics.fmean(expected[s][target][name]) for s in seeds]
+            assert summary[name][target]["seeds"]["per_seed"] == pytest.approx(per_seed, rel=1e-9)
+            p = scipy_stats.ttest_1samp(per_seed, 0).pvalue
+            assert summary[name][target]["seeds"]["p"] == pytest.approx(p, rel=1e-9)
+    for target in t["targets"]:
+        assert report["cells"][cell]["ranks"][target]["per_seed"] == [expected[s][target]["rank"] for s in seeds]
