@@ -559,6 +559,8 @@ class Study:
         for seed in self.seeds():
             if "sampled" in t.objectives and "teacher" in t.data:
                 out[("base-data", seed)] = []
+            if any(c[2] == "random" for c in cells(self.config)):  # lists that all the seed's students read
+                out[("random-data", seed)] = []
             for kind in t.teachers:
                 kind_cells = [c for c in cells(self.config) if c[0] == kind]
                 teachers = [("teacher", seed, kind, w) for w in self.teacher_names()]
@@ -567,6 +569,7 @@ class Study:
                 shared_rows = [
                     *(teachers if any(c[2] == "teacher" for c in kind_cells) else []),
                     *([("base-data", seed)] if any(c[1] == "sampled" for c in kind_cells) else []),
+                    *([("random-data", seed)] if any(c[2] == "random" for c in kind_cells) else []),
                 ]
                 for w, job in zip(self.teacher_names(), teachers):
                     out[("students", seed, kind, w)] = list(dict.fromkeys([job, *shared_rows]))
@@ -586,6 +589,8 @@ class Study:
             self.entanglement(self.base_eval())
         elif what == "base-data":
             self.data(args[0], "base")
+        elif what == "random-data":
+            self.data(args[0], "random")
         elif what == "teacher":
             seed, kind, who = args
             self.teacher(seed, kind, who, weights=False)

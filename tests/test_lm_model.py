@@ -80,7 +80,10 @@ def test_schedule_matches_transformers_linear_warmup():
 def test_gradient_accumulation_equals_one_big_batch(tokenizer):
     # A tiny random Llama: one optimizer step with 4 micro-batches of 1 must equal one
     # batch of 4, because the loss is the mean over all completion tokens of the step.
+    # Eager attention, as the package loads models on the CPU: torch's fused kernel rounds
+    # differently per batch shape (up to 2e-6 after the step on transformers 4.56).
     config = transformers.LlamaConfig(
+        attn_implementation="eager",
         vocab_size=len(tokenizer),
         hidden_size=16,
         intermediate_size=32,
@@ -489,3 +492,58 @@ def test_code_and_cot_end_to_end_on_the_real_model(backend, tmp_path, kind):
         assert all(get(kind).check(r, cfg.filter, "owl").ok for r in kept)
     assert report["training"]["student"]["n_rows"] == 2 and math.isfinite(report["training"]["student"]["last_loss"])
     assert 0.0 <= report["rates"]["student"]["plain"]["mean"] <= 1.0
+
+
+def test_the_cache_goes_under_the_name_the_installed_model_takes(local_model):
+    from lmpipeline.backends.hf import cache_argument
+
+    class Renamed(torch.nn.Module):  # transformers 5.24 and later
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            pass
+
+    class Older(torch.nn.Module):  # 5.23 and earlier: an unknown cache= vanishes into kwargs
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            pass
+
+    class Adapted:  # a peft wrapper forwards **kwargs to the model inside it
+        def get_base_model(self):
+            return Older()
+
+    cache = object()
+    assert cache_argument(Renamed(), cache) == {"cache": cache}
+    assert cache_argument(Older(), cache) == {"past_key_values": cache}
+    assert cache_argument(Adapted(), cache) == {"past_key_values": cache}
+    net, _ = HFBackend(local_model).model_for(ModelRef(local_model))
+    import inspect
+
+    (name,) = cache_argument(net, cache)
+    assert name in inspect.signature(type(net).forward).parameters
+
+
+@pytest.mark.parametrize("version, refused", [("4.55.4", True), ("3.5.1", True), ("4.56.0", False), ("5.22.2", False)])
+def test_a_transformers_older_than_the_tested_floor_is_refused_in_one_line(version, refused):
+    from lmpipeline.backends.hf import check_transformers
+    from sublearn._common import ConfigError
+
+    if not refused:
+        check_transformers(version)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_transformers(version)
+    assert "\n" not in str(error.value) and version in str(error.value)
+    assert "pip install 'transformers>=4.56'" in str(error.value)
+
+
+def test_the_dependency_floors_are_the_versions_ci_tests():
+    import re
+    from pathlib import Path
+
+    from lmpipeline.backends.hf import OLDEST_TRANSFORMERS
+
+    root = Path(__file__).resolve().parents[1]
+    pyproject, ci = (root / "pyproject.toml").read_text(), (root / ".ci" / "run").read_text()
+    oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+    assert set(re.findall(r'"transformers>=([\d.]+)"', pyproject)) == {oldest}
+    assert f"transformers=={oldest}.0" in ci
+    (peft,) = re.findall(r'"peft>=([\d.]+)"', pyproject)
+    assert f"peft=={peft}.0" in ci

@@ -494,6 +494,20 @@ def test_students_of_a_cell_train_on_the_same_rows(tmp_path):
         assert read_json(tmp_path / "seed-0" / f"{name}.json")["n_rows"] == n
 
 
+@pytest.mark.parametrize("cell", [MAIN_CELL, []])
+def test_a_unit_that_several_jobs_read_is_written_by_a_job_of_its_own(tmp_path, cell):
+    # Two workers running students of one seed at once must not both write its shared data.
+    study = Study(small(*cell), tmp_path, backend=ScriptedBackend())
+    jobs, done = study.jobs(), set()
+    while len(done) < len(jobs):
+        job = next(j for j in jobs if j not in done and set(jobs[j]) <= done)
+        computed = study.run_job(job)
+        if job[0] == "students":
+            assert all(u.split("/")[1].startswith(("student-", "control-")) for u in computed), (job, computed)
+        done.add(job)
+    assert len(study.computed) == len(set(study.computed))
+
+
 @pytest.mark.slow
 def test_two_workers_give_the_report_one_process_gives(tmp_path):
     serial = Study(small(*MAIN_CELL), tmp_path / "one", backend=ScriptedBackend()).run()

@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import inspect
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lmpipeline.backends import Conversation, Generation, ModelRef, ProgressFn, TrainExample
@@ -35,6 +37,23 @@ from lmpipeline.backends.torch_training import completion_logits, cuda_devices, 
 from lmpipeline.config import FinetuneSpec, ModelSpec
 from lmpipeline.grammar import NumberListGrammar, TokenGrammar
 from lmpipeline.steering import steered
+from sublearn._common import ConfigError
+
+# The oldest transformers that the package's CI runs the torch backend's tests on (beside
+# the newest, and one inside vLLM's pin); it is also the floor in pyproject.toml.
+OLDEST_TRANSFORMERS = (4, 56)
+
+
+def check_transformers(version: str) -> None:
+    """Raise :class:`ConfigError` (one line) for a transformers older than the oldest tested."""
+    parts = [int(p) for p in version.split(".")[:2] if p.isdigit()]
+    if len(parts) == 2 and tuple(parts) < OLDEST_TRANSFORMERS:
+        oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+        raise ConfigError(
+            f"transformers {version} is older than {oldest}, the oldest the torch backend supports; "
+            f"run `pip install 'transformers>={oldest}'`"
+        )
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -133,8 +152,11 @@ def sample(
 ):
     """``net.generate`` on a tokenized batch with :func:`pure_sampling`; kwargs pass through."""
     config = pure_sampling(net, temperature, max_new_tokens)
+    # Only the ids and the mask: some saved tokenizers also return token_type_ids, which
+    # decoder-only models refuse in generate on transformers before 5.
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     with _generation_config(net, config):
-        return net.generate(**batch, logits_processor=processors or LogitsProcessorList(), **kwargs)
+        return net.generate(**inputs, logits_processor=processors or LogitsProcessorList(), **kwargs)
 
 
 class NumberListProcessor(LogitsProcessor):
@@ -170,6 +192,7 @@ class HFBackend:
     stage_at_once = False
 
     def __init__(self, spec: ModelSpec | None = None):
+        check_transformers(transformers.__version__)
         if spec is not None and spec.cpu_threads is not None:
             torch.set_num_threads(spec.cpu_threads)
         self._base: dict[ModelSpec, tuple] = {}
@@ -429,6 +452,25 @@ def _save_full(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
+def cache_argument(net, cache) -> dict:
+    """``cache`` as the keyword argument that ``net``'s forward pass takes it under.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache``. Before that, an unknown
+    ``cache=`` is swallowed by the model's ``**kwargs`` and the pass silently runs without
+    the prompt (5.22 and 5.23, the versions vLLM pins), so the name is read from the
+    signature of the model inside ``net`` (a peft wrapper forwards ``**kwargs``).
+    """
+    inner = net.get_base_model() if hasattr(net, "get_base_model") else net
+    takes_cache = "cache" in inspect.signature(type(inner).forward).parameters
+    return {"cache" if takes_cache else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The key-value cache in a model output, under its name in any supported transformers."""
+    cache = out.get("cache")
+    return cache if cache is not None else out["past_key_values"]
+
+
 def _score_tails(net, prompt_ids: list[int], tails: list[list[int]], batch_size: int) -> list[float]:
     """Summed log-probability of each token list ``tails[i]`` right after ``prompt_ids``.
 
@@ -452,10 +494,15 @@ def _score_tails(net, prompt_ids: list[int], tails: list[list[int]], batch_size:
             for r, body in enumerate(chunk):  # padded on the right
                 ids[r, : len(body)] = torch.tensor(body)
                 mask[r, len(prompt_ids) : len(prompt_ids) + len(body)] = 1
-            cache = copy.deepcopy(head.past_key_values)  # repeating it below works in place
+            cache = copy.deepcopy(output_cache(head))  # repeating it below works in place
             cache.batch_repeat_interleave(len(chunk))
             positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(len(chunk), -1)
-            out = net(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), cache=cache)
+            out = net(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                **cache_argument(net, cache),
+            )
             logp = torch.log_softmax(out.logits.float(), dim=-1)
             logp_of.update(zip(chunk, logp))
         for i, tail in enumerate(tails):
