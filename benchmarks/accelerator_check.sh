@@ -2,7 +2,8 @@
 # The paper's 100-seed MNIST figure in float32 and in bf16 on an accelerator, with timings.
 #
 # Runs from a checkout without installing it (jax, flax, optax, numpy, matplotlib, scipy,
-# sympy, hypothesis and jaxtyping must be importable), on whatever devices JAX sees:
+# sympy, hypothesis and jaxtyping must be importable; the script checks them first and
+# names the missing ones, exit 2), on whatever devices JAX sees:
 #
 #   bash benchmarks/accelerator_check.sh [OUT_DIR] [extra `sublearn mnist` options...]
 #
@@ -23,6 +24,24 @@ python=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 
+# Every module the runs import, checked before any work: one line naming what is missing.
+"$python" - <<'EOF'
+import importlib, sys
+
+def importable(module):
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+needed = ["jax", "flax", "optax", "numpy", "matplotlib", "scipy", "sympy", "hypothesis", "jaxtyping"]
+missing = [m for m in needed if not importable(m)]
+if missing:
+    print(f"accelerator_check.sh: {', '.join(missing)} not importable; install them "
+          f"(`pip install {' '.join(missing)}`, jax with your accelerator's extra, e.g. jax[cuda12])", file=sys.stderr)
+    sys.exit(2)
+EOF
 "$python" -c 'import jax; print("devices:", jax.devices())'
 for precision in float32 bf16; do
   start=$(date +%s.%N)

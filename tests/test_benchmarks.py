@@ -87,6 +87,27 @@ def test_accelerator_check_runs_both_precisions_on_a_tiny_configuration(tmp_path
     assert summary["float32"]["bars"]["reference"] == summary["bf16"]["bars"]["reference"]
 
 
+def test_accelerator_check_names_missing_modules_before_any_work(tmp_path):
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('scipy', 'sympy'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(blocker)}
+    out = tmp_path / "out"
+    command = ["bash", str(BENCHMARKS / "accelerator_check.sh"), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert "scipy, sympy not importable" in line and "pip install scipy sympy" in line
+    assert not list(out.iterdir())  # nothing ran
+
+
 @pytest.mark.slow
 def test_mnist_throughput_measures_the_cost_of_tracking(capsys):
     report = _load("mnist_throughput").main(

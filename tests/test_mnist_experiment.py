@@ -153,7 +153,19 @@ def test_chunk_layout_pads_evenly():
     assert [c.size for c in chunks] == [4, 4, 4]
     assert np.concatenate(chunks)[:10].tolist() == list(range(10))
     assert [c.size for c in chunk_layout(7, 10, 2)] == [8]
+    assert [c.size for c in chunk_layout(100, 100, 8)] == [104]  # 100 seeds on 8 devices
+
+
+def test_seeds_are_padded_to_the_device_count_not_to_vmap_seeds():
+    mapped = run_experiment(tiny(vmap_seeds=3))  # 4 seeds: a batch of 3 and a remainder of 1
+    assert mapped.chunks == 1 and mapped.chunk_size == 4
+    assert all(len(a) == 4 and np.isfinite(a).all() for a in mapped.accuracy.values())
 
 
 def test_sharding_over_devices_gives_identical_numbers(result, run_on_two_devices):
     assert run_on_two_devices("tiny(seeds_per_chunk=2)")["accuracy"] == result.accuracy
+
+
+def test_seeds_are_padded_to_the_device_count_on_two_devices(run_on_two_devices):
+    # 3 seeds, vmap_seeds=3: padded to 4 (two per device), not to 2 devices x 3 = 6.
+    assert run_on_two_devices("tiny(seeds=3, seeds_per_chunk=3, vmap_seeds=3)")["timing"]["chunk_size"] == 4

@@ -349,7 +349,10 @@ def run_experiment(
     pairing = derangement(config.seeds, pairing_key)
     mesh = seed_mesh()
     n_devices = 1 if mesh is None else mesh.size
-    chunks = chunk_layout(config.seeds, config.seeds_per_chunk, n_devices * config.vmap_seeds)
+    # Each device's share need not be a multiple of vmap_seeds (lax.map maps the remainder
+    # on its own), so seeds are padded only to the device count: 100 seeds on 8 devices
+    # run as 104, not 200.
+    chunks = chunk_layout(config.seeds, config.seeds_per_chunk, n_devices)
 
     done = _load_checkpoint(checkpoint, config, progress)
     todo = [c for c in chunks if not all(int(s) in done for s in c)]
