@@ -274,3 +274,21 @@ def test_different_initialization_reports_the_cross_term_apart_from_the_zeroth_o
     assert r.in_taylor_regime()
     np.testing.assert_allclose(r.eps_part, r.first_order, rtol=0.2)
     assert abs(r.zeroth_order) > 4 * abs(r.eps_part)
+
+
+def _outputs_are_params(theta, x):
+    """J = I: the alignment's A is u^T M u for the direction u."""
+    return jnp.broadcast_to(theta[None, :], (x.shape[0], theta.shape[0]))
+
+
+@pytest.mark.parametrize("delta, flagged", [(3e-12, True), (3e-13, False)])
+def test_a_barely_indefinite_m_is_flagged_just_outside_the_tolerance_only(delta, flagged):
+    # M = diag(1, -delta) along u = e2: A = -delta, against a tolerance of 1e-12 (1 + delta)
+    # (ROUNDING times A's scale plus |J u|^2 = 1). Pinned both ways: a tolerance 10x looser
+    # misses the 3e-12 violation, one 10x tighter flags the 3e-13 rounding-sized one.
+    loss = QuadraticLoss.from_matrix([[0.5, 0.0], [0.0, -delta / 2]])
+    r = check_alignment(
+        _outputs_are_params, np.zeros(2), np.zeros((1, 1)), student_loss=loss, direction=np.array([0.0, 1.0]), eps=1e-3
+    )
+    assert r.A == -delta
+    assert ("A < 0" in r.violations()) is flagged

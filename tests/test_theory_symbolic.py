@@ -124,3 +124,132 @@ def test_linear_closed_form_is_the_numerical_alignment():
 def test_plain_text_descriptions_are_enforced():
     with pytest.raises(ValueError, match="LaTeX special character"):
         symbolic.Derivation("a_b", (("text", "x", sp.S.Zero),), sp.S.Zero, {})
+
+
+def _changed(target: str, change):
+    """A ``perturb`` that replaces the intermediate named ``target`` by ``change(expr)``."""
+    return lambda name, expr: change(expr) if name == target else expr
+
+
+def _unit(n: int, i: int, j: int) -> sp.Matrix:
+    return sp.Matrix(n, n, lambda a, b: int((a, b) == (i, j)))
+
+
+def _s(name: str) -> sp.Symbol:
+    return sp.Symbol(name, real=True)  # equal to the derivations' own symbols of that name
+
+
+# Negative controls: each derivation on a wrong loss, a wrong M or a shifted Jacobian, and
+# the claims that must then fail. A claim that compared a result with itself, or an
+# _is_zero that always said yes, would let these pass.
+CONTROLS = [
+    (
+        "expansion: a cross term added to the loss",
+        lambda: symbolic.alignment_expansion(2, perturb=_changed("loss", lambda e: e + _s("zeta1") * _s("eta1"))),
+        ["first-order coefficient is u^T M u", "proper loss: M = H"],
+    ),
+    (
+        "expansion: M off by the identity",
+        lambda: symbolic.alignment_expansion(2, perturb=_changed("M", lambda m: m + sp.eye(2))),
+        ["first-order coefficient is u^T M u", "proper loss: M = H"],
+    ),
+    (
+        "squared error: a non-proper loss",
+        lambda: symbolic.squared_error(3, perturb=_changed("loss", lambda e: e + _s("z1") * _s("y1"))),
+        ["zeroth order vanishes", "M = 2 I"],
+    ),
+    (
+        "squared error: a wrong M",
+        lambda: symbolic.squared_error(3, perturb=_changed("M", lambda m: m + _unit(3, 0, 1))),
+        ["M = 2 I"],
+    ),
+    (
+        "cross-entropy: a loss with a linear term",
+        lambda: symbolic.softmax_cross_entropy(3, perturb=_changed("loss", lambda e: e + _s("z1"))),
+        ["gradient is q - p"],
+    ),
+    (
+        "cross-entropy: a wrong M",
+        lambda: symbolic.softmax_cross_entropy(3, perturb=_changed("M", lambda m: m + sp.eye(3) / 4)),
+        ["M = diag(p) - p p^T"],
+    ),
+    (
+        "general cross-entropy: twice the loss",
+        lambda: symbolic.softmax_cross_entropy_general(perturb=_changed("loss", lambda e: 2 * e)),
+        ["gradient is q_k - p_k"],
+    ),
+    (
+        "general cross-entropy: a wrong M",
+        lambda: symbolic.softmax_cross_entropy_general(perturb=_changed("M", lambda m: m + sp.Rational(1, 3))),
+        ["M_kl = p_k (delta_kl - p_l)"],
+    ),
+    (
+        "subset: a loss that reads a logit outside the subset",
+        lambda: symbolic.subset_softmax_cross_entropy(4, (2, 3), perturb=_changed("loss", lambda e: e + _s("z1"))),
+        ["zeroth order vanishes"],
+    ),
+    (
+        "subset: M nonzero outside the subset",
+        lambda: symbolic.subset_softmax_cross_entropy(4, (2, 3), perturb=_changed("M", lambda m: m + _unit(4, 0, 0))),
+        ["M is the embedded subset block", "null space contains 1_S and the other coordinates"],
+    ),
+    (
+        "non-proper example: replaced by a proper loss",
+        lambda: symbolic.non_proper_loss(
+            perturb=_changed("loss", lambda e: (_s("z1") - _s("y1")) ** 2 + (_s("z2") - _s("y2")) ** 2)
+        ),
+        ["not minimized at z = y", "M has a negative eigenvalue", "A < 0 for the example"],
+    ),
+    (
+        "linear, squared error: a shifted Jacobian",
+        lambda: symbolic.linear_model(
+            "squared_error", n=2, d=2, samples=2, perturb=_changed("outputs", lambda z: sp.diag(2, 1) * z)
+        ),
+        ["student step = 2 eps V Sigma", "alignment = 2 eps tr(V Sigma V^T)"],
+    ),
+    (
+        "linear, cross-entropy: a shifted Jacobian",
+        lambda: symbolic.linear_model(
+            "softmax_cross_entropy", n=2, d=2, samples=1, perturb=_changed("outputs", lambda z: sp.diag(2, 1) * z)
+        ),
+        ["first-order coefficient = mean of u^T (diag(p) - p p^T) u"],
+    ),
+]
+
+
+@pytest.mark.parametrize("build, failing", [c[1:] for c in CONTROLS], ids=[c[0] for c in CONTROLS])
+def test_every_derivation_fails_on_a_perturbed_expression(build, failing):
+    checks = build().checks
+    assert {claim for claim in failing if checks[claim]} == set(), checks
+
+
+def test_every_derivation_has_a_negative_control():
+    controlled = {name.split(":")[0].split(",")[0] for name, _, _ in CONTROLS}
+    assert controlled == {
+        "expansion",
+        "squared error",
+        "cross-entropy",
+        "general cross-entropy",
+        "subset",
+        "non-proper example",
+        "linear",
+    }
+    assert {f for f in symbolic.__all__ if f != "Derivation"} == {
+        "alignment_expansion",
+        "squared_error",
+        "softmax_cross_entropy",
+        "softmax_cross_entropy_general",
+        "subset_softmax_cross_entropy",
+        "non_proper_loss",
+        "linear_model",
+    }
+
+
+def test_is_zero_says_no_to_nonzero_expressions():
+    x, y = sp.symbols("x y", real=True)
+    assert symbolic._is_zero((x + 1) ** 2 - x**2 - 2 * x - 1)
+    assert symbolic._is_zero(sp.Matrix([[x / (x + 1) - 1 + 1 / (x + 1), 0]]))
+    assert not symbolic._is_zero((x + 1) ** 2 - x**2 - 2 * x)  # the constant 1 is left
+    assert not symbolic._is_zero(1 / (x + 1) - 1 / x)
+    assert not symbolic._is_zero(sp.Matrix([[0, 0], [0, x * y]]))  # one nonzero entry is enough
+    assert not symbolic._is_zero(sp.Rational(1, 10**12))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import sympy as sp
@@ -87,6 +88,20 @@ class Derivation:
         return f"$$\\textbf{{{self.title}}} \\\\ {self.latex()}$$"
 
 
+Perturb = Callable[[str, Any], Any] | None
+
+
+def _tap(perturb: Perturb, name: str, expr):
+    """``expr``, or ``perturb(name, expr)`` for a negative control.
+
+    Every derivation takes ``perturb``: it replaces a named intermediate (``"loss"``,
+    ``"M"``, ``"outputs"``) before the claims are checked, so a test can show that a wrong
+    loss, a wrong M or a shifted Jacobian makes a claim fail (a claim that compared a
+    result with itself would still hold).
+    """
+    return expr if perturb is None else perturb(name, expr)
+
+
 def _is_zero(expr) -> bool:
     """Exact test that a polynomial or rational expression (or matrix of them) vanishes."""
     entries = expr if isinstance(expr, sp.MatrixBase) else [expr]
@@ -136,7 +151,7 @@ def _psd_by_sum_of_squares(p: sp.Matrix) -> tuple[sp.Expr, sp.Expr, bool]:
 
 
 @functools.lru_cache(maxsize=None)
-def alignment_expansion(n: int = 2) -> Derivation:
+def alignment_expansion(n: int = 2, *, perturb: Perturb = None) -> Derivation:
     r"""Why the alignment is :math:`\varepsilon\, u^\top M u + O(\varepsilon^2)` and :math:`M \succeq 0` for any proper loss.
 
     Expand an arbitrary smooth loss to second order around :math:`z = y = c`,
@@ -168,11 +183,12 @@ def alignment_expansion(n: int = 2) -> Derivation:
         + (zeta.T * cross * eta)[0]
         + (eta.T * teacher_hess * eta)[0] / 2
     )
+    loss = _tap(perturb, "loss", loss)
     grad_z = sp.Matrix([sp.diff(loss, v) for v in zeta])
     on_path = {**{v: 0 for v in zeta}, **{v: eps * uk for v, uk in zip(eta, u)}}
     alignment = sp.expand(-(grad_z.subs(on_path).T * u)[0])
     a0, a1 = alignment.coeff(eps, 0), alignment.coeff(eps, 1)
-    m = -cross
+    m = _tap(perturb, "M", -cross)
     # Proper loss: grad_z L(y, y) = 0 for every y, i.e. for zeta = eta = any w.
     w = _vector("w", n, real=True)
     stationary = sp.expand(grad_z.subs({**dict(zip(zeta, w)), **dict(zip(eta, w))}))
@@ -200,13 +216,13 @@ def alignment_expansion(n: int = 2) -> Derivation:
 
 
 @functools.lru_cache(maxsize=None)
-def squared_error(n: int) -> Derivation:
+def squared_error(n: int, *, perturb: Perturb = None) -> Derivation:
     r"""Squared error :math:`L = \lVert z - y\rVert^2`: :math:`\nabla_z L = 0` at :math:`z = y` and :math:`M = 2I`."""
     z, y = _vector("z", n, real=True), _vector("y", n, real=True)
-    loss = ((z - y).T * (z - y))[0]
+    loss = _tap(perturb, "loss", ((z - y).T * (z - y))[0])
     grad = sp.Matrix([sp.diff(loss, zk) for zk in z])
     at_target = grad.subs(dict(zip(z, y)))
-    m = -sp.Matrix(n, n, lambda k, l: sp.diff(grad[k], y[l]))
+    m = _tap(perturb, "M", -sp.Matrix(n, n, lambda k, l: sp.diff(grad[k], y[l])))
     eigenvalues = m.eigenvals()
     return Derivation(
         title=f"Squared error, n = {n}",
@@ -227,7 +243,7 @@ def squared_error(n: int) -> Derivation:
 
 
 @functools.lru_cache(maxsize=None)
-def softmax_cross_entropy(n: int) -> Derivation:
+def softmax_cross_entropy(n: int, *, perturb: Perturb = None) -> Derivation:
     r"""Softmax cross-entropy with ``n`` logits: :math:`M = \mathrm{diag}(p) - pp^\top \succeq 0`, null space :math:`\mathrm{span}(\mathbf 1)`.
 
     :math:`L = -\sum_i p_i \log q_i` with :math:`p = \mathrm{softmax}(y)`,
@@ -242,12 +258,12 @@ def softmax_cross_entropy(n: int) -> Derivation:
     p_of_y = sp.Matrix([sp.exp(v) for v in y]) / sum(sp.exp(v) for v in y)
     q_of_z = sp.Matrix([sp.exp(v) for v in z]) / sum(sp.exp(v) for v in z)
     log_sum_exp = sp.log(sum(sp.exp(v) for v in z))
-    loss = -sum((p_of_y[i] * (z[i] - log_sum_exp) for i in range(n)), sp.S.Zero)
+    loss = _tap(perturb, "loss", -sum((p_of_y[i] * (z[i] - log_sum_exp) for i in range(n)), sp.S.Zero))
     grad = sp.Matrix([sp.diff(loss, zk) for zk in z])
     grad_is_q_minus_p = _is_zero(_exp_to_rational(grad - (q_of_z - p_of_y)))
     # Once grad = q - p identically, M is the y-derivative of p: differentiate the short form.
     at_target = (q_of_z - p_of_y).subs(dict(zip(z, y)))
-    m_of_y = sp.Matrix(n, n, lambda k, l: sp.diff(p_of_y[k], y[l]))
+    m_of_y = _tap(perturb, "M", sp.Matrix(n, n, lambda k, l: sp.diff(p_of_y[k], y[l])))
     m_is_softmax_covariance = _is_zero(_exp_to_rational(m_of_y - (sp.diag(*p_of_y) - p_of_y * p_of_y.T)))
 
     p = _vector("p", n, positive=True)
@@ -288,7 +304,7 @@ def softmax_cross_entropy(n: int) -> Derivation:
 
 
 @functools.lru_cache(maxsize=None)
-def softmax_cross_entropy_general() -> Derivation:
+def softmax_cross_entropy_general(*, perturb: Perturb = None) -> Derivation:
     r"""The general matrix form for symbolic :math:`n`: :math:`M_{kl} = p_k(\delta_{kl} - p_l)`.
 
     Derived with indexed symbols and :math:`\sum_{j=1}^n`:
@@ -321,10 +337,10 @@ def softmax_cross_entropy_general() -> Derivation:
         )
         return expr.xreplace({sum_y: sp.Symbol("S_y", positive=True), sum_z: sp.Symbol("S_z", positive=True)})
 
-    loss = -sp.Sum(p(i) * (z[i] - sp.log(sum_z)), (i, 1, n))
+    loss = _tap(perturb, "loss", -sp.Sum(p(i) * (z[i] - sp.log(sum_z)), (i, 1, n)))
     grad = first_branch(sp.diff(loss, z[k]).doit())
     grad_check = _is_zero(as_rational(grad - (q(k) - p(k))))
-    m = first_branch(sp.diff(p(k), y[l]).doit())
+    m = _tap(perturb, "M", first_branch(sp.diff(p(k), y[l]).doit()))
     m_check = sp.simplify(sp.expand_power_exp(m - p(k) * (sp.KroneckerDelta(k, l) - p(l)))) == 0
     # With p_i plain symbols summing to 1, the quadratic form is a weighted variance.
     pw, ubar = sp.IndexedBase("p"), sp.Symbol(r"\bar u")
@@ -352,7 +368,7 @@ def softmax_cross_entropy_general() -> Derivation:
 
 
 @functools.lru_cache(maxsize=None)
-def subset_softmax_cross_entropy(n: int, subset: tuple[int, ...]) -> Derivation:
+def subset_softmax_cross_entropy(n: int, subset: tuple[int, ...], *, perturb: Perturb = None) -> Derivation:
     r"""Cross-entropy over the logits ``subset`` of ``n`` (0-based): :math:`M = P^\top M_S P \succeq 0`.
 
     The loss sees only :math:`z_S, y_S`, so :math:`M` is the ``subset`` block of the
@@ -367,9 +383,9 @@ def subset_softmax_cross_entropy(n: int, subset: tuple[int, ...]) -> Derivation:
     zs, ys = [z[s] for s in subset], [y[s] for s in subset]
     p_sub = sp.Matrix([sp.exp(v) for v in ys]) / sum(sp.exp(v) for v in ys)
     log_sum_exp = sp.log(sum(sp.exp(v) for v in zs))
-    loss = -sum((p_sub[i] * (zs[i] - log_sum_exp) for i in range(len(subset))), sp.S.Zero)
+    loss = _tap(perturb, "loss", -sum((p_sub[i] * (zs[i] - log_sum_exp) for i in range(len(subset))), sp.S.Zero))
     grad = sp.Matrix([sp.diff(loss, zk) for zk in z])
-    m = -sp.Matrix(n, n, lambda k, l: sp.diff(grad[k], y[l])).subs(dict(zip(z, y)))
+    m = _tap(perturb, "M", -sp.Matrix(n, n, lambda k, l: sp.diff(grad[k], y[l])).subs(dict(zip(z, y))))
     block = sp.zeros(n, n)
     for a, sa in enumerate(subset):
         for b, sb in enumerate(subset):
@@ -398,7 +414,7 @@ def subset_softmax_cross_entropy(n: int, subset: tuple[int, ...]) -> Derivation:
 
 
 @functools.lru_cache(maxsize=None)
-def non_proper_loss() -> Derivation:
+def non_proper_loss(*, perturb: Perturb = None) -> Derivation:
     r"""A student loss that breaks the lemma: :math:`L = (z - y)^\top Q (z - y)`, :math:`Q = \mathrm{diag}(1, -1)`.
 
     It is stationary at :math:`z = y`, so the zeroth-order term still vanishes, but not
@@ -411,9 +427,9 @@ def non_proper_loss() -> Derivation:
     z, y = _vector("z", 2, real=True), _vector("y", 2, real=True)
     t = sp.Symbol("t", real=True)
     q = sp.diag(1, -1)
-    loss = ((z - y).T * q * (z - y))[0]
+    loss = _tap(perturb, "loss", ((z - y).T * q * (z - y))[0])
     grad = sp.Matrix([sp.diff(loss, zk) for zk in z])
-    m = -sp.Matrix(2, 2, lambda k, l: sp.diff(grad[k], y[l]))
+    m = _tap(perturb, "M", -sp.Matrix(2, 2, lambda k, l: sp.diff(grad[k], y[l])))
     along_e2 = loss.subs({z[0]: y[0], z[1]: y[1] + t})
     x, v = sp.Matrix([1, 1]), sp.Matrix([[0, 0], [0, 1]])
     u = v * x
@@ -440,7 +456,9 @@ def non_proper_loss() -> Derivation:
 
 
 @functools.lru_cache(maxsize=None)
-def linear_model(loss: str = "squared_error", n: int = 2, d: int = 2, samples: int = 2) -> Derivation:
+def linear_model(
+    loss: str = "squared_error", n: int = 2, d: int = 2, samples: int = 2, *, perturb: Perturb = None
+) -> Derivation:
     r"""The alignment for :math:`f(x) = Wx` in closed form.
 
     ``loss="squared_error"``: exactly (every order in :math:`\varepsilon`)
@@ -474,7 +492,8 @@ def linear_model(loss: str = "squared_error", n: int = 2, d: int = 2, samples: i
     # Teacher outputs as their own symbols t_s while differentiating in the student's W,
     # then put on the teacher's path t_s = (W + eps V) x_s.
     ts = [sp.Matrix(n, 1, lambda k, _: sp.Symbol(f"t_{s + 1}{k + 1}", real=True)) for s in range(samples)]
-    objective = sum((per_example(w * x, t) for x, t in zip(xs, ts)), sp.S.Zero) / samples
+    # The student's outputs: a perturbed ("outputs") map shifts the Jacobian the step goes through.
+    objective = sum((per_example(_tap(perturb, "outputs", w * x), t) for x, t in zip(xs, ts)), sp.S.Zero) / samples
     step = -sp.Matrix(n, d, lambda a, b: sp.diff(objective, w[a, b]))
     alignment = sum((step[a, b] * v[a, b] for a in range(n) for b in range(d)), sp.S.Zero)
     teacher_path = {t[k]: ((w + eps * v) * x)[k] for x, t in zip(xs, ts) for k in range(n)}
