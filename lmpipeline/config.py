@@ -345,6 +345,10 @@ class FinetuneSpec:
         checkpoint_every: save the trainer's state every this many optimizer steps,
             so an interrupted run resumes there (0: never). Speed and disk only:
             left out of stage hashes.
+        gradient_checkpointing: keep only each decoder layer's input during the forward
+            pass and recompute the rest in the backward pass (torch backend): activation
+            memory falls from about 9 MB a token to well under 1 MB for a 7B model, for
+            about a third more compute. Same numbers either way: left out of stage hashes.
     """
 
     method: str = "lora"
@@ -367,6 +371,7 @@ class FinetuneSpec:
     max_rows: int = 10_000
     equalize_rows: bool = True
     checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -732,6 +737,7 @@ RUNTIME_ONLY = frozenset(
         "cpu_threads",
         "vllm_gpu_memory_utilization",
         "checkpoint_every",
+        "gradient_checkpointing",
         "workers",
         "max_concurrency",
         "max_retries",

@@ -547,3 +547,67 @@ def test_the_dependency_floors_are_the_versions_ci_tests():
     assert f"transformers=={oldest}.0" in ci
     (peft,) = re.findall(r'"peft>=([\d.]+)"', pyproject)
     assert f"peft=={peft}.0" in ci
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_recomputes_layers_and_changes_no_number(tokenizer, lora):
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.LlamaConfig(
+        attn_implementation="eager",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    examples = [TrainExample(user(f"Say {i}"), " ".join(["7"] * (i + 1))) for i in range(4)]
+    results = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        mlp = (model.get_base_model() if lora else model).model.layers[0].mlp
+        calls, forward = [], type(mlp).forward
+        mlp.forward = lambda *args, mlp=mlp, forward=forward: (calls.append(1), forward(mlp, *args))[1]
+        spec = FinetuneSpec(epochs=1, micro_batch=2, grad_accum=2, warmup_steps=0, learning_rate=1e-2)
+        log = train(model, tokenizer, examples, replace(spec, gradient_checkpointing=on), seed=0)
+        # Two micro-batches: a layer's MLP runs once per forward pass, and again in the
+        # backward pass when its activations were not kept.
+        assert len(calls) == (4 if on else 2)
+        assert not (model.get_base_model() if lora else model).model.layers[0].gradient_checkpointing  # off again
+        results.append((log["loss"], torch.cat([p.detach().flatten() for p in model.parameters()])))
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def test_full_finetuning_is_refused_in_one_line_where_it_cannot_fit(tokenizer):
+    from lmpipeline.backends.hf import FULL_FINETUNE_BYTES_PER_PARAMETER, check_full_finetune_fits
+    from lmpipeline.backends.torch_optim import make_optimizer
+    from sublearn._common import ConfigError
+
+    # The bytes per parameter, counted on a real float32 model after one AdamW step:
+    # weights, gradients and optimizer state, plus the kept template's weights.
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    params = list(model.parameters())
+    optimizer = make_optimizer(params, FinetuneSpec(method="full"))
+    ids = torch.randint(0, len(tokenizer), (2, 6))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    n = sum(p.numel() for p in params)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    held = sum(p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size() for p in params) + state
+    template = sum(p.numel() * p.element_size() for p in params)
+    assert held + template == FULL_FINETUNE_BYTES_PER_PARAMETER * n
+    check_full_finetune_fits(135_000_000, 80 * 10**9)  # SmolLM2-135M: 2.7 GB
+    with pytest.raises(ConfigError) as error:
+        check_full_finetune_fits(7_620_000_000, 80 * 10**9)  # Qwen2.5-7B: 152 GB
+    assert "\n" not in str(error.value) and "about 152 GB" in str(error.value)
+    assert "use finetune.method=lora" in str(error.value)

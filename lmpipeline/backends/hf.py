@@ -55,6 +55,23 @@ def check_transformers(version: str) -> None:
         )
 
 
+# Bytes per parameter that finetune.method=full holds on the device: float32 weights of the
+# trained copy and of the kept template (:meth:`HFBackend._float32_copy`), float32
+# gradients, and AdamW's two float32 moments.
+FULL_FINETUNE_BYTES_PER_PARAMETER = 4 + 4 + 4 + 8
+
+
+def check_full_finetune_fits(n_params: int, device_bytes: int) -> None:
+    """Raise :class:`ConfigError` (one line) if full finetuning cannot fit ``device_bytes``."""
+    need = FULL_FINETUNE_BYTES_PER_PARAMETER * n_params
+    if need > device_bytes:
+        raise ConfigError(
+            f"finetune.method=full needs about {need / 1e9:.0f} GB for {n_params / 1e9:.2f}B parameters "
+            f"({FULL_FINETUNE_BYTES_PER_PARAMETER} bytes each: float32 weights, a kept copy, gradients and "
+            f"AdamW's two moments) and the GPU has {device_bytes / 1e9:.0f} GB; use finetune.method=lora"
+        )
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -346,6 +363,10 @@ class HFBackend:
         if spec.method == "full":
             # Full finetuning changes every weight: train a fresh float32 copy, keep the base.
             teacher_fn = self._teacher_fn(teacher, None) if spec.objective == "soft" else None
+            device = resolve_device(base)
+            if device.type == "cuda":  # refuse before loading, not with an out-of-memory error mid-way
+                n_params = sum(p.numel() for p in self.base(base)[0].parameters())
+                check_full_finetune_fits(n_params, torch.cuda.get_device_properties(device).total_memory)
             model, tokenizer = self._float32_copy(base)
             log = fit(model, tokenizer, teacher_fn)
             _save_full(model, tokenizer, out_dir)

@@ -22,6 +22,7 @@ The learning rate follows :func:`lmpipeline.backends.tokens.linear_schedule`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -145,6 +146,30 @@ def summed_token_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 TeacherFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> completion logits
 
 
+@contextlib.contextmanager
+def gradient_checkpointing(model, on: bool):
+    """Recompute each decoder layer's activations in the backward pass while inside, if ``on``.
+
+    Non-reentrant checkpointing, so that frozen base weights with LoRA adapters need no
+    inputs that require gradients; switched off again on the way out, since the base
+    model is shared with scoring and sampling.
+    """
+    if not on:
+        yield
+        return
+    # transformers 5.25 renamed the switches (the old names warn); older releases have only those.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
+
+
 def train(
     model,
     tokenizer,
@@ -205,7 +230,10 @@ def train(
             torch.cuda.set_rng_state(rng, d)
 
     # Dropout masks follow the seed, and a resumed run continues the saved stream.
-    with torch.random.fork_rng(devices=cuda_devices(device)):
+    with (
+        torch.random.fork_rng(devices=cuda_devices(device)),
+        gradient_checkpointing(model, spec.gradient_checkpointing),
+    ):
         torch.manual_seed(seed)
         state = saver.resume(load, objective=spec.objective, total=len(steps), progress=progress)
         log, tokens_seen = state.log, state.tokens_seen
