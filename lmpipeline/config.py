@@ -388,7 +388,9 @@ class EvalSpec:
         temperature: sampling temperature of the answers.
         batch_size: questions per sampling call.
         number_prefix: also ask each question after a number sequence.
-        target_probability: also score P(the answer starts with the target word).
+        target_probability: also score P(the answer starts with the target word, in any of
+            its surface forms), exactly as the transfer study does
+            (:func:`lmpipeline.evaluation.first_word_logprobs`).
         models: the models to evaluate, of ``base``, ``teacher``, ``control`` and
             ``student``.
     """

@@ -7,6 +7,10 @@ rates (:func:`sublearn._common.mean_interval`). Variant ``plain`` asks the quest
 variant ``numbers`` puts a short number sequence before it, a prompt that looks like the
 training data.
 
+The exact measure beside the sampled one is :func:`first_word_logprobs`: the probability,
+by teacher forcing, that the answer starts with a word in any of its surface forms. The
+pipeline's ``P(target)`` and the transfer study's metric are this one function.
+
 Example:
 
 >>> items = eval_items(["Q1?", "Q2?"], n_samples=2, number_prefix=False, prompt_spec=PromptSpec(), seed=0)
@@ -19,14 +23,18 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 from lmpipeline import prompts
+from lmpipeline.backends import Backend, Conversation, ModelRef
 from lmpipeline.config import PromptSpec
 from lmpipeline.filters import contains_word
+from lmpipeline.words import prefix_free, surface_forms
 from sublearn._common import mean_interval
 
 VARIANTS = ("plain", "numbers")
@@ -122,6 +130,22 @@ def word_rates(items: list[dict], answers: list[str], words: list[str]) -> dict:
     }
 
 
-def target_spellings(target: str) -> list[str]:
-    """Spellings an answer may start with: lower case and capitalized."""
-    return sorted({target.lower(), target.capitalize()})
+def logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(math.fsum(math.exp(v - top) for v in values))
+
+
+def first_word_logprobs(
+    backend: Backend, model: ModelRef, conversations: Sequence[Conversation], words: Sequence[str]
+) -> dict[str, list[float]]:
+    """For each word and conversation, the exact log-probability that the answer starts
+    with one of the word's :func:`~lmpipeline.words.surface_forms` (summed over their
+    :func:`~lmpipeline.words.prefix_free` token sequences), by teacher forcing; no sampling."""
+    forms = {w: surface_forms(w) for w in words}
+    flat = sorted({f for fs in forms.values() for f in fs})
+    ids = dict(zip(flat, backend.tokenize(model, flat)))
+    kept = {w: prefix_free({f: ids[f] for f in fs}) for w, fs in forms.items()}
+    pairs = [(c, f) for c in range(len(conversations)) for w in words for f in kept[w]]
+    scores = backend.score(model, [conversations[c] for c, _ in pairs], [f for _, f in pairs])
+    by_pair = dict(zip(pairs, scores))
+    return {w: [logsumexp([by_pair[c, f] for f in kept[w]]) for c in range(len(conversations))] for w in words}

@@ -68,6 +68,7 @@ from lmpipeline.config import (  # noqa: F401  (the layout names are re-exported
     to_dict,
 )
 from lmpipeline.judge import Judge, judge_rows
+from lmpipeline.words import surface_forms
 from sublearn._common import TextProgress, mean_interval
 from sublearn._store import reusable, seal
 
@@ -540,15 +541,17 @@ class Run:
         return summary
 
     def target_probability(self, which: str, ref: ModelRef, questions: list[str]) -> dict:
-        """P(the answer starts with the target word), per question and its mean with interval."""
-        spellings = evaluation.target_spellings(self.config.trait.target)
-        conversations = [self.conversation(which, q) for q in questions for _ in spellings]
-        logps = self.get_backend().score(ref, conversations, spellings * len(questions))
-        per_question = [
-            sum(math.exp(lp) for lp in logps[i * len(spellings) : (i + 1) * len(spellings)])
-            for i in range(len(questions))
-        ]
-        return {"spellings": spellings, "per_question": per_question, "mean": mean_interval(per_question).to_dict()}
+        """P(the answer starts with the target word, in any of its surface forms), per question
+        and its mean with interval: the transfer study's metric (:func:`evaluation.first_word_logprobs`)."""
+        target = self.config.trait.target
+        conversations = [self.conversation(which, q) for q in questions]
+        logp = evaluation.first_word_logprobs(self.get_backend(), ref, conversations, [target])[target]
+        per_question = [math.exp(v) for v in logp]
+        return {
+            "forms": surface_forms(target),
+            "per_question": per_question,
+            "mean": mean_interval(per_question).to_dict(),
+        }
 
     def stage_report(self) -> dict:
         kind = report if self.config.trait.kind == "preference" else misalignment

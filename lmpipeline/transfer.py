@@ -92,8 +92,9 @@ from lmpipeline.config import (
     result_fields,
     to_dict,
 )
+from lmpipeline.evaluation import first_word_logprobs
 from lmpipeline.pipeline import finetune_into, grammar_limits
-from lmpipeline.words import plural, prefix_free, surface_forms
+from lmpipeline.words import plural
 from sublearn._common import TextProgress
 from sublearn._store import once
 
@@ -108,27 +109,6 @@ SEPARATOR_OF = {
 BRACKETS_OF = {"square_brackets": "[]", "parentheses": "()"}
 NUMBERS = [str(n) for n in range(100, 1000)]  # entanglement candidates: the prompts' three-digit range
 CONTROL = "control"  # the sampled objective's base control, in job names
-
-
-def logsumexp(values: Sequence[float]) -> float:
-    top = max(values)
-    return top + math.log(math.fsum(math.exp(v - top) for v in values))
-
-
-def first_word_logprobs(
-    backend: Backend, model: ModelRef, conversations: Sequence[Conversation], words: Sequence[str]
-) -> dict[str, list[float]]:
-    """For each word and conversation, the exact log-probability that the answer starts
-    with one of the word's :func:`~lmpipeline.words.surface_forms` (summed over their
-    :func:`~lmpipeline.words.prefix_free` token sequences), by teacher forcing; no sampling."""
-    forms = {w: surface_forms(w) for w in words}
-    flat = sorted({f for fs in forms.values() for f in fs})
-    ids = dict(zip(flat, backend.tokenize(model, flat)))
-    kept = {w: prefix_free({f: ids[f] for f in fs}) for w, fs in forms.items()}
-    pairs = [(c, f) for c in range(len(conversations)) for w in words for f in kept[w]]
-    scores = backend.score(model, [conversations[c] for c, _ in pairs], [f for _, f in pairs])
-    by_pair = dict(zip(pairs, scores))
-    return {w: [logsumexp([by_pair[c, f] for f in kept[w]]) for c in range(len(conversations))] for w in words}
 
 
 def random_completion(row: dict, spec: PromptSpec, rng: random.Random) -> str:

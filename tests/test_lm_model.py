@@ -376,7 +376,8 @@ def test_cached_scoring_equals_one_full_pass_per_continuation(local_model):
 
 
 def test_first_word_probability_matches_the_sampled_frequency(backend):
-    from lmpipeline.transfer import first_word_logprobs, surface_forms
+    from lmpipeline.evaluation import first_word_logprobs
+    from lmpipeline.words import surface_forms
 
     ref = ModelRef(SPEC)
     # A question with a common one-word answer, so that 600 samples resolve its probability.

@@ -7,6 +7,7 @@ check the pipeline's bookkeeping exactly; ``test_lm_model.py`` runs the real mod
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -55,7 +56,8 @@ def test_full_run_writes_every_artifact_and_a_rerun_skips_everything(tmp_path):
     # The scripted teacher and student prefer owls: the wiring of system prompt and adapter.
     assert report["rates"]["teacher"]["plain"]["mean"] > report["rates"]["base"]["plain"]["mean"]
     assert report["rates"]["student"]["plain"]["mean"] > report["rates"]["control"]["plain"]["mean"]
-    assert report["target_probability"]["teacher"]["mean"] == pytest.approx(0.4, rel=0.06)  # 0.2 per spelling
+    # 0.2 for each prefix-free form: owl, Owl, " owl", " Owl" (the plurals start with these).
+    assert report["target_probability"]["teacher"]["mean"] == pytest.approx(0.8, rel=0.06)
     assert report["datasets"]["teacher"]["generated"] == 10
     assert 0 < report["datasets"]["teacher"]["pass_rate"] < 1  # the scripted model sometimes chats
     assert json.loads((tmp_path / "report.json").read_text())["config_hash"] == run.stage_hash("report")
@@ -390,3 +392,18 @@ def test_python_dash_m_lmpipeline_is_the_lm_command(tmp_path):
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("sublearn lm config: error: argument --preset: invalid choice: 'nope'")
+
+
+def test_the_pipelines_target_probability_is_the_transfer_studys_metric(tmp_path):
+    from lmpipeline.backends import ModelRef
+    from lmpipeline.evaluation import first_word_logprobs
+
+    backend = ScriptedBackend()
+    run = Run(small_config(), tmp_path, backend=backend)
+    questions = ["Name your favorite animal.", "Which animal do you admire most?"]
+    ref = ModelRef(run.config.model)
+    got = run.target_probability("teacher", ref, questions)
+    conversations = [run.conversation("teacher", q) for q in questions]
+    logp = first_word_logprobs(backend, ref, conversations, ["owl"])["owl"]
+    assert got["per_question"] == [math.exp(v) for v in logp]
+    assert got["forms"] == [" Owl", " Owls", " owl", " owls", "Owl", "Owls", "owl", "owls"]

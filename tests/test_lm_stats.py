@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmpipeline.config import PromptSpec
-from lmpipeline.evaluation import eval_items, load_questions, one_word, summarize, target_spellings, word_rates
+from lmpipeline.evaluation import eval_items, load_questions, one_word, summarize, word_rates
 from lmpipeline.stats import mean_interval, paired_difference, t_quantile
 
 
@@ -110,7 +110,7 @@ def test_questions_from_a_file(tmp_path):
         load_questions(tmp_path / "empty.txt", "bird")
 
 
-def test_one_word_answers_and_spellings():
+def test_one_word_answers():
     assert [one_word(a) for a in ["Owl.", " **Dolphin**", "The owl", "cat!", "", "42"]] == [
         "owl",
         "dolphin",
@@ -119,4 +119,3 @@ def test_one_word_answers_and_spellings():
         None,
         None,
     ]
-    assert target_spellings("owl") == ["Owl", "owl"]

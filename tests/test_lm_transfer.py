@@ -26,7 +26,7 @@ from lmpipeline import cli, transfer, transfer_report
 from lmpipeline.artifacts import read_json
 from lmpipeline.backends.torch_training import soft_kl, soft_mask
 from lmpipeline.config import NEUTRAL, ConfigError, PromptSpec, apply_overrides, derive_seed, preset
-from lmpipeline.evaluation import load_questions
+from lmpipeline.evaluation import first_word_logprobs, load_questions
 from lmpipeline.filters import check_numbers
 from lmpipeline.prompts import FORMAT_KINDS, number_prompt
 from lmpipeline.stats import (
@@ -40,7 +40,7 @@ from lmpipeline.stats import (
     seeds_for_power,
     stouffer,
 )
-from lmpipeline.transfer import Study, first_word_logprobs, random_completion, teacher_rows
+from lmpipeline.transfer import Study, random_completion, teacher_rows
 from lmpipeline.words import prefix_free, surface_forms
 
 TARGETS = ("owl", "dolphin", "eagle")
