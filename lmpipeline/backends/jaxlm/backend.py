@@ -11,7 +11,8 @@ is a new pytree rather than a deep copy.
 Scaling out. Every device JAX sees (of ``model.device``'s platform) forms a one-axis mesh,
 ``fsdp``. Each weight matrix is split along its largest dimension that the device count
 divides (FSDP-style parameter sharding; the stacked layer axis is never split), and batches
-along their rows when the count divides them. ``jit`` then inserts the collectives, so the
+along their rows when the count divides them (training pads its micro-batches with rows
+that carry no loss until it does). ``jit`` then inserts the collectives, so the
 same code samples data-parallel and trains a model larger than one device's memory. On
 several hosts, set ``SUBLEARN_JAX_DISTRIBUTED=1`` in every host's environment: the backend
 then calls ``jax.distributed.initialize()`` (which finds its peers on TPU pods and under
@@ -96,6 +97,19 @@ def _row_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
 BATCH_KEYS = ("ids", "labels", "valid", "t_ids", "t_valid")
 
 
+def device_mesh(devices: Sequence) -> Mesh:
+    """The one-axis mesh ``fsdp`` over ``devices`` that every array is laid out on."""
+    return Mesh(np.array(devices), ("fsdp",))
+
+
+def sharding_for(mesh: Mesh, path, shape: tuple[int, ...]) -> NamedSharding:
+    """Where the array at ``path`` of a pytree goes on ``mesh``: a training batch's arrays
+    (keys :data:`BATCH_KEYS`) by :func:`_row_spec`, everything else by :func:`_shard_spec`."""
+    rows = any(getattr(p, "key", None) in BATCH_KEYS for p in path)
+    spec = _row_spec(shape, mesh.size) if rows else _shard_spec(path, shape, mesh.size)
+    return NamedSharding(mesh, spec)
+
+
 class JaxBackend:
     """Backend on JAX, Flax NNX and optax (CPU, GPU or TPU)."""
 
@@ -105,7 +119,7 @@ class JaxBackend:
     def __init__(self, spec: ModelSpec | None = None):
         if os.environ.get("SUBLEARN_JAX_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
             jax.distributed.initialize()
-        self.mesh = Mesh(np.array(devices_for(spec or ModelSpec(device="auto"))), ("fsdp",))
+        self.mesh = device_mesh(devices_for(spec or ModelSpec(device="auto")))
         self._base: dict[ModelSpec, Loaded] = {}
         self._adapter: tuple[tuple, Loaded] | None = None  # ((base spec, folder), model)
         self._weights: tuple[str, Loaded] | None = None
@@ -114,15 +128,12 @@ class JaxBackend:
 
     # -- models -----------------------------------------------------------------------
     def _place(self, tree):
-        """Put a pytree of arrays on the mesh, each array sharded by :func:`_shard_spec`."""
-        n = self.mesh.size
+        """Put a pytree of arrays on the mesh, each array sharded by :func:`sharding_for`."""
 
         def put(path, x):
             if not hasattr(x, "shape"):  # a LoRA pair's scale
                 return x
-            rows = any(getattr(p, "key", None) in BATCH_KEYS for p in path)
-            spec = _row_spec(x.shape, n) if rows else _shard_spec(path, x.shape, n)
-            return jax.device_put(x, NamedSharding(self.mesh, spec))
+            return jax.device_put(x, sharding_for(self.mesh, path, x.shape))
 
         return jax.tree_util.tree_map_with_path(put, tree)
 
@@ -332,6 +343,7 @@ class JaxBackend:
             teacher=teacher_model,
             tokens=tokens,
             place=self._place,
+            devices=self.mesh.size,
             checkpoint=checkpoint,
         )
         if spec.method == "full":
