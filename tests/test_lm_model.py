@@ -554,16 +554,7 @@ def test_the_dependency_floors_are_the_versions_ci_tests():
 def test_gradient_checkpointing_recomputes_layers_and_changes_no_number(tokenizer, lora):
     from peft import LoraConfig, get_peft_model
 
-    config = transformers.LlamaConfig(
-        attn_implementation="eager",
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = _tiny_llama_config(tokenizer, attn_implementation="eager")
     examples = [TrainExample(user(f"Say {i}"), " ".join(["7"] * (i + 1))) for i in range(4)]
     results = []
     for on in (False, True):

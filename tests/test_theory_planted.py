@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import sympy as sp
 from hypothesis import given, settings
+from test_theory_numerical import TANH_MLP, _tanh_case  # the tests' shared tanh case
 
 from theory import symbolic
 from theory.cases import MLP, CaseSpec, NumpyChooser, build_case, choose_spec, init_mlp
@@ -35,15 +36,6 @@ from theory.numerical import (
     tolerances,
 )
 from theory.strategies import cases, student_losses
-
-TANH_MLP = MLP((3, 5, 4), "tanh")
-
-
-def _tanh_case(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    params = init_mlp(TANH_MLP, rng, bias_scale=0.5)
-    direction = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), params)
-    return params, rng.standard_normal((6, 3)).astype(np.float32), direction
 
 
 def _jvps(params, other, direction, x):
