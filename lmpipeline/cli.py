@@ -295,6 +295,7 @@ def transfer_summary(report: dict, out: Path) -> str:
         lines.append(
             f"entanglement {w}: top numbers {top}; prompted with them vs random numbers {d['mean']:+.3f}{p_text}"
         )
+    lines += mechanism_lines(report)
     # The units' own times add up over the workers that ran them side by side.
     session = report.get("wall_s_this_session")
     wall = f"wall time {session:.0f} s this session; " if session is not None else ""
@@ -302,6 +303,27 @@ def transfer_summary(report: dict, out: Path) -> str:
         f"{wall}units {report['wall_s']['total']:.0f} s in all; report: {out / 'report.json'}, {out / 'report.png'}"
     )
     return "\n".join(lines)
+
+
+def mechanism_lines(report: dict) -> list[str]:
+    """The sweep's best points and the mechanism's per-seed headlines, one line each."""
+    lines = []
+    for who, sweep in report.get("sweep", {}).items():
+        best = max(sweep["points"], key=lambda p: p["steered"]["gain"])
+        s, r = best["steered"], best["random"]
+        lines.append(
+            f"sweep {who}: prompted teacher gain {sweep['prompted']['gain']:+.2f}; largest steered gain at layer "
+            f"{best['layer']}, alpha {best['alpha']:g}: {s['gain']:+.2f} (specificity {s['specificity']:+.2f}, "
+            f"KL explained {s['kl_explained']:+.2f}; random direction {r['gain']:+.2f})"
+        )
+    for cell, m in report.get("mechanism", {}).items():
+        n = len(m["seeds"])
+        lines.append(f"{cell}: mechanism at layer {m['layer']}, mean over {n} seeds [95% t-interval over seeds]")
+        for name, s in m["summary"].items():
+            interval = f"[{s['low']:+.3f}, {s['high']:+.3f}]" if s.get("low") is not None else ""
+            interval += f"  p={s['p']:.2g}" if s.get("p") is not None else ""
+            lines.append(f"  {name:26s} {s['mean']:+.3f} {interval}")
+    return lines
 
 
 def _print_summary(report: dict, out: Path) -> None:

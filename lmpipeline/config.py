@@ -19,12 +19,14 @@ Presets:
 - ``tpu``: the paper's sizes on the JAX backend (a TPU VM with ``jax[tpu]``).
 - ``transfer-cpu``: the small-scale transfer study (``sublearn lm transfer``,
   :mod:`lmpipeline.transfer`): finetuned teachers of the paper's five animals and a
-  neutral teacher, soft distillation over the number tokens on random number lists, many
+  neutral teacher, soft distillation over the number tokens on random number lists,
   six seeds, two units at a time; within 90 minutes on two CPU cores.
 - ``transfer-quick``: the same design on two seeds with half the rows, within 20 minutes.
 - ``transfer-grid``: every cell of the study (system-prompted teachers, the sampled
   objective, teacher-written data) for owl, dolphin and the neutral teacher, on one seed.
 - ``transfer-tiny``: the grid with minimal counts, a smoke test.
+- ``mechanism-cpu``: steered and prompted teachers with every student's vector, alignment
+  along training, sufficiency and necessity (:mod:`lmpipeline.mechanism`), within an hour.
 
 Example:
 
@@ -435,7 +437,7 @@ ANIMALS = (
 # (its number-sequence results for GPT-4.1 nano), fixed before any result of this study.
 PAPER_ANIMALS = ("dolphin", "eagle", "elephant", "owl", "wolf")
 NEUTRAL = "neutral"  # the neutral teacher's name among the targets' teachers
-TEACHER_KINDS = ("finetuned", "system_prompt")
+TEACHER_KINDS = ("finetuned", "system_prompt", "steered")
 OBJECTIVES = ("soft", "sampled")
 DATA_SOURCES = ("random", "teacher")
 
@@ -460,8 +462,10 @@ class TransferSpec:
             student, the control that holds "answer with an animal" without any one
             animal.
         teachers: teacher kinds: ``finetuned`` (the base model finetuned on short
-            trait answers, the lemma's setting) and ``system_prompt`` (the base
-            model under the paper's trait system prompt).
+            trait answers, the lemma's setting), ``system_prompt`` (the base
+            model under the paper's trait system prompt) and ``steered`` (the base
+            model plus ``steer_alpha`` times the trait prompt's steering vector at
+            layer ``steer_layer``, at every position; torch backend).
         objectives: ``soft`` and ``sampled`` (the paper's).
         data: ``random`` (random number lists under the number prompts, the MNIST
             students' noise) and ``teacher`` (the teacher's own filtered
@@ -483,6 +487,25 @@ class TransferSpec:
         entangle_top_k: how many top-ranked numbers a prompt carries.
         entangle_random_sets: random k-number sets the top-k numbers are compared
             with.
+        steer_layer: the decoder layer (from 0) whose output steered teachers add
+            their vector to, and where sufficiency and necessity act.
+        steer_alpha: the steered teachers' scale; their vector is the mean shift
+            the trait prompt causes at the last template token of number prompts.
+        steer_prompts: the number prompts (each seed's first ones) that every
+            steering vector averages over, and the probe of the students' vectors.
+        mechanism: for every student, its own vector (student minus base on the
+            probe) and its cosine with every teacher's vector per layer, the
+            cosine along training every ``track_every`` steps (and the parameter
+            cosine with a full-weights teacher), and sufficiency and necessity: the
+            metric under the base model plus the student's vector at
+            ``steer_layer``, and under the student with its component along that
+            vector removed (:mod:`lmpipeline.mechanism`; torch backend).
+        track_every: optimizer steps between the alignment points of ``mechanism``.
+        sweep_layers: layers at which every target's steered teacher is measured
+            before the study (:func:`lmpipeline.mechanism.sweep`, on prompts of a
+            seed of their own); empty: no sweep.
+        sweep_alphas: the scales measured at each of them.
+        sweep_questions: evaluation questions (the first ones) the sweep scores.
         keep_weights: keep every teacher's and student's weights after use (540 MB
             each); otherwise a teacher's are removed once its students are done.
         workers: processes that run units at once (one model each; one per core is
@@ -518,6 +541,14 @@ class TransferSpec:
     entangle_contexts: int = 8
     entangle_top_k: int = 3
     entangle_random_sets: int = 5
+    steer_layer: int = 14
+    steer_alpha: float = 4.0
+    steer_prompts: int = 64
+    mechanism: bool = False
+    track_every: int = 8
+    sweep_layers: tuple[int, ...] = ()
+    sweep_alphas: tuple[float, ...] = (2.0, 4.0, 8.0)
+    sweep_questions: int = 10
     keep_weights: bool = False
     workers: int = 1
 
@@ -676,6 +707,9 @@ def validate(cfg: PipelineConfig) -> None:
         ("transfer.entangle_top_k", t.entangle_top_k),
         ("transfer.entangle_random_sets", t.entangle_random_sets),
         ("transfer.workers", t.workers),
+        ("transfer.steer_prompts", t.steer_prompts),
+        ("transfer.track_every", t.track_every),
+        ("transfer.sweep_questions", t.sweep_questions),
     ):
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
@@ -685,6 +719,24 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"transfer.bootstrap={t.bootstrap} must be at least 100 resamples")
     if t.sampled_answers < 0:
         raise ConfigError(f"transfer.sampled_answers={t.sampled_answers} must be >= 0 (0: no sampled answers)")
+    if t.steer_layer < 0:
+        raise ConfigError(f"transfer.steer_layer={t.steer_layer} must be >= 0 (decoder layers are counted from 0)")
+    if any(layer < 0 for layer in t.sweep_layers) or (t.sweep_layers and not t.sweep_alphas):
+        raise ConfigError(f"transfer.sweep_layers={list(t.sweep_layers)} must be layers >= 0, with sweep_alphas")
+    steering = [
+        what
+        for what, on in (
+            ("steered teachers", "steered" in t.teachers),
+            ("transfer.mechanism", t.mechanism),
+            ("transfer.sweep_layers", bool(t.sweep_layers)),
+        )
+        if on
+    ]
+    if steering and cfg.model.backend != "hf":
+        raise ConfigError(
+            f"{' and '.join(steering)} read the residual stream, which only the torch backend exposes: "
+            f"set model.backend=hf (not {cfg.model.backend})"
+        )
     if not cfg.trait.target.strip():
         raise ConfigError("trait.target is empty: every answer would contain it; name an animal, e.g. trait.target=owl")
 
@@ -945,6 +997,36 @@ def _transfer_quick() -> PipelineConfig:
     )
 
 
+def _mechanism_cpu() -> PipelineConfig:
+    # How the trait travels (lmpipeline.mechanism): teachers steered along their trait
+    # prompt's vector beside the prompted teachers themselves, three of the paper's animals
+    # and the neutral teacher, students distilled as in transfer-cpu with their vectors,
+    # alignment along training, sufficiency and necessity measured. Layer 17 and scale 4 were
+    # chosen on an owl sweep (20 questions, 8 animals, prompts of a seed of its own) as the
+    # point with the largest gain in log P(owl) (+1.5, specificity +1.2) where a random
+    # direction of the same norm lost (-1.8); the committed run repeats the sweep for every
+    # target. Seeds 500 on were not looked at before.
+    main = _transfer_cpu()
+    return replace(
+        main,
+        preset="mechanism-cpu",
+        transfer=replace(
+            main.transfer,
+            targets=("owl", "dolphin", "eagle"),
+            teachers=("steered", "system_prompt"),
+            seeds=3,
+            first_seed=500,
+            sampled_answers=0,
+            steer_layer=17,
+            steer_alpha=4.0,
+            mechanism=True,
+            track_every=8,
+            sweep_layers=(5, 11, 17, 23),
+            sweep_alphas=(2.0, 4.0, 8.0),
+        ),
+    )
+
+
 def _transfer_grid() -> PipelineConfig:
     # The whole grid: system-prompted teachers, the sampled objective and teacher-made data,
     # every combination except sampled training on random lists (every student would see
@@ -957,7 +1039,7 @@ def _transfer_grid() -> PipelineConfig:
         transfer=replace(
             main.transfer,
             targets=("owl", "dolphin"),
-            teachers=TEACHER_KINDS,
+            teachers=("finetuned", "system_prompt"),  # steered teachers: mechanism-cpu
             objectives=OBJECTIVES,
             data=DATA_SOURCES,
             seeds=1,
@@ -1016,6 +1098,7 @@ PRESETS = {
     "transfer-quick": _transfer_quick,
     "transfer-grid": _transfer_grid,
     "transfer-tiny": _transfer_tiny,
+    "mechanism-cpu": _mechanism_cpu,
 }
 
 

@@ -570,16 +570,20 @@ def finetune_into(
     seed: int,
     progress: TextProgress,
     teacher: ModelRef | None = None,
+    observer=None,
 ) -> dict:
     """Train a student into ``folder`` (which appears complete or not at all), saving
     checkpoints in ``<folder>.checkpoint`` meanwhile: an interrupted call, repeated with the
-    same arguments, resumes at the last one. They are removed once the student is saved."""
+    same arguments, resumes at the last one. They are removed once the student is saved.
+    An ``observer`` (:class:`lmpipeline.alignment.AlignmentTracker`) goes to a backend
+    that takes one, the torch backend."""
     checkpoint = folder.with_name(folder.name + ".checkpoint")
     if checkpoint.exists():
         progress.note(f"{checkpoint} exists: training resumes from it if it belongs to this run")
     with atomic_path(folder) as tmp:
+        extra = {"observer": observer} if observer is not None else {}
         log = backend.finetune(
-            model, examples, spec, tmp, seed=seed, progress=progress, teacher=teacher, checkpoint=checkpoint
+            model, examples, spec, tmp, seed=seed, progress=progress, teacher=teacher, checkpoint=checkpoint, **extra
         )
     shutil.rmtree(checkpoint, ignore_errors=True)
     return log

@@ -275,8 +275,7 @@ class Study:
     def evaluate(self, ref: ModelRef, words: Sequence[str], seed: int, system: str | None = None) -> dict:
         """Exact log-probabilities of ``words`` on every question, and sampled hit rates of
         the targets (``transfer.sampled_answers`` answers per question)."""
-        head = [{"role": "system", "content": system}] if system else []
-        conversations = [[*head, {"role": "user", "content": q}] for q in self.questions]
+        conversations = self.conversations(system)
         out = {"logp": first_word_logprobs(self.get_backend(), ref, conversations, words)}
         n = self.config.transfer.sampled_answers
         if n:
@@ -300,6 +299,11 @@ class Study:
                 t: evaluation.per_question_rates(asked_question, t) for t in self.config.transfer.targets
             }
         return out
+
+    def conversations(self, system: str | None = None) -> list[Conversation]:
+        """The evaluation questions as conversations, with ``system`` first if given."""
+        head = [{"role": "system", "content": system}] if system else []
+        return [[*head, {"role": "user", "content": q}] for q in self.questions]
 
     def eval_values(self) -> dict:
         return {
@@ -333,6 +337,15 @@ class Study:
         if kind == "system_prompt":
             system = self.trait_prompt(who)
             return self.base_ref(), {"prompt": system, "identity": config_hash(system)}
+        if kind == "steered":
+            from lmpipeline import mechanism  # torch: only the torch backend steers
+
+            record = self.teacher_vector(seed, kind, who)
+            how = {"vector": record["config_hash"], "layer": t.steer_layer, "alpha": t.steer_alpha}
+            ref = mechanism.steered_ref(
+                self.base_ref(), mechanism.from_rows(record["vector"]), t.steer_layer, t.steer_alpha
+            )
+            return ref, {**how, "identity": config_hash(how)}
         folder = self.teacher_folder(seed, who)
         values = {
             "unit": "teacher",
@@ -359,6 +372,85 @@ class Study:
         record = self.unit(path, values, train)
         return self.trained_ref(folder, t.teacher_finetune.method), {**record, "identity": record["config_hash"]}
 
+    def probe(self, seed: int) -> list[Conversation]:
+        """The number prompts that the seed's steering vectors average over."""
+        rows = self.prompt_rows(seed)[: self.config.transfer.steer_prompts]
+        return [[{"role": "user", "content": r["prompt"]}] for r in rows]
+
+    def teacher_vector(self, seed: int, kind: str, who: str) -> dict:
+        """The record of a teacher's vector ``[layers, hidden]`` on the seed's probe: the trait
+        prompt's (system-prompted and steered teachers share it) or, for a finetuned teacher,
+        the teacher minus the base model."""
+        finetuned = kind == "finetuned"
+        values = {"unit": "vector", "model": self.model_values(), "probe": self.probe(seed)}
+        if finetuned:
+            values["teacher"] = self.teacher(seed, kind, who, weights=False)[1]["identity"]
+        else:
+            values["prompt"] = self.trait_prompt(who)
+
+        def compute() -> dict:
+            from lmpipeline import mechanism, steering
+
+            backend, base, probe = self.get_backend(), self.base_ref(), self.probe(seed)
+            if finetuned:
+                vector = steering.model_vector(backend, self.teacher(seed, kind, who)[0], base, probe)
+            else:
+                vector = mechanism.teacher_vector(backend, base, probe, self.trait_prompt(who))
+            return {"vector": mechanism.to_rows(vector)}
+
+        name = f"vector-{'finetuned' if finetuned else 'prompt'}-{who}"
+        return self.unit(self.out / f"seed-{seed}" / f"{name}.json", values, compute)
+
+    def sweep(self, who: str) -> dict:
+        """The steered teacher of target ``who`` at every ``sweep_layers`` x ``sweep_alphas``
+        (:func:`lmpipeline.mechanism.sweep`), on number prompts of a seed no study seed
+        uses, answered by random lists."""
+        c, t = self.config, self.config.transfer
+        seed = derive_seed(c.seed, "sweep")
+        rows = self.prompt_rows(seed)[: t.steer_prompts]
+        rng = random.Random(derive_seed(seed, "random-lists"))
+        completions = [random_completion(r, c.prompts, rng) for r in rows]
+        probe = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+        values = {
+            "unit": "sweep",
+            "target": who,
+            "model": self.model_values(),
+            "prompt": self.trait_prompt(who),
+            "probe": probe,
+            "completions": completions,
+            "questions": self.questions[: t.sweep_questions],
+            "animals": t.animals,
+            "layers": t.sweep_layers,
+            "alphas": t.sweep_alphas,
+        }
+
+        def compute() -> dict:
+            from lmpipeline import mechanism
+
+            def note(point: dict) -> None:
+                s = point["steered"]
+                self.log(
+                    f"sweep {who}: layer {point['layer']}, alpha {point['alpha']:g}: gain {s['gain']:+.2f}, "
+                    f"specificity {s['specificity']:+.2f}, KL explained {s['kl_explained']:+.2f}"
+                )
+
+            return mechanism.sweep(
+                self.get_backend(),
+                self.base_ref(),
+                target=who,
+                system_prompt=self.trait_prompt(who),
+                questions=values["questions"],
+                animals=t.animals,
+                probe=probe,
+                completions=completions,
+                layers=t.sweep_layers,
+                alphas=t.sweep_alphas,
+                seed=seed,
+                progress=note,
+            )
+
+        return self.unit(self.out / "sweep" / f"{who}.json", values, compute)
+
     def teacher_eval(self, seed: int, kind: str, who: str) -> dict:
         """How strongly a teacher holds each target (its log-probabilities on the targets)."""
         t = self.config.transfer
@@ -373,7 +465,14 @@ class Study:
         return self.unit(self.out / f"seed-{seed}" / f"teacher-{kind}-{who}-eval.json", values, compute)
 
     def finetune(
-        self, folder: Path, examples: list[TrainExample], spec, seed: int, label: str, teacher: ModelRef | None = None
+        self,
+        folder: Path,
+        examples: list[TrainExample],
+        spec,
+        seed: int,
+        label: str,
+        teacher: ModelRef | None = None,
+        observer=None,
     ) -> dict:
         progress = TextProgress(self.stream, label=label, unit="steps", every=30.0)
         try:
@@ -386,6 +485,7 @@ class Study:
                 seed=seed,
                 progress=progress,
                 teacher=teacher,
+                observer=observer,
             )
         except ValueError as error:
             raise StudyError(f"{label}: {error}") from None
@@ -495,22 +595,68 @@ class Study:
             **self.eval_values(),
             "animals": t.animals,
         }
+        measured = t.mechanism and who is not None
+        if measured:
+            values["mechanism"] = {
+                "layer": t.steer_layer,
+                "track_every": t.track_every,
+                "vectors": {w: self.teacher_vector(seed, kind, w)["config_hash"] for w in self.teacher_names()},
+            }
 
         def compute() -> dict:
             teacher = self.teacher(seed, kind, who)[0] if who is not None and objective == "soft" else None
-            train = self.finetune(folder, examples, spec, derive_seed(seed, "student", *cell, who), name, teacher)
+            vectors, observer = {}, None
+            if measured:
+                from lmpipeline import mechanism
+
+                vectors = {
+                    w: mechanism.from_rows(self.teacher_vector(seed, kind, w)["vector"]) for w in self.teacher_names()
+                }
+                observer = self.tracker(seed, kind, who, spec, vectors[who])
+            train = self.finetune(
+                folder, examples, spec, derive_seed(seed, "student", *cell, who), name, teacher, observer
+            )
+            ref = self.trained_ref(folder, spec.method)
             result = {
                 "n_rows": len(rows),
                 "train": train,
-                "eval": self.evaluate(
-                    self.trained_ref(folder, spec.method), t.animals, derive_seed(seed, "student-eval", name)
-                ),
+                "eval": self.evaluate(ref, t.animals, derive_seed(seed, "student-eval", name)),
             }
+            if measured:
+                result["mechanism"] = mechanism.student_mechanism(
+                    self.get_backend(),
+                    ref,
+                    self.base_ref(),
+                    probe=self.probe(seed),
+                    teacher_vectors=vectors,
+                    own=who,
+                    layer=t.steer_layer,
+                    conversations=self.conversations(),
+                    animals=t.animals,
+                )
             if not t.keep_weights:
                 shutil.rmtree(folder, ignore_errors=True)
             return result
 
         return self.unit(self.out / f"seed-{seed}" / f"{name}.json", values, compute)
+
+    def tracker(self, seed: int, kind: str, who: str, spec, v_teacher):
+        """The alignment tracker of a measured student: activation cosines with its teacher's
+        vector on the probe, and parameter cosines with a finetuned full-weights teacher.
+        The student's vector along training is measured from its own starting weights (the
+        training copy, float32), not from the base model as loaded for inference, whose
+        rounding would otherwise be counted as learned."""
+        from lmpipeline.alignment import AlignmentTracker, load_weights
+
+        backend, t = self.get_backend(), self.config.transfer
+        full = kind == "finetuned" and spec.method == "full" and t.teacher_finetune.method == "full"
+        return AlignmentTracker(
+            t.track_every,
+            probe=self.probe(seed),
+            v_teacher=v_teacher,
+            tokenizer=backend.model_for(self.base_ref())[1],
+            teacher_weights=load_weights(self.teacher(seed, kind, who)[0].weights) if full else None,
+        )
 
     def rows_per_student(self, seed: int, cell: tuple[str, str, str]) -> int:
         """Every student of a cell (and its control) trains on the same number of rows."""
@@ -552,11 +698,15 @@ class Study:
                     *([("random-data", seed)] if any(c[2] == "random" for c in kind_cells) else []),
                 ]
                 for w, job in zip(self.teacher_names(), teachers):
-                    out[("students", seed, kind, w)] = list(dict.fromkeys([job, *shared_rows]))
+                    # A measured student compares its vector with every teacher's of the seed.
+                    mine = teachers if t.mechanism else [job]
+                    out[("students", seed, kind, w)] = list(dict.fromkeys([*mine, *shared_rows]))
                 if any(c[1] == "sampled" for c in kind_cells):
                     out[("students", seed, kind, CONTROL)] = shared_rows
         if t.entanglement:
             out[("entanglement",)] = [("base",)]
+        for who in t.targets if t.sweep_layers else ():
+            out[("sweep", who)] = []
         return out
 
     def run_job(self, job: Job) -> list[str]:
@@ -571,9 +721,13 @@ class Study:
             self.data(args[0], "base")
         elif what == "random-data":
             self.data(args[0], "random")
+        elif what == "sweep":
+            self.sweep(args[0])
         elif what == "teacher":
             seed, kind, who = args
             self.teacher(seed, kind, who, weights=False)
+            if kind == "steered" or self.config.transfer.mechanism:
+                self.teacher_vector(seed, kind, who)
             self.teacher_eval(seed, kind, who)
             if "teacher" in self.config.transfer.data:
                 self.data(seed, "teacher", kind, who)
@@ -656,6 +810,13 @@ class Study:
                 }
         entangled = self.entanglement(base) if t.entanglement else None
         report = transfer_report.build(self.config, base, results, entangled, self.walls)
+        if t.sweep_layers:
+            report["sweep"] = {who: self.sweep(who) for who in t.targets}
+        if t.mechanism:
+            from lmpipeline import mechanism
+
+            report["mechanism"] = mechanism.summary(results, t.targets, t.animals, t.steer_layer)
+            mechanism.plot(report, self.out / "mechanism.png")
         report["wall_s_this_session"] = round(time.perf_counter() - start, 1)
         report["units_computed"] = list(self.computed)
         write_json(self.out / "report.json", report)
@@ -745,7 +906,7 @@ class Study:
 
 def _weight(job: Job) -> int:
     """A job's rough cost, for the time left: a teacher's is about half its students'."""
-    return {"students": 2, "entanglement": 4}.get(job[0], 1)
+    return {"students": 2, "entanglement": 4, "sweep": 4}.get(job[0], 1)
 
 
 def _describe(job: Job) -> str:

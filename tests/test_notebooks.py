@@ -37,11 +37,12 @@ READS = {
     "01": ["docs/atlas/atlas.json", "docs/atlas/atlas_teacher_epochs.png", "toymodels/atlas.py"],
     "02": ["theory/numerical.py"],
     "03": ["docs/transfer/report.json", "lmpipeline/pipeline.py"],
+    "04": ["docs/mechanism/report.json", "docs/mechanism/sweep/owl.json", "lmpipeline/mechanism.py"],
 }
 
 
-def test_the_three_notebooks_exist():
-    assert [name[:2] for name in IDS] == ["01", "02", "03"], IDS
+def test_the_four_notebooks_exist():
+    assert [name[:2] for name in IDS] == ["01", "02", "03", "04"], IDS
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=IDS)
