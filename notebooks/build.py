@@ -72,10 +72,12 @@ def _sublearn_audit(event, args):
         _sublearn_read.add(_sublearn_os.path.abspath(args[0]))
 _sublearn_sys.addaudithook(_sublearn_audit)
 """
+# One path a line: nbclient's carriage-return clean-up of stream output is quadratic in the
+# length of a line, and one line of every path read took minutes.
 _TRACE_END = """\
 import json as _sublearn_json
 print(_sublearn_json.dumps({"read": sorted(_sublearn_read), "modules": sorted(
-    {getattr(m, "__file__", None) or "" for m in list(_sublearn_sys.modules.values())} - {""})}))
+    {getattr(m, "__file__", None) or "" for m in list(_sublearn_sys.modules.values())} - {""})}, indent=0))
 """
 
 

@@ -10,6 +10,8 @@ executing the notebooks is marked slow.
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import jupytext
@@ -124,3 +126,12 @@ def test_a_failing_cell_fails_the_run(tmp_path):
     source.write_text('# %%\nprint("before")\n\n# %%\nraise ValueError("this cell fails")\n\n# %%\nprint("never")\n')
     with pytest.raises(CellExecutionError, match="this cell fails"):
         build.execute(source, quick=True, cwd=tmp_path)
+
+
+def test_the_trace_prints_short_lines(capsys):
+    # nbclient cleans stream output with a regex that is quadratic in a line's length: the
+    # trace of a notebook that imports torch took minutes as one line.
+    exec(build._TRACE_END, {"_sublearn_read": {f"/repo/file_{i}.py" for i in range(500)}, "_sublearn_sys": sys})
+    text = capsys.readouterr().out
+    assert len(json.loads(text)["read"]) == 500
+    assert max(map(len, text.splitlines())) < 200

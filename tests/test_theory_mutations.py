@@ -9,6 +9,10 @@ halved into rounding until every sign check passes.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
+
 import numpy as np
 import pytest
 
@@ -98,6 +102,34 @@ def test_sublearn_theory_fails_on_each_mutant(name):
     if faults is not TEACHER_CLIMBS:  # a wrong first-order coefficient leaves an order-1 error
         assert bad["taylor_order"] is not None and abs(bad["taylor_order"] - 1.0) < 0.1
         assert any("Taylor order outside" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("name", [None, *EXPECTED])
+def test_the_command_exits_1_on_each_mutant_and_0_on_the_correct_check(name, monkeypatch, capsys):
+    # The whole program, main() to exit code: two random cases, each the small tanh case
+    # with its own seed (so the draw does not depend on the chooser), the check running
+    # with the mutant's fault wherever the command calls it.
+    import theory.cases
+    import theory.numerical
+    from theory.cli import main
+
+    seeds = itertools.count(3)
+    monkeypatch.setattr(theory.cases, "choose_spec", lambda chooser, **_: dataclasses.replace(SPEC, seed=next(seeds)))
+    if name is not None:
+        faults, _ = EXPECTED[name]
+        monkeypatch.setattr(
+            theory.numerical, "check_alignment", functools.partial(theory.numerical.check_alignment, faults=faults)
+        )
+    code = main(["--cases", "2", "--mnist-cases", "0", "--quiet"])
+    out, err = capsys.readouterr()
+    assert "random MLPs" in out
+    if name is None:
+        assert (code, err) == (0, "")
+        return
+    expected = ["sublearn theory: random MLPs: 2 case(s) violate the lemma under shared initialization"]
+    if name != "teacher climbs":  # a wrong first-order coefficient also leaves an order-1 error
+        expected.append("sublearn theory: random MLPs: 2 case(s) with a Taylor order outside [1.8, 2.2]")
+    assert (code, err.strip().splitlines()) == (1, expected)
 
 
 def test_a_float32_model_is_refused():

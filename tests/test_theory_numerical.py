@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -292,3 +294,122 @@ def test_a_barely_indefinite_m_is_flagged_just_outside_the_tolerance_only(delta,
     )
     assert r.A == -delta
     assert ("A < 0" in r.violations()) is flagged
+
+
+def _teacher_loss_near_1000(theta):
+    """L_T = 1000 + theta_2: linear, so a student step changes it by exactly its second entry."""
+    return 1e3 + theta[1]
+
+
+@pytest.mark.parametrize("rise, flagged", [(3e-9, True), (3e-10, False)])
+def test_a_teacher_loss_rise_is_flagged_just_outside_the_tolerance_only(rise, flagged):
+    # The teacher descends L_T, direction -e2; a student loss with M = diag(1, -rise) follows
+    # it backwards by eps * rise along e2, so at eps = alpha = 1 L_T rises by exactly `rise`,
+    # against a tolerance of ROUNDING * |L_T| = 1e-9. Pinned both ways: a tolerance 10x
+    # looser misses the 3e-9 rise, one 10x tighter flags the 3e-10 one. The alignment's
+    # tolerance here is 1e-12, so a claim judged against it would flag both.
+    loss = QuadraticLoss.from_matrix([[0.5, 0.0], [0.0, -rise / 2]])
+    r = check_alignment(
+        _outputs_are_params,
+        np.zeros(2),
+        np.zeros((1, 1)),
+        student_loss=loss,
+        teacher_loss=_teacher_loss_near_1000,
+        eps=1.0,
+    )
+    assert ("L_T increased" in r.violations()) is flagged
+    # measured as a difference of two values near 1000, each rounded to 1.1e-13
+    np.testing.assert_allclose(r.teacher_loss_change, rise, rtol=1e-3)
+    assert tolerances(r)["alignment"] < rise / 10
+
+
+@dataclasses.dataclass(frozen=True)
+class _TiltedSquaredError:
+    """|z - y|^2 + tilt * z_2: not stationary at z = y, so a0 = -tilt along u = e2."""
+
+    tilt: float
+
+    def __call__(self, z, y):
+        return jnp.sum(jnp.square(z - y)) + self.tilt * z[1]
+
+
+@pytest.mark.parametrize("claim", ["alignment < 0", "zeroth order != 0"])
+@pytest.mark.parametrize("size, flagged", [(3e-10, True), (3e-11, False)])
+def test_an_alignment_or_zeroth_order_term_is_flagged_just_outside_the_tolerance_only(claim, size, flagged):
+    # Outputs at (99, 0) with |J u| = 1 make the alignment's tolerance ROUNDING * (1 + 99) =
+    # 1e-10, while A's stays 1e-12 * (|A| + 1). "alignment < 0": M = diag(1, -size), a = -size
+    # at eps = 1. "zeroth order != 0": a loss tilted by `size`, a0 = -size. Pinned both ways:
+    # a tolerance 10x looser misses the 3e-10 terms, one 10x tighter flags the 3e-11 ones.
+    if claim == "alignment < 0":
+        loss, eps = QuadraticLoss.from_matrix([[0.5, 0.0], [0.0, -size / 2]]), 1.0
+    else:
+        loss, eps = _TiltedSquaredError(size), 1e-3
+    r = check_alignment(
+        _outputs_are_params,
+        np.array([99.0, 0.0]),
+        np.zeros((1, 1)),
+        student_loss=loss,
+        direction=np.array([0.0, 1.0]),
+        eps=eps,
+    )
+    assert (claim in r.violations()) is flagged
+    measured = r.alignment if claim == "alignment < 0" else r.zeroth_order
+    np.testing.assert_allclose(measured, -size, rtol=1e-6)
+    np.testing.assert_allclose(tolerances(r)["alignment"], 1e-10, rtol=1e-4)
+
+
+def test_label_cross_entropy_is_the_mean_negative_log_probability_of_each_label():
+    logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    labels = np.array([0, 2, 2, 1])
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -np.mean(log_p[np.arange(4), labels])  # one label per example, not every label for each
+    assert float(label_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(expected, rel=1e-6)
+
+
+def test_teacher_loss_change_under_different_initialization_starts_from_the_student():
+    # L_T(theta_S0 + alpha dtheta_S) - L_T(theta_S0): the student's own start, not the teacher's.
+    params, x, _ = _tanh_case(seed=2)
+    other = init_mlp(TANH_MLP, np.random.default_rng(99), bias_scale=0.5)
+    teacher_loss = SupervisedLoss(TANH_MLP, label_cross_entropy, x[::-1], jnp.array([0, 3, 1, 2, 2, 0]))
+    alpha = 0.5
+    r = check_alignment(
+        TANH_MLP, params, x, student_params=other, student_loss=squared_error, teacher_loss=teacher_loss, alpha=alpha
+    )
+    with jax.enable_x64(True):
+        start = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), other)
+        moved = jax.tree.map(lambda a, s: a + alpha * s, start, r.dtheta_S)
+        x64 = jnp.asarray(x, jnp.float64)
+        loss = SupervisedLoss(TANH_MLP, label_cross_entropy, x64[::-1], teacher_loss.targets)
+        expected_change, expected_start = float(loss(moved) - loss(start)), float(loss(start))
+    np.testing.assert_allclose(r.teacher_loss_change, expected_change, rtol=1e-9)
+    np.testing.assert_allclose(r.teacher_loss, expected_start, rtol=1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class _QuarticLoss:
+    """scale * |z - y|^4: M = 0 at z = y, so A = 0 and the alignment is 4 scale eps^3 u^4."""
+
+    scale: float
+
+    def __call__(self, z, y):
+        return self.scale * jnp.sum((z - y) ** 4)
+
+
+def test_halving_stops_at_the_first_dominated_eps_and_after_max_halvings():
+    # A = 0, so the resolution floor never stops the halving: a small cubic alignment is
+    # within rounding after some halvings, and the first eps where it is must be the one
+    # returned; a huge one never is, and the halving stops after exactly MAX_HALVINGS.
+    # The first eps is rho |theta| / |v| = 0.1.
+    def check(scale, **kwargs):
+        loss = _QuarticLoss(scale)
+        return check_alignment(
+            _outputs_are_params, np.array([1.0]), np.zeros((1, 1)), student_loss=loss, direction=np.ones(1), **kwargs
+        )
+
+    small = check(1.0)
+    assert small.A == 0.0 and 0 < small.halvings < MAX_HALVINGS and small.first_order_dominates()
+    assert small.eps == 0.1 / 2**small.halvings
+    assert not check(1.0, eps=2 * small.eps).first_order_dominates()
+    huge = check(1e40)
+    assert huge.halvings == MAX_HALVINGS and huge.eps == 0.1 / 2**MAX_HALVINGS
+    assert not huge.first_order_dominates()

@@ -12,11 +12,13 @@ a non-proper student loss.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import jax
 import numpy as np
-from hypothesis import HealthCheck, Phase, event, find, given, note, settings, target
+from hypothesis import HealthCheck, Phase, event, find, given, note, settings
 
-from theory.cases import NON_PROPER_LOSSES, build_case
+from theory.cases import NON_PROPER_LOSSES, build_case, case_kinds
 from theory.numerical import RESOLUTION, check_alignment, tolerances
 from theory.strategies import case_specs
 
@@ -43,13 +45,22 @@ def _check(spec, *, shared_init: bool):
 
 
 def _record_coverage(spec) -> None:
-    event(f"loss={spec.student_loss}")
-    event(f"activation={spec.mlp.activation}")
-    event(f"teacher={spec.teacher}")
+    note(f"spec={spec}")
+    for axis, kind in case_kinds(spec).items():
+        if kind is not None:
+            event(f"{axis}={kind}")
+
+
+# The specs the shared-initialization property ran on, for the coverage test after it.
+SHARED_INIT_SPECS = []
 
 
 @given(spec=case_specs())
 def test_shared_initialization_satisfies_lemma_and_theorem(spec):
+    # No target(): with the ci profile's 25 examples, hypothesis spends its one
+    # optimisation pass, the second half of the run, on variants of the single best
+    # example, which narrows the property to one architecture (see the coverage test).
+    SHARED_INIT_SPECS.append(spec)
     _record_coverage(spec)
     r = _check(spec, shared_init=True)
     tol = tolerances(r)
@@ -57,8 +68,6 @@ def test_shared_initialization_satisfies_lemma_and_theorem(spec):
         f"eps={r.eps:.3e} halvings={r.halvings} A={r.A:.6e} C={r.second_order:.3e} "
         f"alignment={r.alignment:.6e} dL_T={r.teacher_loss_change:.3e}"
     )
-    # Steer the search toward the weakest alignments, where a violation would show first.
-    target(-r.cosine, label="minus cosine")
     case = build_case(spec)
     if case.model.units_at_kink(case.params, case.inputs):
         # A ReLU exactly at its kink: no Taylor expansion, the lemma does not apply, and
@@ -93,6 +102,28 @@ def test_shared_initialization_satisfies_lemma_and_theorem(spec):
         np.testing.assert_allclose(r.teacher_loss_first, -r.alpha * r.A, rtol=1e-6)
         assert r.teacher_loss_change < 0
     assert r.violations() == []
+
+
+# Coverage of the shared-initialization property's examples: no architecture (sizes and
+# activation) in more than a third of them, and most of each axis's options present. A
+# derandomized run draws the same examples each time; these bounds hold with room for the
+# ci profile's 25 examples and the thorough profile's 500.
+MAX_SHARE_OF_ONE_ARCHITECTURE = 1 / 3
+MIN_KINDS = {"student loss": 3, "teacher": 3, "activation": 4, "inputs": 3, "hidden layers": 3, "widths": 2}
+
+
+def test_shared_initialization_examples_cover_the_space():
+    if not SHARED_INIT_SPECS:  # selected on its own: run the property first
+        test_shared_initialization_satisfies_lemma_and_theorem()
+    specs = list(SHARED_INIT_SPECS)
+    architectures = Counter((s.mlp.sizes, s.mlp.activation) for s in specs)
+    (architecture, count), *_ = architectures.most_common(1)
+    assert count <= MAX_SHARE_OF_ONE_ARCHITECTURE * len(specs), (architecture, count, len(specs))
+    kinds = [case_kinds(s) for s in specs]
+    for axis, least in MIN_KINDS.items():
+        seen = {k[axis] for k in kinds} - {None}
+        assert len(seen) >= least, (axis, seen)
+    assert any(k["subset"] == "proper" for k in kinds)
 
 
 @settings(max_examples=4)

@@ -1,4 +1,4 @@
-r"""Random test cases for the alignment lemma: small MLPs, initializations, inputs, losses.
+r"""Random test cases for the alignment lemma: MLPs, initializations, inputs, losses.
 
 A :class:`CaseSpec` is a handful of hashable choices plus an integer seed;
 :func:`build_case` turns it into arrays. The arrays come from numpy generators spawned
@@ -60,9 +60,24 @@ TEACHERS = ("direction", "cross_entropy", "squared_error")
 
 # Few distinct sizes keep the number of distinct shapes, and so of compilations, small.
 INPUT_DIMS = (2, 3)
-HIDDEN_WIDTHS = (3, 5)
-MAX_HIDDEN_LAYERS = 2
+# A network's hidden layers are all narrow or all wide, each kind drawn with the odds of
+# WIDTH_KINDS: narrow ones (6 to 104 parameters) keep most cases cheap, and hypothesis
+# shrinks toward them; wide ones (up to 3-64-64-64-4, 8,836 parameters) exercise the lemma
+# where a step moves thousands of parameters and rounding accumulates over long sums. A
+# wide network with two or more hidden layers has at least 1,316 parameters (3 of 4 with
+# two, all with three over 2,000). The check's cost is that of compiling it, nearly
+# independent of the width: one more hidden layer costs more than wider ones.
+HIDDEN_WIDTHS = {"narrow": (3, 5), "wide": (32, 64)}
+WIDTH_KINDS = ("narrow", "narrow", "wide")  # drawn uniformly: wide with probability 1/3
+MAX_HIDDEN_LAYERS = 3
+HIDDEN_LAYER_COUNTS = tuple(range(MAX_HIDDEN_LAYERS + 1))
 OUTPUT_DIMS = (2, 3, 4)
+# A subset loss over every logit is plain softmax cross-entropy; one over a proper subset
+# (the paper's auxiliary logits) is the case the lemma is about. Where the output width
+# allows both, a proper subset is drawn with probability 3/4 (an integer in 0..3 above
+# 0): with outputs of 2 (always the full subset), 3 or 4 logits, half of the subset
+# cases are proper.
+PROPER_SUBSET_ODDS = 4
 SAMPLE_COUNTS = (1, 3, 8)
 # Seeds of a case's arrays come from a small range: hypothesis shrinks a failing seed
 # toward 0 and can try every one of them, which it cannot in a range of 2**31.
@@ -278,11 +293,19 @@ class NumpyChooser:
         return float(self.rng.uniform(low, high))
 
 
-def choose_mlp(c: Chooser) -> MLP:
-    """An architecture: input and output sizes, 0 to ``MAX_HIDDEN_LAYERS`` hidden layers, an activation."""
-    depth = c.integer(0, MAX_HIDDEN_LAYERS)
-    sizes = (c.choice(INPUT_DIMS), *(c.choice(HIDDEN_WIDTHS) for _ in range(depth)), c.choice(OUTPUT_DIMS))
+def choose_mlp(c: Chooser, hidden_layers: Sequence[int] = HIDDEN_LAYER_COUNTS) -> MLP:
+    """An architecture: input and output sizes, one of ``hidden_layers`` hidden layers
+    (0 to ``MAX_HIDDEN_LAYERS``) of one width kind (:data:`HIDDEN_WIDTHS`,
+    :data:`WIDTH_KINDS`), an activation."""
+    depth = c.choice(tuple(hidden_layers))
+    widths = HIDDEN_WIDTHS[c.choice(WIDTH_KINDS)]
+    sizes = (c.choice(INPUT_DIMS), *(c.choice(widths) for _ in range(depth)), c.choice(OUTPUT_DIMS))
     return MLP(sizes, c.choice(tuple(ACTIVATIONS)))
+
+
+def n_parameters(mlp: MLP) -> int:
+    """How many weights and biases ``mlp`` has."""
+    return sum(d_in * d_out + d_out for d_in, d_out in zip(mlp.sizes[:-1], mlp.sizes[1:]))
 
 
 def choose_subset(c: Chooser, n: int, sizes: tuple[int, int] = (2, 0)) -> tuple[int, ...]:
@@ -290,8 +313,16 @@ def choose_subset(c: Chooser, n: int, sizes: tuple[int, int] = (2, 0)) -> tuple[
 
     At least two by default: softmax over one logit is constant, so ``M = 0`` and ``A = 0``
     exactly, a case with nothing to check at first order (draw it with ``sizes=(1, 1)``).
+    Where both a proper subset and all ``n`` are allowed, the subset is proper with
+    probability ``1 - 1/PROPER_SUBSET_ODDS``, its size then uniform below ``n``: drawn
+    uniformly in size, the full subset would take a third to a half of the draws.
     """
     low, high = min(sizes[0], n), min(sizes[1] or n, n)
+    if low < high == n:
+        if c.integer(0, PROPER_SUBSET_ODDS - 1) > 0:
+            high = n - 1  # proper
+        else:
+            low = n  # every logit
     remaining = list(range(n))
     chosen = [remaining.pop(c.integer(0, len(remaining) - 1)) for _ in range(c.integer(low, high))]
     return tuple(sorted(chosen))
@@ -316,9 +347,10 @@ def choose_spec(
     losses: Sequence[str] = STUDENT_LOSSES,
     teachers: Sequence[str] = TEACHERS,
     subset_sizes: tuple[int, int] = (2, 0),
+    hidden_layers: Sequence[int] = HIDDEN_LAYER_COUNTS,
 ) -> CaseSpec:
     """A whole case: architecture, initialization, inputs, student loss, teacher, seed (below :data:`SEEDS`)."""
-    mlp = choose_mlp(c)
+    mlp = choose_mlp(c, hidden_layers)
     loss, subset = choose_student_loss(c, mlp.sizes[-1], losses, subset_sizes)
     return CaseSpec(
         mlp=mlp,
@@ -330,3 +362,69 @@ def choose_spec(
         seed=c.integer(0, SEEDS - 1),
         subset=subset,
     )
+
+
+def case_kinds(spec: CaseSpec) -> dict[str, Any]:
+    """What kind of case ``spec`` is along each axis the chooser varies.
+
+    ``"subset"`` is ``"proper"`` or ``"every logit"`` for the subset loss and None for
+    other losses; ``"widths"`` is ``"narrow"`` or ``"wide"`` (:data:`HIDDEN_WIDTHS`) and
+    None without a hidden layer.
+    """
+    hidden = spec.mlp.sizes[1:-1]
+    subset = None
+    if spec.student_loss == "subset_softmax_cross_entropy":
+        subset = "proper" if len(spec.subset) < spec.mlp.sizes[-1] else "every logit"
+    return {
+        "student loss": spec.student_loss,
+        "teacher": spec.teacher,
+        "activation": spec.mlp.activation,
+        "inputs": spec.inputs,
+        "hidden layers": len(hidden),
+        "widths": None if not hidden else "narrow" if set(hidden) <= set(HIDDEN_WIDTHS["narrow"]) else "wide",
+        "subset": subset,
+    }
+
+
+def case_shares(specs: Sequence[CaseSpec]) -> dict[str, dict[Any, float]]:
+    """For each axis of :func:`case_kinds`, the share of each kind among the specs that have one.
+
+    Example:
+        >>> specs = [CaseSpec(MLP((2, 3, 2)), "normal", 1.0, 0.0, "normal", 4, loss, "direction", 0)
+        ...          for loss in ("squared_error", "squared_error", "softmax_cross_entropy")]
+        >>> case_shares(specs)["student loss"]
+        {'softmax_cross_entropy': 0.3333333333333333, 'squared_error': 0.6666666666666666}
+    """
+    kinds = [case_kinds(spec) for spec in specs]
+    shares = {}
+    for axis in kinds[0] if kinds else ():
+        values = [k[axis] for k in kinds if k[axis] is not None]
+        shares[axis] = {value: values.count(value) / len(values) for value in sorted(set(values), key=str)}
+    return shares
+
+
+def format_shares(groups: dict[str, Sequence[CaseSpec]]) -> str:
+    """A Markdown table, one column per group of specs: :func:`case_shares` and the range of :func:`n_parameters`.
+
+    Example:
+        >>> spec = CaseSpec(MLP((2, 3, 2)), "normal", 1.0, 0.0, "normal", 4, "squared_error", "direction", 0)
+        >>> print(format_shares({"one case": [spec]}).splitlines()[-1])
+        | parameters | 17 (median 17); under 50: 100%, 2,000 or more: 0% |
+    """
+    shares = {name: case_shares(specs) for name, specs in groups.items()}
+    axes = list(next(iter(shares.values()), {}))
+    among = {"widths": " (with a hidden layer)", "subset": " (subset-loss cases)"}
+    rows = ["| " + " | ".join(["axis", *groups]) + " |", "|---" * (len(groups) + 1) + "|"]
+    for axis in axes:
+        cells = [", ".join(f"{kind} {share:.0%}" for kind, share in group[axis].items()) for group in shares.values()]
+        rows.append(f"| {axis}{among.get(axis, '')} | " + " | ".join(cells) + " |")
+    cells = []
+    for specs in groups.values():
+        counts = sorted(n_parameters(spec.mlp) for spec in specs)
+        span = f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]} to {counts[-1]}"
+        cells.append(
+            f"{span} (median {counts[len(counts) // 2]}); under 50: {sum(c < 50 for c in counts) / len(counts):.0%}, "
+            f"2,000 or more: {sum(c >= 2000 for c in counts) / len(counts):.0%}"
+        )
+    rows.append("| parameters | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

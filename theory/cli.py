@@ -124,15 +124,50 @@ def evaluate(model, params, other_params, inputs, **check_kwargs) -> dict[str, A
     }
 
 
-def random_cases(n_cases: int, seed: int, progress):
-    """``(spec, record)`` for ``n_cases`` random MLP cases drawn from ``seed``."""
+def random_specs(n_cases: int, seed: int):
+    """The specs of ``n_cases`` random MLP cases drawn from ``seed`` (:func:`theory.cases.choose_spec`).
+
+    The number of hidden layers cycles from ``MAX_HIDDEN_LAYERS`` down to 0 instead of
+    being drawn: a run of four cases or more holds each depth equally often, linear models
+    (whose A_x may equal A) as well as the deepest ones (the slowest to compile, so the
+    run's time is predictable), and the shortest run checks the deepest model. Every other
+    choice is random.
+    """
     import numpy as np
 
-    from theory.cases import NumpyChooser, build_case, choose_spec
+    from theory.cases import HIDDEN_LAYER_COUNTS, NumpyChooser, choose_spec
 
     chooser = NumpyChooser(np.random.default_rng(seed))
-    for k in range(n_cases):
-        spec = choose_spec(chooser)
+    return [
+        choose_spec(chooser, hidden_layers=(HIDDEN_LAYER_COUNTS[-1 - k % len(HIDDEN_LAYER_COUNTS)],))
+        for k in range(n_cases)
+    ]
+
+
+def coverage_table(n_specs: int = 10_000, seed: int = 0) -> str:
+    """The README's table of case kinds: ``n_specs`` chooser specs drawn from ``seed`` next
+    to the specs of the default run (:func:`random_specs` with the default arguments)."""
+    import numpy as np
+
+    from theory.cases import NumpyChooser, choose_spec, format_shares
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    chooser = NumpyChooser(np.random.default_rng(seed))
+    return format_shares(
+        {
+            f"{n_specs:,} chooser specs": [choose_spec(chooser) for _ in range(n_specs)],
+            f"default run ({defaults.cases} cases)": random_specs(defaults.cases, defaults.seed),
+        }
+    )
+
+
+def random_cases(n_cases: int, seed: int, progress):
+    """``(spec, record)`` for ``n_cases`` random MLP cases drawn from ``seed`` (:func:`random_specs`)."""
+    from theory.cases import build_case
+
+    for k, spec in enumerate(random_specs(n_cases, seed)):
         case = build_case(spec)
         record = evaluate(case.model, case.params, case.other_params, case.inputs, **case.check_kwargs())
         record["hidden_layers"] = len(spec.mlp.sizes) - 2

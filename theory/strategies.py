@@ -1,7 +1,8 @@
 """Hypothesis strategies for property tests of the alignment lemma.
 
 The spaces are those of :mod:`theory.cases` (the ``sublearn theory`` command draws from
-the same functions): small MLP architectures with one of several activations, weight
+the same functions): MLP architectures from a few parameters to thousands (mostly small,
+a third with wide hidden layers) with one of several activations, weight
 initializations, input distributions and sample counts, the student losses, and teachers
 that follow a random direction or the gradient of a random loss (cross-entropy on random
 labels, squared error on random targets). Arrays come from numpy generators seeded by
@@ -10,7 +11,9 @@ from its :class:`~theory.cases.CaseSpec`. The seed comes from a small range
 (:data:`theory.cases.SEEDS`) so that hypothesis shrinks it like any other choice, toward 0.
 
 Shapes come from a few sizes only: examples of equal shapes and losses reuse the compiled
-check, which keeps a run of many examples fast.
+check, which keeps a run of many examples fast. The property tests record each example's
+kind (:func:`theory.cases.case_kinds`) with ``event`` and assert afterwards that the
+examples covered the space.
 
 Example:
     >>> from hypothesis import given, settings
@@ -72,7 +75,7 @@ def activations() -> st.SearchStrategy[str]:
 
 @st.composite
 def mlp_architectures(draw) -> MLP:
-    """Random depth (0 to 2 hidden layers), widths and activation."""
+    """Random depth (0 to 3 hidden layers), narrow or wide widths and activation (:func:`theory.cases.choose_mlp`)."""
     return choose_mlp(HypothesisChooser(draw))
 
 

@@ -108,15 +108,17 @@ def _is_zero(expr) -> bool:
     return all(sp.cancel(sp.expand(e)) == 0 for e in entries)
 
 
-def _exp_to_rational(expr):
+def _exp_to_rational(expr, images: dict[sp.Expr, sp.Symbol] | None = None):
     r"""Replace each :math:`e^{m}` of a monomial :math:`m` by a positive symbol :math:`E_m`.
 
     :math:`e^{\sum_k c_k m_k} \mapsto \prod_k E_{m_k}^{c_k}` turns softmax expressions into
     rational functions, for which :func:`sympy.cancel` decides zero exactly and fast. If
     the rational function is zero as a function of free symbols, the original expression
-    is zero for every value of the variables.
+    is zero for every value of the variables. ``images`` names the symbol of some
+    monomials (``{y_i: p_i}`` writes :math:`e^{y_i}` as :math:`p_i`, so that softmax(y) becomes
+    :math:`p_i / \sum_j p_j`); the others get fresh positive symbols.
     """
-    images: dict[sp.Expr, sp.Symbol] = {}
+    images = {} if images is None else dict(images)
 
     def monomials(e):
         out = sp.S.One
@@ -129,25 +131,60 @@ def _exp_to_rational(expr):
 
 
 def _pull_constants(total: sp.Sum) -> sp.Expr:
-    """``Sum(c * f(i))`` as ``c * Sum(f(i))`` for ``c`` free of the summation index."""
-    constant, rest = sp.expand(total.function).as_independent(*total.variables, as_Add=False)
-    return constant * sp.Sum(rest, *total.limits)
+    r"""``Sum(c * f(i) + ...)`` as ``c * Sum(f(i)) + ...`` for ``c`` free of the summation index.
+
+    A sum over several indices is taken one index at a time, innermost first, so that
+    :math:`\sum_k\sum_l a_k b_l` becomes the product of two single sums.
+    """
+    expr = total.function
+    for limit in total.limits:
+        terms = []
+        for term in sp.Add.make_args(sp.expand(expr)):
+            constant, rest = term.as_independent(limit[0], as_Add=False)
+            terms.append(constant * (sp.Sum(rest, limit).doit() if rest == 1 else sp.Sum(rest, limit)))
+        expr = sp.Add(*terms)
+    return expr
+
+
+def _separate_sums(expr, index: sp.Symbol) -> sp.Expr:
+    """``expr`` with every sum split into constants times single sums, each over ``index``.
+
+    Constants are pulled out (:func:`_pull_constants`) until nothing changes; then each sum
+    whose summand holds no other sum and not ``index`` is renamed to run over ``index``,
+    so that equal sums compare equal. A sum that does not separate keeps its own index.
+    """
+    for _ in range(8):
+        separated = sp.expand(expr).replace(lambda e: isinstance(e, sp.Sum), _pull_constants)
+        if separated == expr:
+            break
+        expr = separated
+
+    def renamed(total: sp.Sum):
+        (variable, *bounds), *others = total.limits
+        if others or total.function.has(sp.Sum) or total.function.has(index):
+            return total
+        return sp.Sum(total.function.subs(variable, index), (index, *bounds))
+
+    return expr.replace(lambda e: isinstance(e, sp.Sum), renamed)
 
 
 def _vector(name: str, n: int, **assumptions) -> sp.Matrix:
     return sp.Matrix(sp.symbols(f"{name}1:{n + 1}", **assumptions))
 
 
-def _psd_by_sum_of_squares(p: sp.Matrix) -> tuple[sp.Expr, sp.Expr, bool]:
-    r""":math:`u^\top(\mathrm{diag}(p) - pp^\top)u` and :math:`\sum_i p_i(u_i - \bar u)^2`, :math:`\bar u = p^\top u`, and whether they agree when :math:`\sum p = 1`."""
-    n = len(p)
-    u = _vector("u", n, real=True)
-    m = sp.diag(*p) - p * p.T
-    quadratic = (u.T * m * u)[0]
-    u_bar = (p.T * u)[0]
-    squares = sum((p[i] * (u[i] - u_bar) ** 2 for i in range(n)), sp.S.Zero)
+def _psd_by_sum_of_squares(m: sp.Matrix, p: sp.Matrix, coordinates: tuple[int, ...]) -> tuple[sp.Expr, bool]:
+    r""":math:`\sum_a p_a(u_{c_a} - \bar u)^2` with :math:`\bar u = \sum_a p_a u_{c_a}`, and whether it is :math:`u^\top M u`.
+
+    ``m`` is the derived :math:`M` with entries rational in the positive symbols ``p``,
+    ``coordinates`` the output coordinates :math:`c_a` that ``p`` weighs. Agreement is
+    checked where :math:`\sum_a p_a = 1`; it makes :math:`u^\top M u` a sum of squares with
+    positive weights, so :math:`M \succeq 0`. A wrong :math:`M` breaks the identity.
+    """
+    u = _vector("u", m.shape[0], real=True)
+    u_bar = sum((p[a] * u[c] for a, c in enumerate(coordinates)), sp.S.Zero)
+    squares = sum((p[a] * (u[c] - u_bar) ** 2 for a, c in enumerate(coordinates)), sp.S.Zero)
     on_simplex = {p[-1]: 1 - sum(p[:-1])}
-    return quadratic, squares, _is_zero((quadratic - squares).subs(on_simplex))
+    return squares, _is_zero(((u.T * m * u)[0] - squares).subs(on_simplex))
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +230,9 @@ def alignment_expansion(n: int = 2, *, perturb: Perturb = None) -> Derivation:
     w = _vector("w", n, real=True)
     stationary = sp.expand(grad_z.subs({**dict(zip(zeta, w)), **dict(zip(eta, w))}))
     conditions = [c for row in stationary for c in sp.Poly(row, *w).coeffs()]
-    proper = sp.solve(conditions, [*g, *cross], dict=True)[0]
+    # No solution (a term no choice of g and B cancels) means no proper loss of this form.
+    solutions = sp.solve(conditions, [*g, *cross], dict=True)
+    proper = solutions[0] if solutions else None
     return Derivation(
         title=f"First-order expansion of the alignment (n = {n})",
         steps=(
@@ -201,15 +240,19 @@ def alignment_expansion(n: int = 2, *, perturb: Perturb = None) -> Derivation:
             ("alignment for one input: student outputs c, teacher outputs c + eps u", "a", alignment),
             ("zeroth order", "a_0", a0),
             ("first order, with M = -d2L/dydz = -B", "a_1", a1),
-            ("a proper loss has zero z-gradient at z = y for every y, which forces", "", proper),
-            ("so the zeroth order vanishes and M = H, the Hessian at the minimum", "M", m.subs(proper)),
+            (
+                "a proper loss has zero z-gradient at z = y for every y, which forces",
+                "",
+                proper or r"\text{no solution}",
+            ),
+            ("so the zeroth order vanishes and M = H, the Hessian at the minimum", "M", m.subs(proper or {})),
         ),
         result=a1,
         checks={
             "zeroth order is -g^T u": _is_zero(a0 + (g.T * u)[0]),
             "first-order coefficient is u^T M u": _is_zero(a1 - (u.T * m * u)[0]),
-            "proper loss: g = 0": all(proper[v] == 0 for v in g),
-            "proper loss: M = H": _is_zero(m.subs(proper) - hess),
+            "proper loss: g = 0": proper is not None and all(proper.get(v, v) == 0 for v in g),
+            "proper loss: M = H": proper is not None and _is_zero(m.subs(proper) - hess),
             "higher orders of the path vanish here": _is_zero(alignment - a0 - eps * a1),
         },
     )
@@ -261,16 +304,21 @@ def softmax_cross_entropy(n: int, *, perturb: Perturb = None) -> Derivation:
     loss = _tap(perturb, "loss", -sum((p_of_y[i] * (z[i] - log_sum_exp) for i in range(n)), sp.S.Zero))
     grad = sp.Matrix([sp.diff(loss, zk) for zk in z])
     grad_is_q_minus_p = _is_zero(_exp_to_rational(grad - (q_of_z - p_of_y)))
-    # Once grad = q - p identically, M is the y-derivative of p: differentiate the short form.
-    at_target = (q_of_z - p_of_y).subs(dict(zip(z, y)))
-    m_of_y = _tap(perturb, "M", sp.Matrix(n, n, lambda k, l: sp.diff(p_of_y[k], y[l])))
+    at_target = grad.subs(dict(zip(z, y)))
+    # M from the loss itself at z = y, so that a wrong loss reaches every claim about M.
+    m_of_y = _tap(perturb, "M", -sp.Matrix(n, n, lambda k, l: sp.diff(grad[k], y[l])).subs(dict(zip(z, y))))
     m_is_softmax_covariance = _is_zero(_exp_to_rational(m_of_y - (sp.diag(*p_of_y) - p_of_y * p_of_y.T)))
 
+    # The claims about M are checked on the derived M, written in p = softmax(y) (e^{y_i} -> p_i
+    # gives p_i / sum_j p_j, and the p sum to 1); the closed form shown is the one that
+    # "M = diag(p) - p p^T" certifies.
     p = _vector("p", n, positive=True)
     on_simplex = {p[-1]: 1 - sum(p[:-1])}
+    derived = _exp_to_rational(m_of_y, dict(zip(y, p))).subs(on_simplex).applyfunc(sp.cancel)
+    squares, psd = _psd_by_sum_of_squares(derived, p, tuple(range(n)))
+    minor = derived[: n - 1, : n - 1].det(method="berkowitz") if n > 1 else sp.S.One
     m = sp.diag(*p) - p * p.T
-    quadratic, squares, psd = _psd_by_sum_of_squares(p)
-    minor = m[: n - 1, : n - 1].det() if n > 1 else sp.S.One
+    u = _vector("u", n, real=True)
     return Derivation(
         title=f"Softmax cross-entropy, n = {n}",
         steps=(
@@ -278,17 +326,17 @@ def softmax_cross_entropy(n: int, *, perturb: Perturb = None) -> Derivation:
             ("gradient in z, with q = softmax(z)", r"\nabla_z L", sp.Symbol("q") - sp.Symbol("p")),
             ("at z = y (zeroth order)", r"\nabla_z L|_{z=y}", sp.zeros(n, 1)),
             ("M = -d2L/dydz = dp/dy", "M", m),
-            ("quadratic form", r"u^\top M u", quadratic),
+            ("quadratic form", r"u^\top M u", (u.T * m * u)[0]),
             ("as a sum of squares (the p sum to 1)", r"u^\top M u", squares),
             (
                 "the constant vector is in the null space",
                 r"M \mathbf{1}",
-                sp.expand(m * sp.ones(n, 1)).subs(on_simplex).expand(),
+                sp.expand(derived * sp.ones(n, 1)),
             ),
             (
                 "leading principal minor of order n - 1: positive, so rank n - 1",
                 r"\det M_{1:n-1,\,1:n-1}",
-                sp.factor(minor.subs(on_simplex)),
+                sp.factor(minor),
             ),
         ),
         result=m,
@@ -297,8 +345,8 @@ def softmax_cross_entropy(n: int, *, perturb: Perturb = None) -> Derivation:
             "zeroth order vanishes": _is_zero(_exp_to_rational(at_target)),
             "M = diag(p) - p p^T": m_is_softmax_covariance,
             "M positive semi-definite (sum of squares)": psd,
-            "M 1 = 0": _is_zero((m * sp.ones(n, 1)).subs(on_simplex)),
-            "null space is span(1) (minor = prod p)": _is_zero((minor - sp.prod(list(p))).subs(on_simplex)),
+            "M 1 = 0": _is_zero(derived * sp.ones(n, 1)),
+            "null space is span(1) (minor = prod p)": _is_zero(minor - sp.prod(list(p)).subs(on_simplex)),
         },
     )
 
@@ -329,26 +377,26 @@ def softmax_cross_entropy_general(*, perturb: Perturb = None) -> Derivation:
     def first_branch(expr):  # the indices k, l lie in 1..n, where Piecewise takes its first branch
         return expr.replace(lambda e: isinstance(e, sp.Piecewise), lambda e: e.args[0].expr)
 
-    def as_rational(expr):  # constants out of sums, every sum over index j, the two sums as symbols
-        expr = expr.replace(lambda e: isinstance(e, sp.Sum), _pull_constants)
-        expr = expr.replace(
-            lambda e: isinstance(e, sp.Sum),
-            lambda e: sp.Sum(e.function.subs(e.variables[0], j), (j, *e.limits[0][1:])),
+    def as_rational(expr):  # sums separated and over index j, the two normalizers as symbols
+        return _separate_sums(expr, j).xreplace(
+            {sum_y: sp.Symbol("S_y", positive=True), sum_z: sp.Symbol("S_z", positive=True)}
         )
-        return expr.xreplace({sum_y: sp.Symbol("S_y", positive=True), sum_z: sp.Symbol("S_z", positive=True)})
 
     loss = _tap(perturb, "loss", -sp.Sum(p(i) * (z[i] - sp.log(sum_z)), (i, 1, n)))
     grad = first_branch(sp.diff(loss, z[k]).doit())
     grad_check = _is_zero(as_rational(grad - (q(k) - p(k))))
     m = _tap(perturb, "M", first_branch(sp.diff(p(k), y[l]).doit()))
     m_check = sp.simplify(sp.expand_power_exp(m - p(k) * (sp.KroneckerDelta(k, l) - p(l)))) == 0
-    # With p_i plain symbols summing to 1, the quadratic form is a weighted variance.
+    # The quadratic form of the derived M, the sums over l and then k done where they
+    # can be (the Kronecker delta), against the p-weighted variance with p = softmax(y),
+    # whose weights sum to 1 through S_y / S_y.
+    quadratic_of_m = sp.Sum(first_branch(sp.Sum(u[k] * m * u[l], (l, 1, n)).doit()), (k, 1, n))
+    mean = sp.Sum(p(j) * u[j], (j, 1, n))
+    variance = sp.Sum(p(i) * (u[i] - mean) ** 2, (i, 1, n))
+    psd_check = _is_zero(as_rational(quadratic_of_m - variance))
     pw, ubar = sp.IndexedBase("p"), sp.Symbol(r"\bar u")
-    weighted_mean = sp.Sum(pw[i] * u[i], (i, 1, n))
-    quadratic = sp.Sum(pw[i] * u[i] ** 2, (i, 1, n)) - weighted_mean**2
+    quadratic = sp.Sum(pw[i] * u[i] ** 2, (i, 1, n)) - sp.Sum(pw[i] * u[i], (i, 1, n)) ** 2
     squares = sp.Sum(pw[i] * (u[i] - ubar) ** 2, (i, 1, n))
-    expanded = sp.expand(squares).replace(lambda e: isinstance(e, sp.Sum), _pull_constants)
-    on_simplex = expanded.subs(sp.Sum(pw[i], (i, 1, n)), 1).subs(ubar, weighted_mean)
     return Derivation(
         title="Softmax cross-entropy, general n",
         steps=(
@@ -362,7 +410,7 @@ def softmax_cross_entropy_general(*, perturb: Perturb = None) -> Derivation:
         checks={
             "gradient is q_k - p_k": grad_check,
             "M_kl = p_k (delta_kl - p_l)": m_check,
-            "u^T M u = sum_i p_i (u_i - u-bar)^2": sp.expand(on_simplex - quadratic) == 0,
+            "u^T M u = sum_i p_i (u_i - u-bar)^2": psd_check,
         },
     )
 
@@ -391,7 +439,7 @@ def subset_softmax_cross_entropy(n: int, subset: tuple[int, ...], *, perturb: Pe
         for b, sb in enumerate(subset):
             block[sa, sb] = (sp.KroneckerDelta(a, b) * p_sub[a] - p_sub[a] * p_sub[b]).subs(dict(zip(z, y)))
     p = _vector("p", len(subset), positive=True)
-    _, squares, psd = _psd_by_sum_of_squares(p)
+    squares, psd = _psd_by_sum_of_squares(_exp_to_rational(m, dict(zip(ys, p))), p, subset)
     kernel = [sp.Matrix([1 if k in subset else 0 for k in range(n)])]
     kernel += [sp.Matrix([1 if k == c else 0 for k in range(n)]) for c in range(n) if c not in subset]
     return Derivation(
