@@ -1,5 +1,5 @@
 r"""How the trait travels: steered teachers, the students' own vectors, sufficiency and
-necessity, on the torch backend (``sublearn lm mechanism``).
+necessity, on the torch backend (``sublearn lm transfer --preset mechanism-cpu``).
 
 Blank et al. (2026) account for subliminal learning as steering-vector distillation: a
 trait system prompt acts on the teacher like one vector :math:`v_T` added to the residual
