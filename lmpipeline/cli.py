@@ -38,6 +38,7 @@ from lmpipeline.config import (
     preset,
     to_dict,
 )
+from sublearn._common import UserError
 from sublearn._store import claim, read_json
 
 STAGE_CHOICES = {
@@ -135,9 +136,6 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmpipeline.pipeline import PipelineError
-    from lmpipeline.transfer import StudyError
-
     try:
         cfg = resolve_config(args)
         if args.action == "config":
@@ -146,15 +144,14 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "transfer":
             return _transfer(args, cfg)
         return _execute(args, cfg)
-    except (ConfigError, PipelineError, StudyError, OSError) as error:
-        # OSError: missing files, and models that cannot be fetched (offline, wrong name).
-        print(f"{getattr(args, 'prog', 'sublearn lm')}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        kept = f"the work done so far is kept in {args.out}; " if getattr(args, "out", None) else ""
-        prog = getattr(args, "prog", "sublearn lm")
-        print(f"\n{prog}: interrupted; {kept}rerun the same command to continue", file=sys.stderr)
-        return 130
+    except OSError as error:
+        # Missing files, and models that cannot be fetched (offline, wrong name).
+        raise UserError(str(error)) from error
+
+
+def kept_after_interrupt(args: argparse.Namespace) -> str | None:
+    """What an interrupted run leaves to resume from (:func:`sublearn.cli.main` says it)."""
+    return f"the work done so far is kept in {args.out}" if getattr(args, "out", None) else None
 
 
 def _check_inputs(cfg: PipelineConfig) -> None:

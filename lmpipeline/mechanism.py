@@ -12,7 +12,7 @@ prompts (the study's ``steer_prompts`` first prompts of each seed).
 
 - **Steered teachers** (``transfer.teachers=["steered"]``): the base model plus
   :math:`\alpha\, v_T[\ell]` at layer :math:`\ell`, at every position, with :math:`v_T`
-  the target's trait prompt's vector (:func:`teacher_vector`); the neutral teacher is
+  the target's trait prompt's vector (:func:`lmpipeline.steering.trait_vector`); the neutral teacher is
   steered along the neutral prompt's vector, made the same way.
 - **The sweep** (:func:`sweep`): for each layer and scale, the steered teacher's gain on
   its target over the base model, its specificity (that gain minus the mean gain of the
@@ -38,6 +38,7 @@ minus base on the probe); a prompted or steered teacher's is the trait prompt's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -92,15 +93,10 @@ def completion_kl(backend, reference: ModelRef, other: ModelRef, examples: Seque
 
 
 # -- teachers ----------------------------------------------------------------------------
-def teacher_vector(backend, base: ModelRef, probe: Sequence[Conversation], system_prompt: str) -> torch.Tensor:
-    """The steering vector of a trait prompt, ``[layers, hidden]``: the base model's mean
-    activation on ``probe`` with ``system_prompt`` minus without it."""
-    return trait_vector(backend, base, probe, system_prompt)
-
-
 def steered_ref(base: ModelRef, vector: torch.Tensor, layer: int, alpha: float) -> ModelRef:
-    """The base model plus ``alpha * vector[layer]`` at ``layer``'s output, every position."""
-    return ModelRef(base.base, adapter=base.adapter, weights=base.weights, steering=(steer(vector, layer, alpha),))
+    """``base`` plus ``alpha * vector[layer]`` at ``layer``'s output, every position (in
+    place of any edits ``base`` had)."""
+    return dataclasses.replace(base, steering=(steer(vector, layer, alpha),))
 
 
 def _mean_logp(logp: dict[str, list[float]]) -> dict[str, float]:
@@ -142,7 +138,7 @@ def sweep(
     prompted = _mean_logp(first_word_logprobs(backend, base, [head + c for c in asked], animals))
     examples = [TrainExample(c, done, teacher_messages=head + c) for c, done in zip(probe, completions)]
     kl_base = statistics.fmean(completion_kl(backend, base, base, examples))
-    vector = teacher_vector(backend, base, probe, system_prompt)
+    vector = trait_vector(backend, base, probe, system_prompt)
     control = random_direction(vector, seed)
     points = []
     for layer in layers:

@@ -69,11 +69,11 @@ from lmpipeline.config import (  # noqa: F401  (the layout names are re-exported
 )
 from lmpipeline.judge import Judge, judge_rows
 from lmpipeline.words import surface_forms
-from sublearn._common import TextProgress, mean_interval
+from sublearn._common import TextProgress, UserError, mean_interval
 from sublearn._store import reusable, seal
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """A stage cannot run as configured; the message says what to change."""
 
 

@@ -95,7 +95,7 @@ from lmpipeline.config import (
 from lmpipeline.evaluation import first_word_logprobs
 from lmpipeline.pipeline import finetune_into, grammar_limits
 from lmpipeline.words import plural
-from sublearn._common import TextProgress
+from sublearn._common import TextProgress, UserError
 from sublearn._store import once
 
 SEPARATOR_OF = {
@@ -174,7 +174,7 @@ def cell_name(cell: tuple[str, str, str]) -> str:
     return "/".join(cell)
 
 
-class StudyError(RuntimeError):
+class StudyError(UserError, RuntimeError):
     """The study cannot run as configured; the message says what to change."""
 
 
@@ -395,7 +395,7 @@ class Study:
             if finetuned:
                 vector = steering.model_vector(backend, self.teacher(seed, kind, who)[0], base, probe)
             else:
-                vector = mechanism.teacher_vector(backend, base, probe, self.trait_prompt(who))
+                vector = steering.trait_vector(backend, base, probe, self.trait_prompt(who))
             return {"vector": mechanism.to_rows(vector)}
 
         name = f"vector-{'finetuned' if finetuned else 'prompt'}-{who}"

@@ -1,5 +1,5 @@
-r"""What the three subpackages share: result files, the run environment, progress, config
-errors and confidence intervals.
+r"""What the three subpackages share: result files, the run environment, progress, the
+errors a user can fix and confidence intervals.
 
 This module imports only the standard library (scipy, jax and tqdm are imported inside the
 functions that need them), so ``sublearn lm`` loads no jax and ``sublearn mnist`` no torch.
@@ -50,8 +50,33 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO, runtime_checkable
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user gave or asked for cannot be used (an option, a file, a model name).
+
+    ``sublearn`` prints the message as one line, ``PROG: error: MESSAGE``, and exits 2
+    (:func:`sublearn.cli.main`); the message names the problem and the fix. Every such error
+    of the package derives from it: :class:`ConfigError`, :class:`toymodels.data.DataError`,
+    :class:`lmpipeline.pipeline.PipelineError` and :class:`lmpipeline.transfer.StudyError`.
+    """
+
+
+class ConfigError(UserError, ValueError):
     """An option or config value that cannot be used; the message names it and the fix."""
+
+
+# Former names still accepted, each with a one-line notice; they go in this version.
+FORMER_NAMES_REMOVED_IN = "0.2.0"
+_noticed: set[str] = set()
+
+
+def former_name(old: str, new: str, stream: TextIO | None = None) -> None:
+    """Say once per process, on stderr, that ``old`` is the former name of ``new`` and when it goes."""
+    if old not in _noticed:
+        _noticed.add(old)
+        print(
+            f"sublearn: {old} is the former name of {new}; it goes in version {FORMER_NAMES_REMOVED_IN}",
+            file=stream or sys.stderr,
+        )
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -2,13 +2,16 @@
 
 Each subcommand lives with the code it runs; this module only dispatches to them and
 imports a subpackage when its subcommand is chosen, so ``sublearn mnist`` never loads
-torch and ``sublearn lm`` never loads jax.
+torch and ``sublearn lm`` never loads jax. It also reports, for every subcommand alike, a
+:class:`~sublearn._common.UserError` as one line ``PROG: error: MESSAGE`` with exit status
+2, and an interrupt with what was kept (the subcommand's ``kept_after_interrupt(args)``,
+if it has one) with status 130.
 
 - ``sublearn mnist``: the MNIST auxiliary-logit experiment (:mod:`toymodels.cli`).
 - ``sublearn atlas``: the MNIST experiment's curves against each knob (:mod:`toymodels.atlas`).
 - ``sublearn theory``: the gradient-alignment lemma, checked numerically (:mod:`theory.cli`).
 - ``sublearn lm``: the language-model pipeline (:mod:`lmpipeline.cli`); ``sublearn llm``,
-  its former name, still works.
+  its former name, still works, with a notice (it goes in version 0.2.0).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import importlib
 import sys
 import typing
 
-# subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
+from sublearn._common import UserError, former_name
+
+# subcommand -> (module with `add_arguments(parser)`, `run(args) -> int` and optionally
+# `kept_after_interrupt(args) -> str | None`, one-line help)
 SUBCOMMANDS = {
     "mnist": ("toymodels.cli", "MNIST auxiliary-logit experiment (the paper's toy model)"),
     "atlas": ("toymodels.atlas", "the MNIST effect against each knob, with CIs, next to the published numbers"),
@@ -43,6 +49,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ALIASES:
+        former_name(f"`sublearn {argv[0]}`", f"`sublearn {ALIASES[argv[0]]}`")
         argv = [ALIASES[argv[0]], *argv[1:]]
     parser = _Parser(
         prog="sublearn",
@@ -59,7 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = _Parser(prog=f"sublearn {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])
-    return module.run(args)
+    prog = getattr(args, "prog", sub_parser.prog)  # `sublearn lm` names its action too
+    try:
+        return module.run(args)
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        kept = getattr(module, "kept_after_interrupt", lambda _: None)(args)
+        then = f"{kept}; rerun the same command to continue" if kept else "nothing was kept"
+        print(f"\n{prog}: interrupted; {then}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

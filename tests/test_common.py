@@ -2,6 +2,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -85,6 +86,78 @@ def test_every_config_error_is_the_shared_one():
 
     assert toymodels.config.ConfigError is ConfigError is lmpipeline.config.ConfigError
     assert issubclass(ConfigError, ValueError)
+
+
+def test_every_error_a_user_can_fix_is_reported_once_by_the_dispatcher(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from lmpipeline.pipeline import PipelineError
+    from lmpipeline.transfer import StudyError
+    from sublearn import cli
+    from sublearn._store import DamagedFile, FolderBusy
+    from toymodels.data import DataError
+
+    for error in (ConfigError, DataError, PipelineError, StudyError, DamagedFile, FolderBusy):
+        assert issubclass(error, _common.UserError), error
+    monkeypatch.chdir(tmp_path)  # nothing kept from earlier runs
+    arguments = {"lm": ["config", "--preset", "tiny"]}
+    for name, (module_name, _) in cli.SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        prog = f"sublearn {name}"
+        for raised, status, line in [
+            (
+                _common.UserError("--x 3 is too large: use at most 2"),
+                2,
+                f"{prog}: error: --x 3 is too large: use at most 2",
+            ),
+            (KeyboardInterrupt(), 130, f"{prog}: interrupted; nothing was kept"),
+        ]:
+
+            def run(args, raised=raised):
+                raise raised
+
+            monkeypatch.setattr(module, "run", run)
+            assert cli.main([name, *arguments.get(name, [])]) == status, name
+            assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_former_names_still_work_and_say_once_when_they_go(monkeypatch, capsys):
+    import argparse
+
+    from sublearn import cli
+    from toymodels import cli as mnist_cli
+
+    monkeypatch.setattr(_common, "_noticed", set())
+    notice = "sublearn: `sublearn llm` is the former name of `sublearn lm`; it goes in version 0.2.0"
+    for _ in range(2):
+        assert cli.main(["llm", "config", "--preset", "tiny"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [notice]  # once per process
+    parser = argparse.ArgumentParser()
+    mnist_cli.add_arguments(parser)
+    assert parser.parse_args(["--noise", "gaussian"]).student_data == "gaussian"
+    assert parser.parse_args(["--student-data", "mnist"]).student_data == "mnist"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sublearn: --noise is the former name of --student-data; it goes in version 0.2.0"
+    ]
+
+
+def test_the_readme_names_a_home_for_every_module_and_every_home_exists():
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([\w/]+(?:\.py|/))`", section))
+    assert len(named) > 40
+    missing = sorted(path for path in named if not (root / path).exists())
+    assert missing == []
+    modules = {
+        str(path.relative_to(root))
+        for package in ("sublearn", "toymodels", "theory", "lmpipeline")
+        for path in (root / package).rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    homeless = sorted(
+        m for m in modules if m not in named and not any(m.startswith(n) for n in named if n.endswith("/"))
+    )
+    assert homeless == []
 
 
 def test_environment_records_versions_and_jax_devices_once_jax_is_loaded():

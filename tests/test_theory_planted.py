@@ -23,8 +23,10 @@ from test_theory_numerical import TANH_MLP, _tanh_case  # the tests' shared tanh
 from theory import symbolic
 from theory.cases import MLP, CaseSpec, NumpyChooser, build_case, choose_spec, init_mlp
 from theory.numerical import (
+    NOISE_MARGIN,
     RESOLUTION,
     AlignmentResult,
+    Convergence,
     Faults,
     SubsetSoftmaxCrossEntropy,
     check_alignment,
@@ -217,10 +219,139 @@ def test_fit_order_uses_the_smallest_clear_eps():
     assert fit_order(eps, residual, [1.0] * len(eps)) == (math.inf, 0)
 
 
-def test_convergence_grid_spans_its_decades_with_two_points_each():
+def _grid(residual, second_order=1.0, first_order=0.0):
+    """A Convergence over eps = 1e-1 ... 1e-11 whose residual is ``residual(eps)``: the
+    prediction is ``first_order * eps`` (a0 = 0) and the alignment that plus the residual."""
+    eps = [10.0 ** -(k / 2) for k in range(2, 23)]
+    first = [first_order * e for e in eps]
+    return Convergence.from_grid(
+        eps, [f + residual(e) for f, e in zip(first, eps)], first, first, [second_order] * len(eps)
+    )
+
+
+def test_the_order_is_read_just_above_the_rounding_plateau():
+    # Rounding of 2e-15 whatever eps is, and 1e-14 once, at the fifth-smallest eps.
+    eps = [10.0 ** -(k / 2) for k in range(2, 23)]
+    noise = {e: 1e-14 if e == eps[-5] else 2e-15 for e in eps}
+    fit = _grid(lambda e: 0.3 * e * e + noise[e], second_order=0.3)
+    # The rounding level is the largest residual over two decades of the flat tail.
+    assert fit.rounding == pytest.approx(1e-14, rel=1e-3) and not any(fit.lost)
+    clear = sorted(e for r, e in zip(fit.residual, fit.eps) if r > NOISE_MARGIN * fit.rounding)
+    assert fit.n_fitted == 4 and clear[0] == pytest.approx(1e-6)  # 0.3 eps^2 = 3e-13 there, 3e-14 below
+    assert abs(fit.order - 2) < 0.05 and fit.expected_order == 2 and fit.order_as_expected()
+    # A floor at the plateau itself (the rule a fixed floor amounts to when it is too low)
+    # lets rounding into the fit and bends the slope.
+    low_floor, _ = fit_order(fit.eps, fit.residual, [0.5e-14] * len(fit.eps))
+    assert abs(low_floor - 2) > 0.2
+
+
+def test_points_where_the_step_is_lost_in_rounding_are_left_out():
+    # Below 1e-7 the measured alignment is exactly a0: the residual is eps * A there.
+    eps_a, c = 1e3, 0.3
+
+    def residual(e):
+        return eps_a * e if e < 1e-7 else c * e * e + 1e-16
+
+    fit = _grid(lambda e: -residual(e), second_order=c, first_order=eps_a)
+    assert [e < 1e-7 for e in fit.eps] == list(fit.lost)
+    assert abs(fit.order - 2) < 0.05 and fit.order_as_expected()
+    # A step that is wrong (doubled, or the student climbing its loss) is never lost:
+    # its order-1 error fails.
+    for wrong in (1.0, -2.0):  # a(eps) - a0 = 2 eps A, -eps A
+        bad = _grid(lambda e, wrong=wrong: wrong * eps_a * e + c * e * e, second_order=c, first_order=eps_a)
+        assert not any(bad.lost) and abs(bad.order - 1) < 0.05 and not bad.order_as_expected()
+    # Nothing left at all fails too.
+    gone = _grid(lambda e: -eps_a * e, second_order=c, first_order=eps_a)
+    assert all(gone.lost) and not gone.order_as_expected()
+
+
+def test_the_expected_order_is_3_where_the_second_order_term_vanishes():
+    cubic = _grid(lambda e: 0.3 * e**3, second_order=0.0)
+    assert abs(cubic.order - 3) < 1e-6 and cubic.expected_order == 3 and cubic.order_as_expected()
+    # ... but an order of 3 where C is not zero is a failure, and so is order 1 either way.
+    assert not _grid(lambda e: 0.3 * e**3 + 1e-30, second_order=0.3).order_as_expected()
+    for c in (0.0, 1.0):
+        wrong_slope = _grid(lambda e: 0.01 * e, second_order=c)  # a first-order coefficient off by 1%
+        assert abs(wrong_slope.order - 1) < 1e-6 and not wrong_slope.order_as_expected()
+    exact = _grid(lambda e: 0.0)
+    assert exact.order == math.inf and exact.expected_order is None and exact.order_as_expected()
+    # A residual well below the second-order term says C (or the measured step) is wrong.
+    short = _grid(lambda e: 0.1 * e * e, second_order=0.3)
+    assert (
+        short.expected_order == 2 and short.second_order_ratio == pytest.approx(1 / 3) and not short.order_as_expected()
+    )
+
+
+def test_the_fit_stops_where_a_relu_switches():
+    # Smooth below eps = 1e-6 (residual C eps^2 over a rounding floor of 1e-16), a kink's
+    # order-1 error above it: the fit keeps to the smooth stretch, however short.
+    def residual(e):
+        return 0.3 * e * e + 1e-16 + (1e-3 * e if e > 1e-6 else 0.0)
+
+    fit = _grid(residual, second_order=0.3)
+    fitted = [e for e, f in zip(fit.eps, fit.fitted) if f]
+    assert max(fitted) == 1e-6 and fit.n_fitted == 3 and abs(fit.order - 2) < 0.05 and fit.order_as_expected()
+    # The four smallest clear points, as a fixed window would take them, cross the kink.
+    clear = sorted(e for e, r in zip(fit.eps, fit.residual) if r > NOISE_MARGIN * fit.rounding)[:4]
+    naive, _ = fit_order(clear, [residual(e) for e in clear], [0.0] * 4, points=4)
+    assert naive > 2.5
+
+
+def _spec(sizes, activation, init, scale, bias, inputs, loss, teacher, seed):
+    return CaseSpec(MLP(sizes, activation), init, scale, bias, inputs, 1, loss, teacher, seed)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        # 27k parameters, one sample: rounding at 1.5e-15 of the alignment's scale, above
+        # the fixed floor (1e-15 of it) an earlier rule used: it fitted an order of -0.08.
+        (_spec((2, 32, 32, 32, 4), "gelu", "uniform", 1.59, 0.5, "shifted", "squared_error", "squared_error", 14), 2),
+        # A linear network under softmax cross-entropy: C = 0, the error is cubic.
+        (
+            _spec(
+                (2, 3, 3, 5, 2),
+                "identity",
+                "normal",
+                1.23,
+                0.0,
+                "sparse",
+                "softmax_cross_entropy",
+                "squared_error",
+                183,
+            ),
+            3,
+        ),
+    ],
+    ids=["wide-gelu", "linear-cross-entropy"],
+)
+def test_the_fitted_order_is_the_predicted_one_on_cases_that_once_failed(spec, expected):
+    case = build_case(spec)
+    fit = convergence(case.model, case.params, case.inputs, **case.check_kwargs())
+    assert fit.expected_order == expected and fit.order_as_expected(), (fit.order, fit.expected_order)
+
+
+def test_the_compiled_programs_are_bounded(monkeypatch):
+    from theory import numerical
+
+    monkeypatch.setattr(numerical, "MAX_PROGRAMS", 2)
+    monkeypatch.setattr(numerical._analyse, "programs", set())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 2))
+    coefficients = []
+    for width in (3, 4, 5, 3):  # three models, then the first again
+        mlp = MLP((2, width, 2), "tanh")
+        params = init_mlp(mlp, np.random.default_rng(width))
+        v = jax.tree.map(lambda p: np.ones_like(p), params)
+        coefficients.append(check_alignment(mlp, params, x, student_loss=squared_error, direction=v).A)
+        assert len(numerical._analyse.programs) <= 2
+    assert coefficients[3] == coefficients[0]  # compiled again after the programs were dropped
+
+
+def test_convergence_grid_spans_its_decades_with_three_points_each():
     w0, v, x = np.eye(2), np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([[1.0, 2.0], [3.0, -1.0]])
     fit = convergence(lambda w, xs: xs @ w, w0, x, student_loss=squared_error, direction=v, decades=2)
-    assert len(fit.eps) == 5  # eps*/10 ... eps*/10^3, two points per decade plus the end
+    assert len(fit.eps) == 7  # eps*/10 ... eps*/10^3, three points per decade plus the end
     np.testing.assert_allclose(fit.eps[0] / fit.eps[-1], 100.0, rtol=1e-12)
 
 
@@ -320,7 +451,7 @@ def test_random_cases_record_the_number_of_hidden_layers(monkeypatch):
     import theory.cli
     from sublearn._common import SilentProgress
 
-    monkeypatch.setattr(theory.cli, "evaluate", lambda *args, **kwargs: {})
+    monkeypatch.setattr(theory.cli, "evaluate", lambda *args, **kwargs: {"different_init_equals_shared": False})
     records = list(theory.cli.random_cases(12, 0, SilentProgress()))
     depths = {record["hidden_layers"] for _, record in records}
     assert all(record["hidden_layers"] == len(spec.mlp.sizes) - 2 for spec, record in records)

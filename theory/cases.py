@@ -224,6 +224,37 @@ class Case:
     direction: Any  # None when the teacher follows a loss
     teacher_loss: SupervisedLoss | None
 
+    def units_at_kink(self) -> int:
+        """ReLU pre-activations exactly at 0 on the check's inputs and on the teacher loss's
+        own data (:meth:`MLP.units_at_kink`): at either, the check's Taylor expansion (of
+        the alignment, or of the teacher's loss) does not exist."""
+        count = self.model.units_at_kink(self.params, self.inputs)
+        if self.teacher_loss is not None:
+            count += self.model.units_at_kink(self.params, self.teacher_loss.inputs)
+        return count
+
+    def moves_only_last_bias(self) -> bool:
+        """Whether the teacher's step moves the outputs of both initializations only through
+        the last layer's bias, on the check's inputs.
+
+        Then the student's Jacobian along the step equals the teacher's whatever the
+        student's weights, and the cross term of a different initialization equals A. ReLU
+        networks do this when every hidden unit is off, at its kink (jax takes the
+        derivative 0 there), or the teacher's own loss sees only such units: a sparse
+        input of zeros with zero biases.
+        """
+        with jax.enable_x64(True):
+            params, other = (
+                jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p) for p in (self.params, self.other_params)
+            )
+            x = jnp.asarray(self.inputs, jnp.float64)
+            step = self.direction if self.teacher_loss is None else jax.grad(self.teacher_loss)(params)
+            step = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), step)
+            bias = [jax.tree.map(jnp.zeros_like, layer) for layer in step[:-1]]
+            bias.append({"kernel": jnp.zeros_like(step[-1]["kernel"]), "bias": step[-1]["bias"]})
+            moved = [jax.jvp(lambda p: self.model(p, x), (p,), (v,))[1] for p in (params, other) for v in (step, bias)]
+            return bool(jnp.array_equal(moved[0], moved[1]) and jnp.array_equal(moved[2], moved[3]))
+
     def check_kwargs(self, *, shared_init: bool = True) -> dict[str, Any]:
         """Keyword arguments of ``check_alignment`` for this case (student at the teacher's init or not)."""
         kwargs = dict(student_loss=self.student_loss, direction=self.direction, teacher_loss=self.teacher_loss)

@@ -5,7 +5,7 @@ For every case the command takes one teacher step and one student step
 student at the teacher's initialization, where Lemma 1 and Theorem 1 claim
 :math:`A \ge 0`, a non-negative alignment and a lower teacher loss; and from an
 independent initialization, where nothing forces the sign. It also fits the order of the
-first-order prediction's error at the small end of six decades of ``eps``
+first-order prediction's error over ten decades of ``eps``, just above rounding
 (:func:`theory.numerical.convergence`).
 
 Cases: random small MLPs (:func:`theory.cases.choose_spec`: architectures, activations,
@@ -19,7 +19,8 @@ Different initialization: how often the cross term :math:`A_\times`, the eps-dep
 part :math:`a(\varepsilon) - a_0` and the zeroth-order term :math:`a_0` are negative,
 which nothing forbids. The exit code is 1 when a shared-initialization case violates
 the lemma (including an ``eps`` that never reached the Taylor regime), a fitted order
-falls outside ``TAYLOR_ORDER_RANGE``, or a group had nothing to check (A = 0 where its
+is not the predicted one (2, or 3 or more where the second-order term vanishes, within
+``TAYLOR_ORDER_TOLERANCE``), or a group had nothing to check (A = 0 where its
 specs do not explain it, or a different-initialization check that did not use the
 student's own parameters; :func:`failures`), 2 for bad arguments, 0 otherwise.
 ``--out FILE`` writes everything as JSON.
@@ -72,9 +73,11 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# The fitted order of |a(eps) - a0 - eps A| must be 2 (a non-zero second-order term);
-# an order near 1 means the measured alignment has the wrong first-order coefficient.
-TAYLOR_ORDER_RANGE = (1.8, 2.2)
+# The fitted order of |a(eps) - a0 - eps A| must be the one the Taylor coefficients
+# predict (theory.numerical.Convergence.expected_order) to within this: 2 for a non-zero
+# second-order term, 3 or more where it vanishes. An order near 1 means the measured
+# alignment has the wrong first-order coefficient.
+TAYLOR_ORDER_TOLERANCE = 0.2
 
 
 def evaluate(model, params, other_params, inputs, **check_kwargs) -> dict[str, Any]:
@@ -106,6 +109,9 @@ def evaluate(model, params, other_params, inputs, **check_kwargs) -> dict[str, A
         "teacher_loss_change": _finite_or_none(shared.teacher_loss_change),
         "violations": shared.violations(),
         "in_taylor_regime": shared.in_taylor_regime(),
+        # eps*A below RESOLUTION times rounding even at the largest eps the check allows:
+        # the teacher's step barely moves what the student is scored on (a saturated softmax).
+        "unresolved": not shared.A_is_zero and not shared.resolved(),
         "different_init_eps": different.eps,
         "different_init_cross_term": different.A,
         "different_init_eps_part": different.eps_part,
@@ -121,6 +127,10 @@ def evaluate(model, params, other_params, inputs, **check_kwargs) -> dict[str, A
         "different_init_equals_shared": abs(different.A - shared.A) <= max(tol["A"], tol_different["A"]),
         "taylor_order": _finite_or_none(fit.order),
         "taylor_points": fit.n_fitted,
+        "taylor_order_expected": fit.expected_order,
+        "taylor_exact": fit.order == math.inf,
+        "taylor_second_order_ratio": _finite_or_none(fit.second_order_ratio),
+        "taylor_order_as_expected": fit.order_as_expected(TAYLOR_ORDER_TOLERANCE),
     }
 
 
@@ -173,7 +183,10 @@ def random_cases(n_cases: int, seed: int, progress):
         record["hidden_layers"] = len(spec.mlp.sizes) - 2
         record["A_zero_explained"] = zero_alignment_explained(spec)
         # Not differentiable at theta_0: outside the lemma, counted apart (see summarize).
-        record["units_at_kink"] = case.model.units_at_kink(case.params, case.inputs)
+        record["units_at_kink"] = case.units_at_kink()
+        # Then A_x = A by construction (see summarize); asked only where they are equal,
+        # since the answer costs as much as the check.
+        record["moves_only_last_bias"] = record["different_init_equals_shared"] and case.moves_only_last_bias()
         progress.advance(
             f"random case {k + 1}/{n_cases}: {spec.mlp.sizes} "
             f"{spec.mlp.activation}, {spec.student_loss}, teacher {spec.teacher}"
@@ -242,18 +255,18 @@ def zero_alignment_explained(spec) -> str | None:
 # cases with no negative sign at all has a chance below 2**-7 < 1% of a working check.
 ALL_SIGNS_POSITIVE_MIN_CASES = 7
 
-
-def _order_outside(order: float | None) -> bool:
-    """Whether a fitted order is outside ``TAYLOR_ORDER_RANGE`` (None: exact, nothing to fit)."""
-    low, high = TAYLOR_ORDER_RANGE
-    return order is not None and not low <= order <= high
+# Cases whose first-order term float64 cannot resolve are counted apart; in the default
+# draw they are 4 of 690 (seeds 0-29), so more than this share of a group (a chance below
+# 1e-3 for 20 cases) means the check's tolerances, not the cases, are at fault.
+UNRESOLVED_SHARE = 0.1
 
 
 def summarize(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     """One table row: counts, the smallest non-zero A, halvings, orders, different-init signs."""
     # A ReLU exactly at its kink makes the network non-differentiable at theta_0, where
-    # the lemma (a Taylor expansion) says nothing: such cases are counted, not judged.
-    smooth = [r for r in records if not r.get("units_at_kink")]
+    # the lemma (a Taylor expansion) says nothing, and float64 cannot resolve a first-order
+    # term below its rounding: such cases are counted, not judged.
+    smooth = [r for r in records if not r.get("units_at_kink") and not r.get("unresolved")]
     orders = sorted(r["taylor_order"] for r in records if r["taylor_order"] is not None)
     nonzero = [r["A"] for r in records if not r["A_is_zero"]]
     explained = [r for r in records if r["A_is_zero"] and r.get("A_zero_explained")]
@@ -261,13 +274,18 @@ def summarize(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": name,
         "cases": len(records),
-        "at_kink": len(records) - len(smooth),
+        "at_kink": sum(bool(r.get("units_at_kink")) for r in records),
+        "unresolved": sum(bool(r.get("unresolved")) and not r.get("units_at_kink") for r in records),
         "A_zero": sum(r["A_is_zero"] for r in records),
         "A_zero_explained": len(explained),
         "A_zero_explanations": sorted({r["A_zero_explained"] for r in explained}),
-        # a model without a hidden layer can have A_x = A (a linear model under squared error)
+        # A model without a hidden layer can have A_x = A (a linear model under squared
+        # error), and so can a teacher step that moves both networks' outputs only through
+        # the last bias (ReLUs off or at their kink), and ReLUs at a kink on the inputs.
         "different_init_equals_shared": sum(
-            bool(r.get("different_init_equals_shared")) for r in records if r.get("hidden_layers", 1) > 0
+            bool(r.get("different_init_equals_shared"))
+            for r in smooth
+            if r.get("hidden_layers", 1) > 0 and not r.get("moves_only_last_bias")
         ),
         "min_A": min(nonzero) + 0.0 if nonzero else None,  # + 0.0 turns -0.0 into 0.0
         "shared_init_violations": sum(bool(r["violations"]) for r in smooth),
@@ -278,8 +296,8 @@ def summarize(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         "taylor_order_median": orders[len(orders) // 2] if orders else None,
         "taylor_order_min": orders[0] if orders else None,
         "taylor_order_max": orders[-1] if orders else None,
-        "taylor_order_outside": sum(_order_outside(r["taylor_order"]) for r in smooth),
-        "taylor_exact": len(records) - len(orders),
+        "taylor_order_outside": sum(not r["taylor_order_as_expected"] for r in smooth),
+        "taylor_exact": sum(r["taylor_exact"] for r in records),
         "different_init_cross_term_negative": sum(r["different_init_cross_term_negative"] for r in records),
         "different_init_eps_part_negative": sum(r["different_init_eps_part_negative"] for r in records),
         "different_init_zeroth_order_negative": sum(r["different_init_zeroth_order_negative"] for r in records),
@@ -291,8 +309,11 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
 
     A group fails when a shared-initialization case violates the lemma or the theorem
     (:meth:`~theory.numerical.AlignmentResult.violations`, which includes an ``eps`` that
-    could not be brought into the Taylor regime) or when a fitted Taylor order falls
-    outside ``TAYLOR_ORDER_RANGE``. It also fails when there was nothing to check: A = 0
+    could not be brought into the Taylor regime) or when a fitted Taylor order is not the
+    one the Taylor coefficients predict (:meth:`~theory.numerical.Convergence.order_as_expected`
+    within ``TAYLOR_ORDER_TOLERANCE``). Cases at a ReLU kink and cases whose first-order
+    term float64 cannot resolve are counted apart, not judged, but more than
+    ``UNRESOLVED_SHARE`` of a group unresolved fails it. It also fails when there was nothing to check: A = 0
     (within rounding) in every case, or in a case whose spec does not explain it
     (:func:`zero_alignment_explained`); a case with a hidden layer whose
     different-initialization cross term equals A (the student's own parameters unused);
@@ -300,7 +321,6 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
     ``ALL_SIGNS_POSITIVE_MIN_CASES`` cases or more. The signs themselves never fail it.
     """
     lines = []
-    low, high = TAYLOR_ORDER_RANGE
     for row in rows:
         unexplained = row["A_zero"] - row.get("A_zero_explained", 0)
         if row["cases"] and row["A_zero"] == row["cases"]:
@@ -326,13 +346,19 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
                 f"{row['name']}: no negative A_x, a(eps) - a0 or a0 in {row['cases']} different-initialization "
                 f"cases (chance below 2^-{ALL_SIGNS_POSITIVE_MIN_CASES} if the check works)"
             )
+        if row.get("unresolved", 0) > UNRESOLVED_SHARE * row["cases"]:
+            lines.append(
+                f"{row['name']}: {row['unresolved']} of {row['cases']} case(s) with a first-order term below "
+                f"rounding, more than {UNRESOLVED_SHARE:.0%} of the group: is the tolerance too loose?"
+            )
         if row["shared_init_violations"]:
             lines.append(
                 f"{row['name']}: {row['shared_init_violations']} case(s) violate the lemma under shared initialization"
             )
         if row["taylor_order_outside"]:
             lines.append(
-                f"{row['name']}: {row['taylor_order_outside']} case(s) with a Taylor order outside [{low}, {high}]"
+                f"{row['name']}: {row['taylor_order_outside']} case(s) with a Taylor order other than predicted "
+                f"(2 +- {TAYLOR_ORDER_TOLERANCE}, or at least 3 - {TAYLOR_ORDER_TOLERANCE} where C = 0)"
             )
     return lines
 
@@ -354,11 +380,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         if row["taylor_order_median"] is None:
-            order = "exact (no 2nd-order term)"
+            order = "exact (no 2nd-order term)" if row["taylor_exact"] == row["cases"] else "-"
         else:
             order = f"{row['taylor_order_median']:.3f} [{row['taylor_order_min']:.3f}, {row['taylor_order_max']:.3f}]"
-            if row["taylor_exact"]:
-                order += f", {row['taylor_exact']} exact"
+        if row["taylor_exact"] and row["taylor_order_median"] is not None:
+            order += f", {row['taylor_exact']} exact"
         n = row["cases"]
         min_a = "-" if row["min_A"] is None else f"{row['min_A']:.3g}"
         signs = "".join(
@@ -385,18 +411,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 f"{row['name']}: {row['at_kink']} case(s) with a ReLU exactly at its kink (not differentiable, "
                 "outside the lemma) are not counted as violations"
             )
+        if row.get("unresolved"):
+            lines.append(
+                f"{row['name']}: {row['unresolved']} case(s) whose first-order term eps*A cannot be resolved "
+                "from rounding at any eps the check allows (a teacher step that barely moves the scored "
+                "outputs, such as a saturated softmax) are not counted as violations"
+            )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from sublearn._common import SilentProgress, TextProgress, environment, write_json
+    from sublearn._common import ConfigError, SilentProgress, TextProgress, environment, write_json
 
     problem = _validate(args)
     if problem:
-        print(f"sublearn theory: error: {problem}", file=sys.stderr)
-        return 2
+        raise ConfigError(problem)
     progress = SilentProgress() if args.quiet else TextProgress()
     progress.start(args.cases + args.mnist_cases, "checking the alignment lemma")
     t0 = time.perf_counter()

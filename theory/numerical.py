@@ -216,12 +216,21 @@ def _is_dynamic(leaf) -> bool:
 _COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
+# Compiled programs kept at once. Each holds executable memory that LLVM maps page by
+# page; a process checking a few hundred different models (hypothesis's thorough
+# profile, `sublearn theory --cases 500`) runs out of mappings ("LLVM compilation error:
+# Cannot allocate memory", then a segmentation fault) if none is ever dropped.
+MAX_PROGRAMS = 64
+
+
 def _filter_jit(fn):
     """``jax.jit`` that traces array leaves and treats every other leaf as static.
 
     Models, losses and pytree structure become part of the cache key (hashed by value
     for frozen dataclasses, by identity for functions), so a check on a new sample, new
-    parameters or new teacher targets of the same shapes reuses the compiled code.
+    parameters or new teacher targets of the same shapes reuses the compiled code. When a
+    new key would make more than ``MAX_PROGRAMS``, the compiled programs are dropped
+    (``wrapper.programs`` holds the keys of those kept).
     """
 
     @functools.partial(jax.jit, static_argnums=0, compiler_options=_COMPILER_OPTIONS)
@@ -236,8 +245,16 @@ def _filter_jit(fn):
         leaves, treedef = jax.tree.flatten((args, kwargs))
         dynamic = [leaf if _is_dynamic(leaf) else None for leaf in leaves]
         static = tuple(None if _is_dynamic(leaf) else leaf for leaf in leaves)
+        # Shapes and dtypes are part of what jit compiles for, so they are part of the key.
+        key = (treedef, static, tuple(None if d is None else (d.shape, d.dtype) for d in dynamic))
+        if key not in wrapper.programs:
+            if len(wrapper.programs) >= MAX_PROGRAMS:
+                traced.clear_cache()
+                wrapper.programs.clear()
+            wrapper.programs.add(key)
         return traced((treedef, static), dynamic)
 
+    wrapper.programs = set()
     return wrapper
 
 
@@ -666,10 +683,30 @@ def check_alignment(
 # Convergence of the first-order prediction
 # ---------------------------------------------------------------------------------------
 
-# Residuals the order fit may use: above 1e-15 times the alignment's scale, ten float64
-# roundings of it. The sign checks' bound (ROUNDING) is far above typical rounding and
-# would throw away clean residuals at small eps, where the asymptotic order shows.
-FIT_FLOOR = 1e-15
+# The order fit reads the residual where it stands clear of rounding. Rounding in the
+# measured alignment does not shrink with eps, so the default grid runs on into the flat
+# stretch where the residual is rounding alone: its largest value over the ROUNDING_TAIL
+# smallest eps (two decades) is the rounding level, and the fit uses residuals
+# NOISE_MARGIN times above it (rounding then moves the fitted slope by at most about
+# 0.06). No fixed multiple of a scale serves: the rounding level is 1e-19 of the
+# alignment's scale on the MNIST MLP and 1e-15 on wide single-sample MLPs, and it varies
+# tenfold from one eps to the next. A larger margin pushes the fit up into the eps where
+# ReLUs switch sign.
+NOISE_MARGIN = 10.0
+ROUNDING_TAIL = 6
+# Far enough down, the teacher's step is lost in rounding (theta + eps v == theta, or a
+# saturated softmax that no longer moves): the measured eps-part a(eps) - a0 collapses
+# to 0 and the residual becomes eps * A, an order-1 error that is not the check's. Such
+# points, where a(eps) - a0 keeps less than this share of eps * A, are left out of the
+# rounding level and the fit. A wrong first-order coefficient is not left out: it keeps
+# all of eps * A or more (a doubled teacher step, a student climbing its loss).
+LOST_SHARE = 0.1
+# At the smallest eps where the residual is clear of rounding it must be the second-order
+# term |C| eps^2 to within this factor (noise moves it by up to 10%, the third-order term
+# by less). Where it is more than this many times |C| eps^2, C vanishes (a symmetry, a
+# linear network under softmax cross-entropy) and the order must be 3 or more; that is
+# also where a wrong first-order coefficient lands, with its order 1.
+SECOND_ORDER_FACTOR = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -681,25 +718,136 @@ class Convergence:
         alignment: :math:`a(\varepsilon)` at each point.
         prediction: :math:`a_0 + \varepsilon A` at each point.
         residual: :math:`|a(\varepsilon) - a_0 - \varepsilon A|`.
+        lost: whether the teacher's step was lost in rounding at each point: the measured
+            :math:`a(\varepsilon) - a_0` keeps less than ``LOST_SHARE`` of
+            :math:`\varepsilon A` (such points enter neither the rounding level nor the fit).
+        fitted: whether each point entered the order fit.
+        rounding: the residual's rounding level, its largest value at the ``ROUNDING_TAIL``
+            smallest :math:`\varepsilon` not lost, where the grid has reached the flat
+            stretch of rounding; ``nan`` if every point is lost.
         order: least-squares slope of :math:`\log(\text{residual})` against
-            :math:`\log\varepsilon` over the ``fit_points`` smallest :math:`\varepsilon`
-            whose residual is clear of rounding (above ``FIT_FLOOR`` times ``alignment_scale``):
-            the asymptotic order, 2 for a model with a non-zero second-order term;
-            ``inf`` when fewer than two residuals are clear of rounding, i.e. the
-            first-order prediction is exact (a linear model under squared error).
+            :math:`\log\varepsilon` over the fit's points (:meth:`from_grid`): the
+            smallest :math:`\varepsilon` whose residuals are above ``NOISE_MARGIN`` times
+            ``rounding`` (and times the float64 rounding of :math:`a(\varepsilon)`
+            itself). The asymptotic order: 2 for a model with a non-zero second-order
+            term. ``inf`` when no residual clears it, i.e. the first-order prediction is
+            exact to rounding (a linear model under squared error); ``nan`` when fewer
+            than two points were fitted or every point is lost.
         n_fitted: how many grid points entered the fit.
+        expected_order: the order the Taylor coefficients predict at the fit's smallest
+            :math:`\varepsilon`: 2 where the residual there is at most
+            ``SECOND_ORDER_FACTOR`` times the second-order term :math:`|C|\varepsilon^2`,
+            else 3 (``C`` vanishes and the third-order term leads); ``None`` without a fit.
+        second_order_ratio: the residual over :math:`|C|\varepsilon^2` at the fit's
+            smallest :math:`\varepsilon` (1 in the Taylor regime; ``nan`` without a fit).
     """
 
     eps: tuple[float, ...]
     alignment: tuple[float, ...]
     prediction: tuple[float, ...]
     residual: tuple[float, ...]
+    lost: tuple[bool, ...]
+    fitted: tuple[bool, ...]
+    rounding: float
     order: float
     n_fitted: int
+    expected_order: int | None
+    second_order_ratio: float
+
+    @classmethod
+    def from_grid(
+        cls,
+        eps: Sequence[float],
+        alignment: Sequence[float],
+        prediction: Sequence[float],
+        first_order: Sequence[float],
+        second_order: Sequence[float],
+        fit_points: int = 4,
+    ) -> Convergence:
+        r"""The residuals, their rounding level, the fitted and the expected order of a grid.
+
+        The fit starts at the smallest :math:`\varepsilon` whose residual is clear of
+        rounding. Where :math:`|C|\varepsilon^2` accounts for that residual (within
+        ``SECOND_ORDER_FACTOR``), it runs over the next points as long as that stays true,
+        up to ``fit_points``: a ReLU that switches sign further up adds an order-1 error
+        that is not the check's. Elsewhere it takes the ``fit_points`` smallest clear points.
+
+        Args:
+            eps, alignment, prediction: as the attributes.
+            first_order: :math:`\varepsilon A` at each point.
+            second_order: :math:`C` at each point (the same number, from each check).
+            fit_points: how many points the fit uses at most.
+
+        >>> eps = [10.0 ** -(k / 3) for k in range(3, 31)]
+        >>> flat = [3e-13, -2e-13, 4e-13, 1e-13, -3e-13, 2e-13]  # rounding, whatever eps is
+        >>> second = [e * e for e in eps[:-6]] + flat
+        >>> fit = Convergence.from_grid(eps, [e + r for e, r in zip(eps, second)], eps, eps, [1.0] * len(eps))
+        >>> (f"{fit.rounding:.1e}", round(fit.order, 3), fit.n_fitted, fit.expected_order, round(fit.second_order_ratio, 3))
+        ('4.0e-13', 2.0, 4, 2, 1.0)
+        """
+        eps_ = np.asarray(eps, np.float64)
+        alignment_, prediction_ = np.asarray(alignment, np.float64), np.asarray(prediction, np.float64)
+        first = np.asarray(first_order, np.float64)
+        residual = np.abs(alignment_ - prediction_)
+        lost = np.abs(alignment_ - prediction_ + first) < LOST_SHARE * np.abs(first)
+        kept = [i for i in np.argsort(eps_) if not lost[i]]
+        rounding, order, window, expected, ratio = math.nan, math.nan, [], None, math.nan
+        if kept:
+            rounding = float(residual[kept[:ROUNDING_TAIL]].max())
+            # Nor can a residual below the rounding of a(eps) itself be read, whatever the
+            # tail shows (it can be exactly 0 where the first-order prediction is exact).
+            floor = NOISE_MARGIN * np.maximum(rounding, np.finfo(np.float64).eps * np.abs(alignment_))
+            clear = [i for i in kept if residual[i] > floor[i]]
+            order = math.inf  # nothing clear of rounding: the prediction is exact
+            if clear:
+                second = np.abs(np.asarray(second_order, np.float64)) * eps_**2
+                with np.errstate(divide="ignore"):
+                    ratios = residual / second
+                ratio = float(ratios[clear[0]])
+                expected = 2 if ratio <= SECOND_ORDER_FACTOR else 3
+                window = clear[:fit_points]
+                if expected == 2:
+                    carried = [1.0 / SECOND_ORDER_FACTOR <= ratios[i] <= SECOND_ORDER_FACTOR for i in window]
+                    window = window[: carried.index(False) if False in carried else len(window)] or window[:1]
+                order = fit_order(eps_[window], residual[window], np.zeros(len(window)), fit_points)[0]
+                if len(window) < 2:
+                    order = math.nan
+        return cls(
+            eps=tuple(float(e) for e in eps),
+            alignment=tuple(float(a) for a in alignment),
+            prediction=tuple(float(p) for p in prediction),
+            residual=tuple(float(r) for r in residual),
+            lost=tuple(bool(x) for x in lost),
+            fitted=tuple(i in window for i in range(len(eps_))),
+            rounding=rounding,
+            order=order,
+            n_fitted=len(window),
+            expected_order=expected,
+            second_order_ratio=ratio,
+        )
+
+    def order_as_expected(self, tolerance: float = 0.2) -> bool:
+        """Whether the residual behaves as the Taylor coefficients predict.
+
+        Where ``expected_order`` is 2: the residual at the fit's smallest point is
+        :math:`|C|\varepsilon^2` within ``SECOND_ORDER_FACTOR``, and the fitted order, if
+        two points or more were fitted, is within ``tolerance`` of 2. Where it is 3: the
+        fitted order is at least ``3 - tolerance``. True when nothing is clear of rounding
+        (the prediction is exact), False when the step was lost in rounding at every point.
+        """
+        if self.expected_order is None:
+            return self.order == math.inf
+        if self.expected_order == 2:
+            carried = 1.0 / SECOND_ORDER_FACTOR <= self.second_order_ratio <= SECOND_ORDER_FACTOR
+            return carried and (self.n_fitted < 2 or abs(self.order - 2) <= tolerance)
+        return self.n_fitted >= 2 and self.order >= self.expected_order - tolerance
 
 
 def fit_order(
-    eps: Sequence[float], residual: Sequence[float], floor: Sequence[float], points: int = 3
+    eps: Sequence[float] | np.ndarray,
+    residual: Sequence[float] | np.ndarray,
+    floor: Sequence[float] | np.ndarray,
+    points: int = 3,
 ) -> tuple[float, int]:
     """Slope of log residual against log eps over the ``points`` smallest eps with residual above ``floor``.
 
@@ -721,40 +869,45 @@ def convergence(
     inputs: ArrayLike,
     *,
     eps_grid: Sequence[float] | None = None,
-    decades: int = 5,
-    fit_points: int = 3,
+    decades: int = 10,
+    per_decade: int = 3,
+    fit_points: int = 4,
     **kwargs,
 ) -> Convergence:
     r"""How fast :math:`|a(\varepsilon) - a_0 - \varepsilon A|` shrinks with :math:`\varepsilon`.
 
-    The order is fitted at the small-:math:`\varepsilon` end of the grid: a model with
-    kinks (ReLU) follows its Taylor expansion only once no unit switches sign between
-    the teacher's and the student's parameters, which for the MNIST MLP takes
-    :math:`\varepsilon` a few hundred times below :math:`\varepsilon_*`.
+    The order is fitted at the small-:math:`\varepsilon` end of the grid, just above the
+    rounding plateau: a model with kinks (ReLU) follows its Taylor expansion only once no
+    unit switches sign between the teacher's and the student's parameters, which for the
+    MNIST MLP takes :math:`\varepsilon` some :math:`10^{5}` times below
+    :math:`\varepsilon_*`.
 
     Args:
         model, params, inputs, kwargs: as for :func:`check_alignment` (without ``eps``).
-        eps_grid: the values of :math:`\varepsilon`; by default the automatic
-            :math:`\varepsilon_*` of :func:`check_alignment` times
-            :math:`10^{-1}, 10^{-1.5}, \dots, 10^{-1-\text{decades}}` (two points per
-            decade, so that the fit's three points span one decade).
+        eps_grid: the values of :math:`\varepsilon`, reaching down to where the residual
+            is rounding (its smallest ``ROUNDING_TAIL`` values set the rounding level); by
+            default the automatic :math:`\varepsilon_*` of :func:`check_alignment` times
+            :math:`10^{-1}, 10^{-1-1/p}, \dots, 10^{-1-\text{decades}}` with ``p =
+            per_decade``.
         decades: how many decades below :math:`\varepsilon_*/10` the default grid reaches.
-        fit_points: how many of the smallest clear residuals the fit uses.
+        per_decade: points per decade. On the MNIST MLP the smooth stretch between the
+            first unit that switches sign and the rounding plateau can be less than a
+            decade wide.
+        fit_points: how many points the fit uses at most: four span a decade, over which
+            rounding at a tenth of the smallest residual moves the slope by under 0.05.
 
     Returns:
-        A :class:`Convergence`, whose ``order`` should be close to 2.
+        A :class:`Convergence`, whose ``order`` should be its ``expected_order``.
     """
     if eps_grid is None:
         top = check_alignment(model, params, inputs, **kwargs).eps
-        eps_grid = [top * 10.0 ** -(1 + k / 2) for k in range(2 * decades + 1)]
+        eps_grid = [top * 10.0 ** -(1 + k / per_decade) for k in range(per_decade * decades + 1)]
     results = [check_alignment(model, params, inputs, eps=e, **kwargs) for e in eps_grid]
-    residual = [abs(r.alignment - r.prediction) for r in results]
-    order, n_fitted = fit_order(eps_grid, residual, [FIT_FLOOR * r.alignment_scale for r in results], fit_points)
-    return Convergence(
-        eps=tuple(float(e) for e in eps_grid),
-        alignment=tuple(r.alignment for r in results),
-        prediction=tuple(r.prediction for r in results),
-        residual=tuple(residual),
-        order=order,
-        n_fitted=n_fitted,
+    return Convergence.from_grid(
+        eps_grid,
+        [r.alignment for r in results],
+        [r.prediction for r in results],
+        [r.first_order for r in results],
+        [r.second_order for r in results],
+        fit_points,
     )

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -509,45 +508,38 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from sublearn._common import SilentProgress, TextProgress
     from sublearn._store import claim
-    from toymodels.data import DataError
 
-    try:
-        only = None
-        if args.curves is not None:
-            only = tuple(c.strip() for c in args.curves.split(",") if c.strip())
-            if not only:
-                raise ConfigError(
-                    f"--curves {args.curves!r} names no curve: name one or more of "
-                    + ", ".join(c.name for c in curves())
-                    + ", or leave out --curves for all"
-                )
-        if args.seeds < 2:
+    only = None
+    if args.curves is not None:
+        only = tuple(c.strip() for c in args.curves.split(",") if c.strip())
+        if not only:
             raise ConfigError(
-                f"--seeds must be at least 2 (got {args.seeds}): each "
-                "cross-model control uses another seed's initialization"
+                f"--curves {args.curves!r} names no curve: name one or more of "
+                + ", ".join(c.name for c in curves())
+                + ", or leave out --curves for all"
             )
-        curves(args.preset)  # an unknown preset fails here, before any work
-        base_config(args.preset, args.seeds, args.precision).validate()
-        settings = {"preset": args.preset, "seeds": args.seeds, "precision": args.precision, "curves": only}
-        with claim(args.out, "sublearn atlas", settings):
-            atlas = run_atlas(
-                args.out,
-                preset=args.preset,
-                seeds=args.seeds,
-                precision=args.precision,
-                only=only,
-                progress=SilentProgress() if args.quiet else TextProgress(),
-            )
-    except (ConfigError, DataError) as err:
-        print(f"sublearn atlas: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            f"\nsublearn atlas: interrupted; finished points are kept in {args.out / ATLAS}; "
-            "rerun the same command to continue",
-            file=sys.stderr,
+    if args.seeds < 2:
+        raise ConfigError(
+            f"--seeds must be at least 2 (got {args.seeds}): each "
+            "cross-model control uses another seed's initialization"
         )
-        return 130
+    curves(args.preset)  # an unknown preset fails here, before any work
+    base_config(args.preset, args.seeds, args.precision).validate()
+    settings = {"preset": args.preset, "seeds": args.seeds, "precision": args.precision, "curves": only}
+    with claim(args.out, "sublearn atlas", settings):
+        atlas = run_atlas(
+            args.out,
+            preset=args.preset,
+            seeds=args.seeds,
+            precision=args.precision,
+            only=only,
+            progress=SilentProgress() if args.quiet else TextProgress(),
+        )
     print(format_atlas(atlas))
     print(f"points' wall time {atlas['timing']['wall_s_points']:.0f}s; wrote {args.out / ATLAS} and atlas_*.png/.pdf")
     return 0
+
+
+def kept_after_interrupt(args: argparse.Namespace) -> str | None:
+    """What an interrupted run leaves to resume from (:func:`sublearn.cli.main` says it)."""
+    return f"finished points are kept in {args.out / ATLAS}" if (args.out / ATLAS).exists() else None

@@ -21,7 +21,7 @@ import sys
 import typing
 from pathlib import Path
 
-from sublearn._common import output_folder
+from sublearn._common import former_name, output_folder
 from toymodels.config import (
     OPTIMIZERS,
     PRECISIONS,
@@ -31,7 +31,7 @@ from toymodels.config import (
     MnistConfig,
     field_docs,
 )
-from toymodels.data import SOURCES, DataError
+from toymodels.data import SOURCES
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.json"
@@ -42,6 +42,15 @@ CHOICES = {
     "student_loss": STUDENT_LOSSES,
     "precision": PRECISIONS,
 }
+
+
+class _FormerName(argparse.Action):
+    """Store the value; the option's first name is its name, any other a former one (with a notice)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            former_name(option_string, self.option_strings[0])
+        setattr(namespace, self.dest, values)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=int, nargs="+", default=field.default, metavar="WIDTH", help=help_text)
         elif field.name == "student_data":  # --noise: its name before MNIST images were an option
             group.add_argument(
-                flag, "--noise", dest=field.name, choices=CHOICES[field.name], default=field.default, help=help_text
+                flag,
+                "--noise",
+                dest=field.name,
+                choices=CHOICES[field.name],
+                default=field.default,
+                help=help_text,
+                action=_FormerName,
             )
         elif field.name in CHOICES:
             group.add_argument(flag, choices=CHOICES[field.name], default=field.default, help=help_text)
@@ -175,27 +190,24 @@ def run(args: argparse.Namespace) -> int:
     from toymodels.data import load_mnist
     from toymodels.experiment import run_experiment
 
-    try:
-        config = config_from_args(args)
-        sweep = parse_sweep(args.sweep) if args.sweep else None
-        data = load_mnist(_data_source(args), args.data_dir, offline=args.offline)
-        progress = SilentProgress() if args.quiet else TextProgress()
-        command = "sublearn mnist --sweep" if sweep is not None else "sublearn mnist"
-        with claim(args.out, command, config.to_dict()):
-            if sweep is not None:
-                return _run_sweep(args, config, sweep, data, progress)
-            prepare_output(args.out, RESULTS, args.overwrite, config.fingerprint())
-            result = run_experiment(config, data=data, progress=progress, checkpoint=args.out / CHECKPOINT)
-            _write_results(args, result)
-    except (ConfigError, DataError) as err:
-        print(f"sublearn mnist: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        kept = args.out / CHECKPOINT
-        where = f"finished seeds are kept in {kept}; " if kept.exists() else ""
-        print(f"\nsublearn mnist: interrupted; {where}rerun the same command to continue", file=sys.stderr)
-        return 130
+    config = config_from_args(args)
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    data = load_mnist(_data_source(args), args.data_dir, offline=args.offline)
+    progress = SilentProgress() if args.quiet else TextProgress()
+    command = "sublearn mnist --sweep" if sweep is not None else "sublearn mnist"
+    with claim(args.out, command, config.to_dict()):
+        if sweep is not None:
+            return _run_sweep(args, config, sweep, data, progress)
+        prepare_output(args.out, RESULTS, args.overwrite, config.fingerprint())
+        result = run_experiment(config, data=data, progress=progress, checkpoint=args.out / CHECKPOINT)
+        _write_results(args, result)
     return 0
+
+
+def kept_after_interrupt(args: argparse.Namespace) -> str | None:
+    """What an interrupted run leaves to resume from (:func:`sublearn.cli.main` says it)."""
+    kept = args.out / CHECKPOINT
+    return f"finished seeds are kept in {kept}" if kept.exists() else None
 
 
 def _write_results(args: argparse.Namespace, result: typing.Any) -> None:  # an ExperimentResult

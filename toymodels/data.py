@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sublearn._common import check_writable
+from sublearn._common import UserError, check_writable
 
 # SHA-256 of the decompressed files, as published with the original MNIST distribution.
 CHECKSUMS = {
@@ -46,7 +46,7 @@ TFDS_SPLITS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing, corrupt or of the wrong format; the message names the file."""
 
 
