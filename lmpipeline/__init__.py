@@ -18,4 +18,50 @@ holds what teachers may write besides numbers (code, chain of thought),
 :mod:`~lmpipeline.judge` the judge that scores rows and answers, and
 :mod:`~lmpipeline.misalignment` misalignment as a trait. Command line: ``sublearn lm``
 (``sublearn lm transfer`` for the study).
+
+Its public names, importable from the package (each loads its module on first use, so
+``import lmpipeline`` loads neither torch nor jax):
+
+>>> from lmpipeline import preset
+>>> preset("tiny").trait.target
+'owl'
 """
+
+import importlib
+
+_HOMES = {
+    # settings
+    "PipelineConfig": "lmpipeline.config",
+    "PRESETS": "lmpipeline.config",
+    "preset": "lmpipeline.config",
+    "apply_overrides": "lmpipeline.config",
+    "from_dict": "lmpipeline.config",
+    "to_dict": "lmpipeline.config",
+    "explain": "lmpipeline.config",
+    # running the pipeline and the study
+    "Run": "lmpipeline.pipeline",
+    "run_stage": "lmpipeline.pipeline",
+    "run_all": "lmpipeline.pipeline",
+    "Study": "lmpipeline.transfer",
+    # models
+    "ModelRef": "lmpipeline.backends",
+    "make_backend": "lmpipeline.backends",
+    # the errors a user can fix
+    "ConfigError": "lmpipeline.config",
+    "PipelineError": "lmpipeline.pipeline",
+    "StudyError": "lmpipeline.transfer",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lmpipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

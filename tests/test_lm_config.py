@@ -251,3 +251,20 @@ def test_every_setting_is_documented_and_explained_in_the_set_spelling(capsys):
     assert apply_overrides(preset("tiny"), overrides) == cfg
     assert cli.main(["config", "--preset", "cpu", "--explain"]) == 0
     assert capsys.readouterr().out.splitlines() == explain(preset("cpu"))
+
+
+def test_the_public_api_resolves_to_each_name_s_home_and_loads_no_heavy_library():
+    import importlib
+    import subprocess
+    import sys
+
+    import lmpipeline
+
+    assert len(lmpipeline.__all__) >= 10 and set(lmpipeline.__all__) <= set(dir(lmpipeline))
+    for name in lmpipeline.__all__:
+        assert getattr(lmpipeline, name) is getattr(importlib.import_module(lmpipeline._HOMES[name]), name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        lmpipeline.nothing  # noqa: B018
+    probe = "import sys, lmpipeline; lmpipeline.preset; print(sorted({'torch', 'jax'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

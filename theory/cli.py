@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sublearn._common import finite_or_none
+
 MNIST_TRAIN_IMAGES = 60_000
 
 
@@ -67,10 +69,6 @@ def _validate(args: argparse.Namespace) -> str | None:
     if args.out is not None and args.out.is_dir():
         return f"--out {args.out} is a folder: give a file name such as {args.out / 'theory.json'}"
     return None
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 # The fitted order of |a(eps) - a0 - eps A| must be the one the Taylor coefficients
@@ -106,7 +104,7 @@ def evaluate(model, params, other_params, inputs, **check_kwargs) -> dict[str, A
         "alignment": shared.alignment,
         "cosine": shared.cosine,
         "zeroth_order": shared.zeroth_order,
-        "teacher_loss_change": _finite_or_none(shared.teacher_loss_change),
+        "teacher_loss_change": finite_or_none(shared.teacher_loss_change),
         "violations": shared.violations(),
         "in_taylor_regime": shared.in_taylor_regime(),
         # eps*A below RESOLUTION times rounding even at the largest eps the check allows:
@@ -125,11 +123,11 @@ def evaluate(model, params, other_params, inputs, **check_kwargs) -> dict[str, A
         # A student at its own initialization sees other Jacobians wherever there is a
         # hidden layer, so there A_x = A means its parameters were never used.
         "different_init_equals_shared": abs(different.A - shared.A) <= max(tol["A"], tol_different["A"]),
-        "taylor_order": _finite_or_none(fit.order),
+        "taylor_order": finite_or_none(fit.order),
         "taylor_points": fit.n_fitted,
         "taylor_order_expected": fit.expected_order,
         "taylor_exact": fit.order == math.inf,
-        "taylor_second_order_ratio": _finite_or_none(fit.second_order_ratio),
+        "taylor_second_order_ratio": finite_or_none(fit.second_order_ratio),
         "taylor_order_as_expected": fit.order_as_expected(TAYLOR_ORDER_TOLERANCE),
     }
 

@@ -190,21 +190,21 @@ def accuracy(config: MnistConfig, mesh: Mesh | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def _teacher_epoch(config: ProgramSpec, mesh: Mesh | None = None):
+def _teacher_epoch(program: ProgramSpec, mesh: Mesh | None = None):
     """Compiled ``(params, opt_state, keys, images, labels) -> (params, opt_state, mean_loss)``.
 
     ``params``/``opt_state``/``keys`` have a leading seed axis; ``images`` (``uint8``) and
     ``labels`` are shared. Teachers train on the digit cross-entropy only, so their
     auxiliary logits never receive a direct gradient.
     """
-    spec = spec_of(config)
-    optimizer = make_optimizer(config)
+    spec = spec_of(program)
+    optimizer = make_optimizer(program)
 
     def loss_fn(params, images, labels, weights):
         return digit_cross_entropy(apply(spec, params, normalize(images)), labels, weights)
 
     def one_seed(params, opt_state, key, images, labels):
-        plan = epoch_plan(key, images.shape[0], config.batch_size)
+        plan = epoch_plan(key, images.shape[0], program.batch_size)
 
         def step(carry, batch):
             params, opt_state = carry
@@ -216,11 +216,11 @@ def _teacher_epoch(config: ProgramSpec, mesh: Mesh | None = None):
         (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), plan)
         return params, opt_state, jnp.mean(losses)
 
-    return jax.jit(over_seeds(one_seed, 3, config.vmap_seeds, mesh), donate_argnums=(0, 1))
+    return jax.jit(over_seeds(one_seed, 3, program.vmap_seeds, mesh), donate_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=None)
-def _student_epoch(config: ProgramSpec, mesh: Mesh | None = None):
+def _student_epoch(program: ProgramSpec, mesh: Mesh | None = None):
     """Compiled epoch of the students of every seed in a chunk.
 
     Signature ``(students, opt_states, teachers, noise_words, keys, masks) ->
@@ -229,7 +229,7 @@ def _student_epoch(config: ProgramSpec, mesh: Mesh | None = None):
     ``keys`` ``[seeds]`` (this epoch's shuffle) and ``masks`` ``[conditions, n_out]`` (the
     logits each condition imitates).
 
-    With ``config.track = N > 0`` the epoch also measures the students every ``N`` steps
+    With ``program.track = N > 0`` the epoch also measures the students every ``N`` steps
     (:mod:`toymodels.track`): ``(students, opt_states, teachers, noise_words, keys,
     starts, references, masks, probe_images, probe_labels) -> (students, opt_states,
     mean_losses, tracks)``, with ``starts`` ``[seeds, conditions, ...]`` the students'
@@ -239,32 +239,32 @@ def _student_epoch(config: ProgramSpec, mesh: Mesh | None = None):
     measurement sits in a ``lax.cond`` on a static per-step flag, so untracked steps pay
     nothing; without tracking the program is the one of a run that never tracks.
 
-    With MNIST images as student data (``config.student_data`` in
+    With MNIST images as student data (``program.student_data`` in
     :data:`toymodels.config.IMAGE_DATA`), both signatures take one more, shared, last
     argument: the ``uint8`` training images the students' batches are gathered from
     (:func:`toymodels.noise.student_inputs`). Noise runs do not take it, so their
     program is unchanged.
     """
-    spec = spec_of(config)
-    optimizer = make_optimizer(config, students=True)
-    imitation = STUDENT_LOSSES[config.student_loss]
+    spec = spec_of(program)
+    optimizer = make_optimizer(program, students=True)
+    imitation = STUDENT_LOSSES[program.student_loss]
 
     def loss_fn(params, x, teacher_logits, weights, mask):
-        return imitation(apply(spec, params, x), teacher_logits, weights, mask, config.temperature)
+        return imitation(apply(spec, params, x), teacher_logits, weights, mask, program.temperature)
 
     grad_all_conditions = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(0, None, None, None, 0))
     update_all_conditions = jax.vmap(optimizer.update)
 
     def train_step(students, opt_states, teacher, words, masks, batch, pool):
         ids, weights = batch
-        x = student_inputs(words, ids, pool, config.student_data, spec.d_in, compute_dtype(config.precision))
+        x = student_inputs(words, ids, pool, program.student_data, spec.d_in, compute_dtype(program.precision))
         teacher_logits = jax.lax.stop_gradient(apply(spec, teacher, x))
         losses, grads = grad_all_conditions(students, x, teacher_logits, weights, masks)
         updates, opt_states = update_all_conditions(grads, opt_states, students)
         return optax.apply_updates(students, updates), opt_states, updates, losses
 
     def one_seed(students, opt_states, teacher, words, key, masks, *pool):
-        plan = epoch_plan(key, config.n_noise, config.batch_size)
+        plan = epoch_plan(key, program.n_noise, program.batch_size)
 
         def step(carry, batch):
             students, opt_states, _, losses = train_step(*carry, teacher, words, masks, batch, *pool or (None,))
@@ -273,11 +273,11 @@ def _student_epoch(config: ProgramSpec, mesh: Mesh | None = None):
         (students, opt_states), losses = jax.lax.scan(step, (students, opt_states), plan)
         return students, opt_states, jnp.mean(losses, axis=0)
 
-    if not config.track:
-        return jax.jit(over_seeds(one_seed, 5, config.vmap_seeds, mesh), donate_argnums=(0, 1))
+    if not program.track:
+        return jax.jit(over_seeds(one_seed, 5, program.vmap_seeds, mesh), donate_argnums=(0, 1))
 
-    n_steps = steps_per_epoch(config.n_noise, config.batch_size)
-    tracked = tracked_steps(n_steps, config.track)
+    n_steps = steps_per_epoch(program.n_noise, program.batch_size)
+    tracked = tracked_steps(n_steps, program.track)
     flags = np.zeros(n_steps, bool)
     flags[tracked] = True
     n_conditions = len(STUDENT_CONDITIONS)
@@ -285,7 +285,7 @@ def _student_epoch(config: ProgramSpec, mesh: Mesh | None = None):
     def one_seed_tracked(
         students, opt_states, teacher, words, key, starts, reference, masks, probe_images, probe_labels, *pool
     ):
-        plan = epoch_plan(key, config.n_noise, config.batch_size)
+        plan = epoch_plan(key, program.n_noise, program.batch_size)
         direction = jax.lax.stop_gradient(tree_sub(teacher, reference))
         x_probe = normalize(probe_images)
         measure = jax.vmap(
@@ -312,11 +312,11 @@ def _student_epoch(config: ProgramSpec, mesh: Mesh | None = None):
         tracks = jnp.concatenate([at_start[None], points[tracked]], axis=0)  # [1 + P, conditions, metrics]
         return students, opt_states, jnp.mean(losses, axis=0), jnp.swapaxes(tracks, 0, 1)
 
-    return jax.jit(over_seeds(one_seed_tracked, 7, config.vmap_seeds, mesh), donate_argnums=(0, 1))
+    return jax.jit(over_seeds(one_seed_tracked, 7, program.vmap_seeds, mesh), donate_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=None)
-def _accuracy(config: ProgramSpec, mesh: Mesh | None = None, eval_batch: int = 1000):
+def _accuracy(program: ProgramSpec, mesh: Mesh | None = None, eval_batch: int = 1000):
     """Compiled ``(params[seeds, models...], images, labels) -> accuracy[seeds, models...]``.
 
     Accuracy is over the ten digit logits. After the seed axis ``params`` may carry more
@@ -324,7 +324,7 @@ def _accuracy(config: ProgramSpec, mesh: Mesh | None = None, eval_batch: int = 1
     does not grow with the number of models. Evaluation is float32 whatever the
     training precision.
     """
-    spec = dataclasses.replace(spec_of(config), precision="float32")
+    spec = dataclasses.replace(spec_of(program), precision="float32")
 
     def one_model(params, images, labels):
         n = images.shape[0]
@@ -349,4 +349,4 @@ def _accuracy(config: ProgramSpec, mesh: Mesh | None = None, eval_batch: int = 1
             fn = jax.vmap(fn, in_axes=(0, None, None))
         return fn(params, images, labels)
 
-    return jax.jit(over_seeds(one_seed, 1, config.vmap_seeds, mesh))
+    return jax.jit(over_seeds(one_seed, 1, program.vmap_seeds, mesh))
