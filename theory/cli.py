@@ -91,7 +91,7 @@ def evaluate(model, params, other_params, inputs, **check_kwargs) -> dict[str, A
 
     shared = check_alignment(model, params, inputs, **check_kwargs)
     different = check_alignment(model, params, inputs, student_params=other_params, **check_kwargs)
-    fit = convergence(model, params, inputs, **check_kwargs)
+    fit = convergence(model, params, inputs, eps_star=shared.eps, **check_kwargs)
     tol, tol_different = tolerances(shared), tolerances(different)
     return {
         "A": shared.A,
@@ -264,7 +264,7 @@ def summarize(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     # A ReLU exactly at its kink makes the network non-differentiable at theta_0, where
     # the lemma (a Taylor expansion) says nothing, and float64 cannot resolve a first-order
     # term below its rounding: such cases are counted, not judged.
-    smooth = [r for r in records if not r.get("units_at_kink") and not r.get("unresolved")]
+    judged = [r for r in records if not r.get("units_at_kink") and not r.get("unresolved")]
     orders = sorted(r["taylor_order"] for r in records if r["taylor_order"] is not None)
     nonzero = [r["A"] for r in records if not r["A_is_zero"]]
     explained = [r for r in records if r["A_is_zero"] and r.get("A_zero_explained")]
@@ -282,11 +282,11 @@ def summarize(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         # the last bias (ReLUs off or at their kink), and ReLUs at a kink on the inputs.
         "different_init_equals_shared": sum(
             bool(r.get("different_init_equals_shared"))
-            for r in smooth
+            for r in judged
             if r.get("hidden_layers", 1) > 0 and not r.get("moves_only_last_bias")
         ),
         "min_A": min(nonzero) + 0.0 if nonzero else None,  # + 0.0 turns -0.0 into 0.0
-        "shared_init_violations": sum(bool(r["violations"]) for r in smooth),
+        "shared_init_violations": sum(bool(r["violations"]) for r in judged),
         "halvings_max": max(r["halvings"] for r in records),
         "eps_min": min(r["eps"] for r in records),
         "eps_max": max(r["eps"] for r in records),
@@ -294,7 +294,7 @@ def summarize(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         "taylor_order_median": orders[len(orders) // 2] if orders else None,
         "taylor_order_min": orders[0] if orders else None,
         "taylor_order_max": orders[-1] if orders else None,
-        "taylor_order_outside": sum(not r["taylor_order_as_expected"] for r in smooth),
+        "taylor_order_outside": sum(not r["taylor_order_as_expected"] for r in judged),
         "taylor_exact": sum(r["taylor_exact"] for r in records),
         "different_init_cross_term_negative": sum(r["different_init_cross_term_negative"] for r in records),
         "different_init_eps_part_negative": sum(r["different_init_eps_part_negative"] for r in records),

@@ -809,9 +809,9 @@ class Convergence:
                 if expected == 2:
                     carried = [1.0 / SECOND_ORDER_FACTOR <= ratios[i] <= SECOND_ORDER_FACTOR for i in window]
                     window = window[: carried.index(False) if False in carried else len(window)] or window[:1]
-                order = fit_order(eps_[window], residual[window], np.zeros(len(window)), fit_points)[0]
-                if len(window) < 2:
-                    order = math.nan
+                order = math.nan  # one point has no slope
+                if len(window) >= 2:
+                    order = fit_order(eps_[window], residual[window], np.zeros(len(window)), fit_points)[0]
         return cls(
             eps=tuple(float(e) for e in eps),
             alignment=tuple(float(a) for a in alignment),
@@ -869,6 +869,7 @@ def convergence(
     inputs: ArrayLike,
     *,
     eps_grid: Sequence[float] | None = None,
+    eps_star: float | None = None,
     decades: int = 10,
     per_decade: int = 3,
     fit_points: int = 4,
@@ -889,6 +890,8 @@ def convergence(
             default the automatic :math:`\varepsilon_*` of :func:`check_alignment` times
             :math:`10^{-1}, 10^{-1-1/p}, \dots, 10^{-1-\text{decades}}` with ``p =
             per_decade``.
+        eps_star: the automatic :math:`\varepsilon_*` of :func:`check_alignment` on the
+            same arguments, where the caller has it already; computed when ``None``.
         decades: how many decades below :math:`\varepsilon_*/10` the default grid reaches.
         per_decade: points per decade. On the MNIST MLP the smooth stretch between the
             first unit that switches sign and the rounding plateau can be less than a
@@ -900,7 +903,7 @@ def convergence(
         A :class:`Convergence`, whose ``order`` should be its ``expected_order``.
     """
     if eps_grid is None:
-        top = check_alignment(model, params, inputs, **kwargs).eps
+        top = check_alignment(model, params, inputs, **kwargs).eps if eps_star is None else eps_star
         eps_grid = [top * 10.0 ** -(1 + k / per_decade) for k in range(per_decade * decades + 1)]
     results = [check_alignment(model, params, inputs, eps=e, **kwargs) for e in eps_grid]
     return Convergence.from_grid(
